@@ -1,0 +1,240 @@
+"""The fd service: hands grafted host-netns sockets to processes inside a container.
+
+One listening SOCK_SEQPACKET socket per container. The caller's netns is read from the connection
+itself (SO_PEERPIDFD, then the pidfd's netns), never from a pid, and must be the container's;
+decisions come from the engine with that container's policy; granted sockets are created and bound
+here, in the host netns, and passed with SCM_RIGHTS.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import threading
+from dataclasses import dataclass
+
+from . import hostsock, netns
+from .audit import Audit
+from .engine import DENY, GRANT, Decision
+from .protocol import MAX_MESSAGE, ProtocolError, Reply, Request, parse_request
+from .store import Store, StoreError
+
+MODE = "api"
+
+
+@dataclass
+class _Conn:
+    key: str
+    ino: int | None  # the caller's netns inode, read when it connected
+
+
+def _err(code: int, message: str) -> Reply:
+    return Reply("err", errno=code, message=message.replace("\n", " "))
+
+
+class FdService:
+    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, mode: str = MODE):
+        self.store = Store(state_dir)
+        self.audit = audit or Audit(state_dir)
+        self.mode = mode
+        self.sel = selectors.DefaultSelector()
+        self.listeners: dict[str, tuple[socket.socket, str]] = {}
+        self._policies: dict[str, object] = {}
+        self._version = -1
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+
+    # -- listening sockets -----------------------------------------------------------------------
+    def listen(self, key: str, path: str) -> None:
+        if key in self.listeners:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        s.bind(path)
+        os.chmod(path, 0o666)  # who may ask is decided by the caller's netns, not by file mode
+        s.listen(128)
+        self.listeners[key] = (s, path)
+        self.sel.register(s, selectors.EVENT_READ, ("listen", key))
+
+    def unlisten(self, key: str) -> None:
+        s, path = self.listeners.pop(key, (None, None))
+        if s is None:
+            return
+        self.sel.unregister(s)
+        s.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    # -- the loop --------------------------------------------------------------------------------
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    def poll(self, timeout: float | None = None) -> None:
+        for key, _ in self.sel.select(timeout):
+            tag = key.data
+            if tag is None:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            elif tag[0] == "listen":
+                self._accept(key.fileobj, tag[1])
+            else:
+                self._serve(key.fileobj, tag[1])
+
+    def serve_forever(self, tick=None, interval: float = 0.5) -> None:
+        while not self._stopping:
+            self.poll(interval)
+            if tick:
+                tick()
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="graft-fd-service", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        for key in list(self.listeners):
+            self.unlisten(key)
+        for key in list(self.sel.get_map().values()):
+            if isinstance(key.data, tuple) and key.data[0] == "conn":
+                key.fileobj.close()
+        self.sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.store.close()
+        self.audit.close()
+
+    def _accept(self, lsock: socket.socket, key: str) -> None:
+        try:
+            conn, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        conn.setblocking(False)
+        try:
+            ino = netns.peer_netns_ino(conn)
+        except OSError:
+            ino = None  # the caller is gone or unidentifiable: every request will be denied
+        self.sel.register(conn, selectors.EVENT_READ, ("conn", _Conn(key, ino)))
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.sel.unregister(conn)
+        conn.close()
+
+    def _serve(self, conn: socket.socket, c: _Conn) -> None:
+        try:
+            data, ancdata, msg_flags, _ = conn.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._drop(conn)
+        for level, kind, payload in ancdata:  # nobody sends us fds: close any, never keep them
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for i in range(0, len(payload) - len(payload) % 4, 4):
+                    os.close(int.from_bytes(payload[i:i + 4], "little"))
+        if not data:
+            return self._drop(conn)
+        if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            reply, sock = _err(errno.EMSGSIZE, "request too long"), None
+        else:
+            reply, sock = self.handle(c.key, c.ino, data)
+        try:
+            if sock is not None:
+                socket.send_fds(conn, [reply.encode()], [sock.fileno()])
+            else:
+                conn.send(reply.encode())
+        except OSError:
+            self._drop(conn)
+        finally:
+            if sock is not None:
+                sock.close()
+
+    # -- one request -----------------------------------------------------------------------------
+    def _policy(self, key: str):
+        version = self.store.data_version()
+        if version != self._version:
+            self._policies.clear()
+            self._version = version
+        if key not in self._policies:
+            self._policies[key] = self.store.policy(key)
+        return self._policies[key]
+
+    def invalidate(self) -> None:
+        self._version = -1
+
+    def _expected_ino(self, key: str) -> int | None:
+        if key.startswith("netns:"):
+            return int(key[6:])
+        return netns.named_ino(key)
+
+    def handle(self, key: str, caller_ino: int | None, data: bytes) -> tuple[Reply, socket.socket | None]:
+        """Answer one request of a caller whose netns inode is `caller_ino`."""
+        try:
+            req = parse_request(data)
+        except ProtocolError as e:
+            self.audit.record("deny", container=key, mode=self.mode, op="parse", errno=errno.EINVAL, reason=str(e))
+            return _err(errno.EINVAL, str(e)), None
+        expected = self._expected_ino(key)
+        if caller_ino is None or caller_ino != expected:
+            reason = f"caller is not inside container {key}"
+            self.audit.record("deny", container=key, mode=self.mode, op=req.verb, endpoint=req.name,
+                              errno=errno.EPERM, reason=reason, caller_netns=caller_ino)
+            return _err(errno.EPERM, reason), None
+        try:
+            policy = self._policy(key)
+        except StoreError as e:
+            return _err(errno.EIO, str(e)), None
+        if req.verb == "show":
+            return Reply("ok", lines=tuple(ep.line() for ep in policy.endpoints.values())), None
+        if req.verb == "resolve":
+            ep = policy.endpoints.get(req.name)
+            if ep is None:
+                return _err(errno.EADDRNOTAVAIL, f"no endpoint {req.name!r} in this container's table"), None
+            return Reply("ok", lines=(ep.line(),)), None
+        if req.verb == "named":
+            decision = policy.named(req.name, req.family, req.type, req.proto)
+        elif req.verb == "dial":
+            decision = policy.named(req.name, 0, req.type, req.proto)
+            if decision.granted and decision.endpoint.dynamic:
+                decision = Decision(DENY, decision.endpoint, errno=errno.EINVAL,
+                                    reason=f"endpoint {req.name} has a dynamic port: nothing to dial")
+        elif req.verb == "bind":
+            decision = policy.bind(req.family, req.addr, req.port, req.type, req.proto)
+        else:
+            decision = policy.connect(req.family, req.addr, req.port, req.type, req.proto)
+        where = {"addr": req.addr, "port": req.port} if req.addr else {}
+        if decision.verdict != GRANT:
+            self.audit.decision(key, self.mode, req.verb, decision, **where)
+            if decision.verdict == DENY:
+                return _err(decision.errno, decision.reason), None
+            return Reply("local"), None
+        try:
+            if req.verb == "dial":
+                sock, _ = hostsock.open_dialed(decision, req.type, req.proto)
+            else:
+                sock = hostsock.open_bound(decision, req.type, req.proto, req.flags)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            self.audit.record("fail", container=key, mode=self.mode, op=req.verb, endpoint=decision.endpoint.name,
+                              errno=code, reason=os.strerror(code), **where)
+            return _err(code, f"{decision.endpoint.name}: {os.strerror(code)}"), None
+        bound = sock.getsockname()
+        self.audit.decision(key, self.mode, req.verb, decision, host=bound if isinstance(bound, str) else list(bound[:2]), **where)
+        if decision.family == socket.AF_UNIX:
+            return Reply("ok", family=socket.AF_UNIX, addr=decision.endpoint.path), sock
+        return Reply("ok", family=decision.family, addr=bound[0], port=bound[1]), sock

@@ -1,0 +1,63 @@
+"""Host-netns sockets for granted decisions. Called by the fd service and the seccomp supervisor,
+both of which run in the host's netns, so a plain socket() here is a host socket."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from .engine import Decision
+
+
+def _unlink_stale_unix(path: str) -> None:
+    """Remove a socket file nobody listens on any more (a dead server's), never anything else."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def open_bound(d: Decision, sotype: int, proto: int = 0, flags: frozenset = frozenset()) -> socket.socket:
+    """A host socket bound to the granted address. A port is always allocated at bind (never
+    IP_BIND_ADDRESS_NO_PORT), so the receiver cannot bind it again elsewhere."""
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC, proto)
+    try:
+        if "reuseaddr" in flags:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if "reuseport" in flags:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if d.family == socket.AF_INET6:
+            v6only = "v6only" in flags and not d.host[0].startswith("::ffff:")
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        if d.family == socket.AF_UNIX and isinstance(d.host, str) and not d.host.startswith("\0"):
+            _unlink_stale_unix(d.host)
+        s.bind(d.host)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def open_dialed(d: Decision, sotype: int, proto: int = 0) -> tuple[socket.socket, int]:
+    """A host socket whose non-blocking connect to the granted address has started.
+    Returns the socket and 0 or EINPROGRESS; the caller completes the connect."""
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    try:
+        code = s.connect_ex(d.host)
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            raise OSError(code, os.strerror(code))
+        return s, code
+    except BaseException:
+        s.close()
+        raise

@@ -1,0 +1,173 @@
+"""`graft run`: a command in a container netns, its sockets grafted by the chosen attach mode.
+
+Daemonless: this process registers the container's endpoints and rules, serves the fd service for
+it while the command runs, passes the command's exit status through and removes what it created.
+Attach modes plug in through `Attach`; the api mode needs nothing beyond the fd service.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from . import netns
+from .endpoint import Endpoint, SpecError
+from .fdservice import FdService
+from .rules import EgressRule, IngressPair
+from .store import Store
+
+RUNTIME_DIR = "/run/sockgraft"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class RunSpec:
+    cmd: list[str]
+    netns: str | None = None
+    mode: str = "api"
+    endpoints: list[Endpoint] = field(default_factory=list)
+    ingress: list[IngressPair] = field(default_factory=list)
+    egress: list[EgressRule] = field(default_factory=list)
+    state_dir: str | None = None
+
+
+@dataclass
+class RunContext:
+    spec: RunSpec
+    container: netns.Container
+    socket_path: str
+    workdir: str
+    env: dict[str, str]
+
+
+class Attach:
+    """How a mode attaches the command. The base is the api mode: the fd service alone."""
+
+    name = "api"
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+
+    def prepare(self) -> None:
+        """Before the command starts: adjust ctx.env, start helpers."""
+
+    def preexec(self) -> None:
+        """In the child, after entering the netns, before exec."""
+
+    def spawn(self, preexec) -> subprocess.Popen:
+        return subprocess.Popen(self.ctx.spec.cmd, env=self.ctx.env, preexec_fn=preexec)
+
+    def started(self, proc: subprocess.Popen) -> None:
+        """After the command started."""
+
+    def cleanup(self) -> None:
+        """After the command ended (always called)."""
+
+
+def attach_modes() -> dict[str, type[Attach]]:
+    modes: dict[str, type[Attach]] = {"api": Attach}
+    try:
+        from .preload import PreloadAttach
+
+        modes["preload"] = PreloadAttach
+    except ImportError:
+        pass
+    try:
+        from .seccomp.attach import SeccompAttach
+
+        modes["seccomp"] = SeccompAttach
+    except ImportError:
+        pass
+    return modes
+
+
+def _exit_status(code: int) -> int:
+    return 128 - code if code < 0 else code
+
+
+def run(spec: RunSpec) -> int:
+    modes = attach_modes()
+    if spec.mode not in modes:
+        raise SpecError(f"unknown mode {spec.mode!r} (available: {', '.join(sorted(modes))})")
+    if not spec.cmd:
+        raise SpecError("no command to run (graft run ... -- CMD [ARG...])")
+    if shutil.which(spec.cmd[0], path=os.environ.get("PATH")) is None and not os.path.exists(spec.cmd[0]):
+        raise SpecError(f"command not found: {spec.cmd[0]}")
+    name = spec.netns or f"graft-run-{os.getpid()}"
+    undo: list = []  # cleanup steps, run in reverse
+    store = Store(spec.state_dir)
+    try:
+        if netns.named_ino(name) is None:
+            container = netns.create(name)
+            undo.append(lambda: netns.remove(name))
+        else:
+            container = netns.by_name(name)
+        key = container.key
+        if store.container(key) is None:
+            store.register(key, container.ino, spec.mode)
+            undo.append(lambda: store.forget(key))
+        else:
+            store.register(key, container.ino, spec.mode)
+        existing = {ep.name: ep for ep in store.endpoints(key)}
+        for ep in spec.endpoints:
+            if ep.name in existing:
+                if existing[ep.name] != ep:
+                    raise SpecError(f"endpoint {ep.name!r} already exists in {key} as: {existing[ep.name].line()}")
+                continue
+            store.add(key, ep, container.ino)
+            undo.append(lambda n=ep.name: store.delete(key, n))
+        if spec.ingress or spec.egress:
+            old = store.policy(key)
+            store.set_rules(key, [str(p) for p in spec.ingress], [str(r) for r in spec.egress])
+            undo.append(lambda: store.set_rules(key, [str(p) for p in old.ingress], [str(r) for r in old.egress]))
+
+        os.makedirs(RUNTIME_DIR, exist_ok=True)
+        workdir = tempfile.mkdtemp(prefix="run-", dir=RUNTIME_DIR)
+        os.chmod(workdir, 0o755)
+        undo.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
+        sock_path = os.path.join(workdir, "graft.sock")
+        service = FdService(spec.state_dir, mode=spec.mode)
+        undo.append(service.close)
+        service.listen(key, sock_path)
+
+        env = dict(os.environ, GRAFT_SOCKET=sock_path, GRAFT_NETNS=name)
+        ctx = RunContext(spec, container, sock_path, workdir, env)
+        attach = modes[spec.mode](ctx)
+        undo.append(attach.cleanup)
+        attach.prepare()
+
+        def preexec() -> None:
+            netns.enter(container.path)
+            attach.preexec()
+
+        old_handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+        proc = attach.spawn(preexec)
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        try:
+            thread = service.start_thread()
+            undo.append(lambda: (service.stop(), thread.join(5)))
+            attach.started(proc)
+            while True:
+                try:
+                    return _exit_status(proc.wait())
+                except InterruptedError:
+                    continue
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+    finally:
+        errors = []
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception as e:  # keep cleaning; report at the end
+                errors.append(str(e))
+        store.close()
+        if errors:
+            import sys
+
+            print(f"graft: cleanup: {'; '.join(errors)}", file=sys.stderr)

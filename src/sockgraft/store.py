@@ -1,0 +1,204 @@
+"""Endpoint tables and per-container rules in SQLite (WAL) under the state directory."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .endpoint import Endpoint, SpecError, conflicts
+from .engine import Policy
+from .rules import parse_egress, parse_ingress
+
+SCHEMA_VERSION = 1
+DEFAULT_STATE_DIR = "/var/lib/sockgraft"
+DB_NAME = "tables.db"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS containers (
+    key TEXT PRIMARY KEY,
+    netns_ino INTEGER,
+    mode TEXT,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS endpoints (
+    container TEXT NOT NULL REFERENCES containers(key) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    type TEXT NOT NULL,
+    addr TEXT,
+    port INTEGER,
+    path TEXT,
+    PRIMARY KEY (container, name)
+);
+CREATE TABLE IF NOT EXISTS rules (
+    container TEXT NOT NULL REFERENCES containers(key) ON DELETE CASCADE,
+    kind TEXT NOT NULL CHECK (kind IN ('ingress', 'egress')),
+    seq INTEGER NOT NULL,
+    spec TEXT NOT NULL,
+    PRIMARY KEY (container, kind, seq)
+);
+"""
+
+
+class StoreError(Exception):
+    """The state database could not be used (one line for the user)."""
+
+
+def state_dir(explicit: str | None = None) -> str:
+    return explicit or os.environ.get("GRAFT_STATE_DIR") or DEFAULT_STATE_DIR
+
+
+@dataclass(frozen=True)
+class ContainerRow:
+    key: str
+    netns_ino: int | None
+    mode: str | None
+    created: float
+
+
+class Store:
+    def __init__(self, directory: str | None = None):
+        self.dir = state_dir(directory)
+        self.path = os.path.join(self.dir, DB_NAME)
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA busy_timeout = 30000")
+            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise StoreError(f"state database {self.path}: cannot switch to WAL (journal mode {mode})")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            with self._write():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self.db.execute(statement)
+                row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                elif int(row[0]) > SCHEMA_VERSION:
+                    raise StoreError(f"state database {self.path} has schema {row[0]}, newer than this sockgraft ({SCHEMA_VERSION})")
+        except (sqlite3.Error, OSError) as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @contextmanager
+    def _write(self):
+        """One write transaction, taken at once so concurrent writers queue instead of failing."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        try:
+            return self.db.execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits (cheap: for polling)."""
+        return self._read("PRAGMA data_version")[0][0]
+
+    # -- containers ------------------------------------------------------------------------------
+    def _ensure_container(self, key: str, ino: int | None, mode: str | None = None) -> None:
+        self.db.execute(
+            "INSERT INTO containers (key, netns_ino, mode, created) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET netns_ino = coalesce(excluded.netns_ino, netns_ino), "
+            "mode = coalesce(excluded.mode, mode)",
+            (key, ino, mode, time.time()),
+        )
+
+    def register(self, key: str, ino: int | None, mode: str | None = None) -> None:
+        with self._write():
+            self._ensure_container(key, ino, mode)
+
+    def containers(self) -> list[ContainerRow]:
+        return [ContainerRow(*r) for r in self._read("SELECT key, netns_ino, mode, created FROM containers ORDER BY key")]
+
+    def container(self, key: str) -> ContainerRow | None:
+        rows = self._read("SELECT key, netns_ino, mode, created FROM containers WHERE key = ?", (key,))
+        return ContainerRow(*rows[0]) if rows else None
+
+    def key_for_ino(self, ino: int) -> str | None:
+        rows = self._read("SELECT key FROM containers WHERE netns_ino = ?", (ino,))
+        return rows[0][0] if rows else None
+
+    def forget(self, key: str) -> None:
+        """Remove a container with its table and rules."""
+        with self._write():
+            self.db.execute("DELETE FROM containers WHERE key = ?", (key,))
+
+    # -- endpoints -------------------------------------------------------------------------------
+    def add(self, key: str, ep: Endpoint, ino: int | None = None) -> None:
+        with self._write():
+            if self._read("SELECT 1 FROM endpoints WHERE container = ? AND name = ?", (key, ep.name)):
+                raise SpecError(f"endpoint {ep.name!r} already exists in {key}")
+            for other_key, other in self._all_endpoints():
+                if other_key != key and conflicts(ep, other):
+                    raise SpecError(
+                        f"host endpoint of {ep.name!r} ({ep.line().split(' ', 1)[1]}) is already granted to {other_key} as {other.name!r}"
+                    )
+            self._ensure_container(key, ino)
+            self.db.execute(
+                "INSERT INTO endpoints (container, name, type, addr, port, path) VALUES (?, ?, ?, ?, ?, ?)",
+                (key, ep.name, ep.type, ep.addr, ep.port, ep.path),
+            )
+
+    def delete(self, key: str, name: str) -> None:
+        with self._write():
+            cur = self.db.execute("DELETE FROM endpoints WHERE container = ? AND name = ?", (key, name))
+            if cur.rowcount == 0:
+                raise SpecError(f"no endpoint {name!r} in {key}")
+
+    def _all_endpoints(self) -> list[tuple[str, Endpoint]]:
+        rows = self._read("SELECT container, name, type, addr, port, path FROM endpoints")
+        return [(r[0], Endpoint(*r[1:])) for r in rows]
+
+    def endpoints(self, key: str) -> list[Endpoint]:
+        rows = self._read(
+            "SELECT name, type, addr, port, path FROM endpoints WHERE container = ? ORDER BY rowid", (key,)
+        )
+        return [Endpoint(*r) for r in rows]
+
+    # -- rules -----------------------------------------------------------------------------------
+    def set_rules(self, key: str, ingress: list[str], egress: list[str], ino: int | None = None) -> None:
+        parsed = [parse_ingress(s) for s in ingress], [parse_egress(s) for s in egress]
+        with self._write():
+            self._ensure_container(key, ino)
+            self.db.execute("DELETE FROM rules WHERE container = ?", (key,))
+            for kind, specs in (("ingress", parsed[0]), ("egress", parsed[1])):
+                for seq, spec in enumerate(specs):
+                    self.db.execute("INSERT INTO rules VALUES (?, ?, ?, ?)", (key, kind, seq, str(spec)))
+
+    def policy(self, key: str) -> Policy:
+        """Everything the engine needs to decide for this container, read in one snapshot."""
+        try:
+            self.db.execute("BEGIN")
+            try:
+                eps = self.endpoints(key)
+                rules = self._read("SELECT kind, spec FROM rules WHERE container = ? ORDER BY kind, seq", (key,))
+            finally:
+                self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
+        return Policy(
+            {ep.name: ep for ep in eps},
+            [parse_ingress(s) for k, s in rules if k == "ingress"],
+            [parse_egress(s) for k, s in rules if k == "egress"],
+        )
