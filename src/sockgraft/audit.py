@@ -13,12 +13,18 @@ import time
 from .store import state_dir
 
 AUDIT_NAME = "audit.log"
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Audit:
-    def __init__(self, directory: str | None = None, echo: bool = False):
+    """With `deferred`, records wait in memory until `flush()`: a service replies first and writes
+    its log lines when it is idle, so logging costs the caller nothing."""
+
+    def __init__(self, directory: str | None = None, echo: bool = False, deferred: bool = False):
         self.path = os.path.join(state_dir(directory), AUDIT_NAME)
         self.echo = echo
+        self.deferred = deferred
+        self._pending: list[dict] = []
         self._fd: int | None = None
 
     def _open(self) -> int | None:
@@ -30,7 +36,15 @@ class Audit:
         return self._fd
 
     def record(self, event: str, **fields) -> None:
-        line = json.dumps({"ts": round(time.time(), 6), "event": event, **fields}, separators=(",", ":")) + "\n"
+        self._pending.append({"ts": round(time.time(), 6), "event": event, **fields})
+        if not self.deferred:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        line = "".join(_encode(r) + "\n" for r in self._pending)
+        self._pending.clear()
         fd = self._open()
         if fd is not None:
             try:
@@ -47,6 +61,7 @@ class Audit:
                     errno=decision.errno or None, reason=decision.reason, **fields)
 
     def close(self) -> None:
+        self.flush()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

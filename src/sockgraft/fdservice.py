@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import hostsock, netns
 from .audit import Audit
 from .engine import DENY, GRANT, Decision
-from .protocol import MAX_MESSAGE, ProtocolError, Reply, Request, parse_request
+from .protocol import MAX_MESSAGE, ProtocolError, Reply, Request, caller_rules, parse_request
 from .store import Store, StoreError
 
 MODE = "api"
@@ -26,17 +26,36 @@ MODE = "api"
 @dataclass
 class _Conn:
     key: str
-    ino: int | None  # the caller's netns inode, read when it connected
+    pidfd: int | None  # the connecting process, pinned: its netns is read at every request
 
 
 def _err(code: int, message: str) -> Reply:
     return Reply("err", errno=code, message=message.replace("\n", " "))
 
 
+def _with_caller_rules(policy, req: Request):
+    """The policy with the request's own rules (see protocol: caller rules) in place of the
+    stored rules of the same kind; the table, and so what may be granted, stays the container's."""
+    from .engine import Policy, bbconn_rules
+    from .rules import EgressRule
+
+    ingress, egress, bbconn = caller_rules(req)
+    for name in bbconn:
+        ep = policy.endpoints.get(name)
+        if ep is not None:
+            egress += bbconn_rules(ep)
+        else:  # names no endpoint: the engine denies with a clear reason
+            import ipaddress
+
+            egress += [EgressRule(ipaddress.ip_network(n), name) for n in ("0.0.0.0/0", "::/0")]
+    return Policy(policy.endpoints, ingress or policy.ingress, egress or policy.egress)
+
+
 class FdService:
     def __init__(self, state_dir: str | None = None, audit: Audit | None = None, mode: str = MODE):
         self.store = Store(state_dir)
         self.audit = audit or Audit(state_dir)
+        self.audit.deferred = True  # reply first, log when idle
         self.mode = mode
         self.sel = selectors.DefaultSelector()
         self.listeners: dict[str, tuple[socket.socket, str]] = {}
@@ -96,6 +115,7 @@ class FdService:
                 self._accept(key.fileobj, tag[1])
             else:
                 self._serve(key.fileobj, tag[1])
+        self.audit.flush()
 
     def serve_forever(self, tick=None, interval: float = 0.5) -> None:
         while not self._stopping:
@@ -113,7 +133,7 @@ class FdService:
             self.unlisten(key)
         for key in list(self.sel.get_map().values()):
             if isinstance(key.data, tuple) and key.data[0] == "conn":
-                key.fileobj.close()
+                self._drop(key.fileobj)
         self.sel.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
@@ -127,13 +147,15 @@ class FdService:
             return
         conn.setblocking(False)
         try:
-            ino = netns.peer_netns_ino(conn)
+            pidfd = conn.getsockopt(socket.SOL_SOCKET, netns.SO_PEERPIDFD)
         except OSError:
-            ino = None  # the caller is gone or unidentifiable: every request will be denied
-        self.sel.register(conn, selectors.EVENT_READ, ("conn", _Conn(key, ino)))
+            pidfd = None  # the caller is unidentifiable: every request will be denied
+        self.sel.register(conn, selectors.EVENT_READ, ("conn", _Conn(key, pidfd)))
 
     def _drop(self, conn: socket.socket) -> None:
-        self.sel.unregister(conn)
+        c = self.sel.unregister(conn).data[1]
+        if c.pidfd is not None:
+            os.close(c.pidfd)
         conn.close()
 
     def _serve(self, conn: socket.socket, c: _Conn) -> None:
@@ -152,7 +174,11 @@ class FdService:
         if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
             reply, sock = _err(errno.EMSGSIZE, "request too long"), None
         else:
-            reply, sock = self.handle(c.key, c.ino, data)
+            try:  # the caller's netns now, not when it connected: it may have moved since
+                ino = netns.ino_of_pidfd(c.pidfd) if c.pidfd is not None else None
+            except OSError:
+                ino = None
+            reply, sock = self.handle(c.key, ino, data)
         try:
             if sock is not None:
                 socket.send_fds(conn, [reply.encode()], [sock.fileno()])
@@ -199,6 +225,8 @@ class FdService:
             policy = self._policy(key)
         except StoreError as e:
             return _err(errno.EIO, str(e)), None
+        if req.rules:
+            policy = _with_caller_rules(policy, req)
         if req.verb == "show":
             return Reply("ok", lines=tuple(ep.line() for ep in policy.endpoints.values())), None
         if req.verb == "resolve":

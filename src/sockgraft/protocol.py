@@ -14,6 +14,18 @@ Requests::
 
 FLAGS is `-` or a comma list of: reuseaddr, reuseport, v6only.
 
+Caller rules (optional, additive): `bind` and `connect` may carry extra words after their fixed
+arguments, the rules of the caller's environment (the preload library's GRAFT_CONV_PAIRS,
+GRAFT_EGRESS, GRAFT_BBCONN)::
+
+    bind ... FLAGS in:ADDR:PORT[-PORT]=NAME ...     ingress pairs, in order
+    connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME
+
+When a request carries rules of its kind, they replace the container's stored rules of that kind
+for this request only. They are evaluated by the same engine against the container's own table,
+so they can only map onto endpoints the container owns. A malformed rule is answered with
+`err 22 ...` naming the rule.
+
 Replies::
 
     ok FAMILY ADDR PORT      fd attached; the host address the socket is bound to (unix: ok 1 PATH)
@@ -26,17 +38,20 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from .endpoint import SpecError, check_name, parse_ip
+
 MAX_MESSAGE = 4096
 FLAGS = frozenset({"reuseaddr", "reuseport", "v6only"})
 FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
 _ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "resolve": 1, "show": 0}
+_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn")}
 
 
 class ProtocolError(ValueError):
     """A malformed request: answered with EINVAL, never a crash."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Request:
     verb: str
     name: str | None = None
@@ -46,6 +61,7 @@ class Request:
     type: int = socket.SOCK_STREAM
     proto: int = 0
     flags: frozenset = field(default_factory=frozenset)
+    rules: tuple = ()  # caller rules: "in:PAIR" (bind), "out:RULE" / "bbconn:NAME" (connect)
 
     def encode(self) -> bytes:
         flags = ",".join(sorted(self.flags)) or "-"
@@ -57,7 +73,7 @@ class Request:
             "resolve": [self.name],
             "show": [],
         }[self.verb]
-        return " ".join([self.verb, *map(str, words)]).encode()
+        return " ".join([self.verb, *map(str, words), *self.rules]).encode()
 
 
 def _int(word: str, lo: int, hi: int, what: str) -> int:
@@ -76,8 +92,6 @@ def _flags(word: str) -> frozenset:
 
 
 def _name(word: str) -> str:
-    from .endpoint import SpecError, check_name
-
     try:
         return check_name(word)
     except SpecError as e:
@@ -95,6 +109,8 @@ def parse_request(data: bytes) -> Request:
     verb, args = words[0], words[1:]
     if verb not in _ARITY:
         raise ProtocolError(f"unknown request {verb[:32]!r}")
+    extra = args[_ARITY[verb]:] if verb in _RULE_PREFIXES else []
+    args = args[:len(args) - len(extra)]
     if len(args) != _ARITY[verb]:
         raise ProtocolError(f"{verb} takes {_ARITY[verb]} arguments, got {len(args)}")
     if verb == "show":
@@ -113,15 +129,41 @@ def parse_request(data: bytes) -> Request:
     family = _int(args[0], 0, 65535, "family")
     if family not in (socket.AF_INET, socket.AF_INET6):
         raise ProtocolError(f"bad family {family} for {verb}")
-    from .endpoint import SpecError, parse_ip
-
     try:
         ip = parse_ip(args[1], 4 if family == socket.AF_INET else 6)
     except SpecError as e:
         raise ProtocolError(str(e)) from None
     return Request(verb, family=family, addr=ip.compressed, port=_int(args[2], 0, 65535, "port"),
                    type=_int(args[3], 0, 15, "type"), proto=_int(args[4], 0, 65535, "protocol"),
-                   flags=_flags(args[5]) if verb == "bind" else frozenset())
+                   flags=_flags(args[5]) if verb == "bind" else frozenset(), rules=_rules(verb, extra))
+
+
+def _rules(verb: str, words: list[str]) -> tuple:
+    """Check the caller rules of a bind/connect request; keep them in their wire form."""
+    from .endpoint import SpecError
+    from .rules import parse_egress, parse_ingress
+
+    parsers = {"in": parse_ingress, "out": parse_egress, "bbconn": _name}
+    for word in words:
+        prefix, sep, spec = word.partition(":")
+        if not sep or prefix not in _RULE_PREFIXES[verb]:
+            raise ProtocolError(f"bad rule {word[:64]!r} for {verb}")
+        try:
+            parsers[prefix](spec)
+        except SpecError as e:
+            raise ProtocolError(f"{str(e)[:200]} (from the caller's environment)") from None
+    return tuple(words)
+
+
+def caller_rules(req: Request) -> tuple[list, list, list]:
+    """The caller rules of a request, parsed: (ingress pairs, egress rules, bbconn names)."""
+    from .rules import parse_egress, parse_ingress
+
+    kinds: dict[str, list] = {"in": [], "out": [], "bbconn": []}
+    for word in req.rules:
+        prefix, _, spec = word.partition(":")
+        kinds[prefix].append(spec)
+    return ([parse_ingress(s) for s in kinds["in"]], [parse_egress(s) for s in kinds["out"]], kinds["bbconn"])
 
 
 # -- replies -------------------------------------------------------------------------------------

@@ -113,7 +113,10 @@ class Store:
 
     def data_version(self) -> int:
         """Changes whenever another connection commits (cheap: for polling)."""
-        return self._read("PRAGMA data_version")[0][0]
+        try:
+            return self.db.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
 
     # -- containers ------------------------------------------------------------------------------
     def _ensure_container(self, key: str, ino: int | None, mode: str | None = None) -> None:
