@@ -1,0 +1,257 @@
+"""Kernel interface of seccomp user notification, in ctypes and struct (x86_64, Linux >= 6.9).
+
+Pure packing/unpacking lives here next to the few raw syscalls Python 3.11 lacks
+(seccomp, pidfd_getfd, process_vm_readv/writev). Numbers were checked on this machine
+(see KERNEL-NOTES.md): RECV 0xC0502100, SEND 0xC0182101, ID_VALID 0x40082102, ADDFD 0x40182103.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import platform
+import socket
+import struct
+from dataclasses import dataclass
+
+# -- constants ---------------------------------------------------------------------------------
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+
+SYS = {  # x86_64 syscall numbers
+    "ioctl": 16, "connect": 42, "sendto": 44, "bind": 49, "getsockname": 51, "getpeername": 52,
+    "setsockopt": 54, "seccomp": 317, "process_vm_readv": 310, "process_vm_writev": 311,
+    "io_uring_setup": 425, "pidfd_open": 434, "pidfd_getfd": 438,
+}
+NR_NAME = {v: k for k, v in SYS.items()}
+
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
+SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV = 1 << 5
+
+SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
+SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
+SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
+SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103
+
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_ADDFD_FLAG_SETFD = 1
+SECCOMP_ADDFD_FLAG_SEND = 2
+
+PIDFD_THREAD = os.O_EXCL
+SIOCGSKNS = 0x894C
+SO_BINDTODEVICE = 25
+SO_BINDTOIFINDEX = 62
+
+NOTIF_SIZE = 80
+_NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
+_RESP = struct.Struct("=QqiI")  # id, val, error, flags
+_ADDFD = struct.Struct("=QIIII")  # id, flags, srcfd, newfd, newfd_flags
+assert _NOTIF.size == NOTIF_SIZE and _RESP.size == 24 and _ADDFD.size == 24
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class UnsupportedArch(Exception):
+    """Seccomp mode runs on x86_64 only."""
+
+
+def check_arch() -> None:
+    machine = platform.machine()
+    if machine != "x86_64":
+        raise UnsupportedArch(f"seccomp mode supports x86_64 only (this machine is {machine})")
+
+
+def _syscall(nr: int, *args) -> int:
+    ret = _libc.syscall(ctypes.c_long(nr), *args)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+# -- notifications -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Notif:
+    id: int
+    pid: int  # a thread id
+    flags: int
+    nr: int
+    arch: int
+    ip: int
+    args: tuple
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> "Notif":
+        f = _NOTIF.unpack(buf)
+        return cls(f[0], f[1], f[2], f[3], f[4], f[5], tuple(f[6:12]))
+
+    def pack(self) -> bytes:
+        return _NOTIF.pack(self.id, self.pid, self.flags, self.nr, self.arch, self.ip, *self.args)
+
+
+def pack_resp(nid: int, val: int = 0, error: int = 0, flags: int = 0) -> bytes:
+    """`error` is a positive errno here; the kernel wants it negated."""
+    return _RESP.pack(nid, val, -error if error else 0, flags)
+
+
+def pack_addfd(nid: int, srcfd: int, newfd: int = 0, flags: int = 0, newfd_flags: int = 0) -> bytes:
+    return _ADDFD.pack(nid, flags, srcfd, newfd, newfd_flags)
+
+
+def notif_recv(listener: int) -> Notif:
+    buf = bytearray(NOTIF_SIZE)  # must be zeroed
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+    return Notif.unpack(bytes(buf))
+
+
+def notif_send(listener: int, nid: int, val: int = 0, error: int = 0, cont: bool = False) -> None:
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND,
+                pack_resp(nid, val, error, SECCOMP_USER_NOTIF_FLAG_CONTINUE if cont else 0))
+
+
+def notif_id_valid(listener: int, nid: int) -> bool:
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("=Q", nid))
+        return True
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+
+
+def notif_addfd(listener: int, nid: int, srcfd: int, newfd: int | None = None, cloexec: bool = False,
+                send: bool = False) -> int:
+    """Install srcfd in the target: over `newfd` (SETFD) or at a fresh number; with `send` the
+    syscall returns that number atomically. Returns the fd number in the target."""
+    flags = (SECCOMP_ADDFD_FLAG_SETFD if newfd is not None else 0) | (SECCOMP_ADDFD_FLAG_SEND if send else 0)
+    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD,
+                       pack_addfd(nid, srcfd, newfd or 0, flags, os.O_CLOEXEC if cloexec else 0))
+
+
+def install_filter(prog: bytes, flags: int) -> int:
+    """seccomp(SET_MODE_FILTER, flags, &sock_fprog); returns the listener fd with NEW_LISTENER."""
+    n = len(prog) // 8
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("=HxxxxxxQ", n, ctypes.addressof(buf))
+    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
+    return _syscall(SYS["seccomp"], ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), fbuf)
+
+
+# -- processes, fds, memory --------------------------------------------------------------------
+def pidfd_open_thread(tid: int) -> int:
+    """A pidfd for any thread (leader or not): PIDFD_THREAD works for both on 6.9+."""
+    return os.pidfd_open(tid, PIDFD_THREAD)
+
+
+def pidfd_getfd(pidfd: int, targetfd: int) -> int:
+    return _syscall(SYS["pidfd_getfd"], ctypes.c_int(pidfd), ctypes.c_int(targetfd), ctypes.c_uint(0))
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def read_mem(pid: int, addr: int, size: int) -> bytes:
+    """Copy `size` bytes at `addr` of task `pid` (short read -> EFAULT)."""
+    if size == 0:
+        return b""
+    buf = ctypes.create_string_buffer(size)
+    local = _IOVec(ctypes.addressof(buf), size)
+    remote = _IOVec(addr, size)
+    n = _syscall(SYS["process_vm_readv"], ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
+                 ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
+    if n != size:
+        raise OSError(errno.EFAULT, "short read of target memory")
+    return buf.raw
+
+
+def write_mem(pid: int, addr: int, data: bytes) -> None:
+    if not data:
+        return
+    buf = ctypes.create_string_buffer(data, len(data))
+    local = _IOVec(ctypes.addressof(buf), len(data))
+    remote = _IOVec(addr, len(data))
+    n = _syscall(SYS["process_vm_writev"], ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
+                 ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
+    if n != len(data):
+        raise OSError(errno.EFAULT, "short write to target memory")
+
+
+def fd_cloexec(tid: int, fd: int) -> bool:
+    """Whether the target's fd has close-on-exec (a per-fd flag a dup cannot show)."""
+    try:
+        with open(f"/proc/{tid}/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"flags:"):
+                    return bool(int(line.split()[1], 8) & os.O_CLOEXEC)
+    except OSError:
+        pass
+    return False
+
+
+def socket_netns_ino(fd: int) -> int:
+    """Inode of the netns a socket lives in (SIOCGSKNS)."""
+    nsfd = fcntl.ioctl(fd, SIOCGSKNS)
+    try:
+        return os.fstat(nsfd).st_ino
+    finally:
+        os.close(nsfd)
+
+
+# -- raw socket calls on raw sockaddr bytes (no re-encoding of what was judged) ------------------
+for _name in ("bind", "connect"):
+    getattr(_libc, _name).argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.sendto.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.sendto.restype = ctypes.c_ssize_t
+
+
+def raw_call(name: str, fd: int, raw: bytes) -> int:
+    """bind/connect on `fd` with the exact sockaddr bytes; returns 0 or a positive errno."""
+    ret = getattr(_libc, name)(fd, raw, len(raw))
+    return ctypes.get_errno() if ret < 0 else 0
+
+
+def raw_sendto(fd: int, data: bytes, flags: int, raw: bytes) -> tuple[int, int]:
+    """sendto with the exact bytes; returns (bytes sent, 0) or (0, errno)."""
+    ret = _libc.sendto(fd, data, len(data), flags, raw, len(raw))
+    return (0, ctypes.get_errno()) if ret < 0 else (ret, 0)
+
+
+# -- sockaddr ----------------------------------------------------------------------------------
+class BadSockaddr(ValueError):
+    pass
+
+
+def decode_sockaddr(raw: bytes) -> tuple[int, str, int]:
+    """(family, address, port) of a sockaddr_in/sockaddr_in6; BadSockaddr for anything else."""
+    if len(raw) < 2:
+        raise BadSockaddr("sockaddr too short")
+    family = struct.unpack_from("=H", raw)[0]
+    if family == socket.AF_INET:
+        if len(raw) < 16:
+            raise BadSockaddr("sockaddr_in too short")
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return family, socket.inet_ntop(socket.AF_INET, raw[4:8]), port
+    if family == socket.AF_INET6:
+        if len(raw) < 24:  # SIN6_LEN_RFC2133: scope id optional
+            raise BadSockaddr("sockaddr_in6 too short")
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return family, socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    raise BadSockaddr(f"address family {family}")
+
+
+def encode_sockaddr(family: int, addr: str, port: int, flowinfo: int = 0, scope_id: int = 0) -> bytes:
+    if family == socket.AF_INET:
+        return struct.pack("=H", family) + struct.pack("!H", port) + socket.inet_pton(family, addr) + bytes(8)
+    if family == socket.AF_INET6:
+        return (struct.pack("=H", family) + struct.pack("!HI", port, flowinfo)
+                + socket.inet_pton(family, addr) + struct.pack("=I", scope_id))
+    raise BadSockaddr(f"address family {family}")
+
+
+def with_port(raw: bytes, port: int) -> bytes:
+    """The same sockaddr_in/in6 with another port."""
+    return raw[:2] + struct.pack("!H", port) + raw[4:]

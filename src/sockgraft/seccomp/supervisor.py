@@ -1,0 +1,706 @@
+"""The seccomp supervisor: one epoll loop in the host netns serving the listeners of many containers.
+
+A listener comes from anywhere (`graft run --mode seccomp`, or an OCI runtime through
+`linux.seccomp.listenerPath`): `add_listener(fd, container_key, pid)`. For each notification the
+supervisor takes its own duplicate of the target's fd (pidfd_getfd), copies the memory arguments
+once (process_vm_readv), checks the notification is still valid, asks the engine
+(`Store.policy(key)`), audits, and then performs the operation ITSELF on its duplicate and on the
+copied bytes. It never answers CONTINUE for an operation whose memory it judged.
+
+- bind: ingress pair -> a host socket bound to the endpoint, options and O_NONBLOCK copied, installed
+  over the app's fd number (ADDFD + SETFD), reply 0. Otherwise bind performed on the native socket.
+- connect: egress rule -> host socket bound to the source endpoint, non-blocking connect started on
+  the copied sockaddr; a non-blocking app gets it installed and EINPROGRESS; a blocking app's reply
+  waits in the loop until the host connect completes, then the socket (blocking again) is installed
+  and 0 returned. Local connects of blocking stream sockets go to a small fixed thread pool.
+- sendto with a destination: datagram sockets are grafted on an egress rule and the datagram is sent
+  by the supervisor from the copied buffer.
+- getsockname on grafted sockets: the address the application bound (accepted sockets: the bound
+  port of their listener); native sockets: CONTINUE (no memory judged).
+- socket ioctls 0x89xx and SO_BINDTODEVICE/SO_BINDTOIFINDEX on grafted sockets: EPERM.
+- A task in another netns than the container's (a nested netns) is never grafted.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from .. import hostsock
+from ..audit import Audit
+from ..engine import DENY, GRANT, LOCAL, LOCAL_DECISION, Decision
+from ..store import Store
+from . import kernel as K
+
+MODE = "seccomp"
+MAX_SOCKADDR = 128
+MAX_DATAGRAM = 65535
+SWEEP_INTERVAL = 1.0
+IP = (socket.AF_INET, socket.AF_INET6)
+NESTED_DECISION = Decision(LOCAL, reason="task in a nested netns: never grafted")
+
+# options copied from the app's socket onto its host socket when they differ (level, name, size)
+COPIED_OPTIONS = (
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 4), (socket.SOL_SOCKET, socket.SO_BROADCAST, 4),
+    (socket.SOL_SOCKET, socket.SO_LINGER, 8), (socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16),
+    (socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16), (socket.SOL_SOCKET, socket.SO_OOBINLINE, 4),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY, 4),
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 4), (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 4),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 4), (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 4),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 4), (socket.IPPROTO_TCP, socket.TCP_FASTOPEN, 4),
+    (socket.IPPROTO_IP, socket.IP_TOS, 4), (socket.IPPROTO_IP, socket.IP_TTL, 4),
+    (socket.IPPROTO_IPV6, socket.IPV6_TCLASS, 4), (socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 4),
+)
+
+
+@dataclass
+class Target:
+    """One listener: a container (or part of one) under one seccomp filter."""
+
+    fd: int
+    key: str
+    ino: int | None  # the container's netns inode; tasks elsewhere are not grafted
+    busy: int = 0  # pool jobs and pending connects still using `fd`
+    closing: bool = False
+    views: dict = field(default_factory=dict)  # host socket inode -> the sockaddr the app bound
+    served: dict = field(default_factory=dict)  # (host addr, port) of a grafted bind -> app sockaddr
+
+
+@dataclass
+class Pending:
+    """A blocking connect whose host-side non-blocking connect is in progress."""
+
+    target: Target
+    nid: int
+    appfd: int
+    cloexec: bool
+    host: socket.socket
+    started: float
+
+
+class Gone(Exception):
+    """The target task or its notification went away: nothing to answer."""
+
+
+class Reply(Exception):
+    """Answer the notification with this errno."""
+
+    def __init__(self, err: int):
+        self.err = err
+
+
+class Supervisor:
+    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, workers: int = 4):
+        self.store = Store(state_dir)
+        self.audit = audit or Audit(state_dir)
+        self.host_ino = os.stat("/proc/self/ns/net").st_ino
+        self.epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.epoll.register(self._wake_r, select.EPOLLIN)
+        self.targets: dict[int, Target] = {}
+        self.pending: dict[int, Pending] = {}
+        self._adds: deque = deque()
+        self._lock = threading.Lock()
+        self._stop = False
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graft-seccomp")
+        self._policies: dict[str, object] = {}
+        self._data_version = None
+        self._last_sweep = time.monotonic()
+        self.stats: Counter = Counter()
+        self.thread: threading.Thread | None = None
+
+    # -- public API --------------------------------------------------------------------------
+    def add_listener(self, listener_fd: int, container_key: str, pid: int | None = None) -> None:
+        """Serve this listener (ownership of the fd passes to the supervisor). `pid`: a task of
+        the container, to learn its netns; otherwise the store or the netns name gives it."""
+        ino = None
+        if pid is not None:
+            try:
+                ino = os.stat(f"/proc/{pid}/ns/net").st_ino
+            except OSError:
+                ino = None
+        if ino is None:
+            row = self.store.container(container_key)
+            if row is not None and row.netns_ino:
+                ino = row.netns_ino
+            elif container_key.startswith("netns:") and container_key[6:].isdigit():
+                ino = int(container_key[6:])
+            else:
+                from ..netns import named_ino
+
+                try:
+                    ino = named_ino(container_key)
+                except Exception:
+                    ino = None
+        os.set_blocking(listener_fd, True)
+        self._adds.append(Target(listener_fd, container_key, ino))
+        self._wake()
+
+    def start_thread(self) -> threading.Thread:
+        self.thread = threading.Thread(target=self.run, name="graft-seccomp-supervisor", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._wake()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout)
+
+    def close(self) -> None:
+        self.stop()
+        self._pool.shutdown(wait=True)
+        for p in list(self.pending.values()):
+            p.host.close()
+        self.pending.clear()
+        for t in list(self.targets.values()):
+            os.close(t.fd)
+        self.targets.clear()
+        while self._adds:
+            os.close(self._adds.popleft().fd)
+        self.epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.store.close()
+
+    def run(self) -> None:
+        while not self._stop:
+            try:
+                events = self.epoll.poll(SWEEP_INTERVAL)
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == self._wake_r:
+                    self._drain()
+                elif fd in self.targets:
+                    t = self.targets[fd]
+                    if ev & select.EPOLLIN:
+                        self._serve_one(t)
+                    elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                        self._drop(t)
+                elif fd in self.pending:
+                    self._finish_connect(self.pending.pop(fd))
+            now = time.monotonic()
+            if now - self._last_sweep >= SWEEP_INTERVAL:
+                self._last_sweep = now
+                self._sweep()
+
+    # -- loop plumbing -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def _drain(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        while self._adds:
+            t = self._adds.popleft()
+            self.targets[t.fd] = t
+            self.epoll.register(t.fd, select.EPOLLIN)
+        with self._lock:
+            done = [t for t in self.targets.values() if t.closing and t.busy == 0]
+        for t in done:
+            self._close_target(t)
+
+    def _drop(self, t: Target) -> None:
+        """Every task under this filter is gone."""
+        self.epoll.unregister(t.fd)
+        for fd, p in list(self.pending.items()):
+            if p.target is t:
+                del self.pending[fd]
+                self.epoll.unregister(fd)
+                p.host.close()
+                self._release(t)
+        with self._lock:
+            t.closing = True
+            idle = t.busy == 0
+        if idle:
+            self._close_target(t)
+
+    def _close_target(self, t: Target) -> None:
+        if self.targets.pop(t.fd, None) is not None:
+            os.close(t.fd)
+
+    def _hold(self, t: Target) -> None:
+        with self._lock:
+            t.busy += 1
+
+    def _release(self, t: Target) -> None:
+        with self._lock:
+            t.busy -= 1
+            wake = t.closing and t.busy == 0
+        if wake:
+            self._wake()
+
+    def _sweep(self) -> None:
+        """Pending connects whose task died: close their host sockets now."""
+        for fd, p in list(self.pending.items()):
+            if not K.notif_id_valid(p.target.fd, p.nid):
+                del self.pending[fd]
+                self.epoll.unregister(fd)
+                p.host.close()
+                self._release(p.target)
+                self.stats["connect_abandoned"] += 1
+
+    def policy(self, key: str):
+        version = self.store.data_version()
+        if version != self._data_version:
+            self._policies.clear()
+            self._data_version = version
+        pol = self._policies.get(key)
+        if pol is None:
+            pol = self._policies[key] = self.store.policy(key)
+        return pol
+
+    def _send(self, t: Target, nid: int, val: int = 0, err: int = 0, cont: bool = False) -> None:
+        try:
+            K.notif_send(t.fd, nid, val, err, cont)
+        except OSError as e:
+            if e.errno != errno.ENOENT:  # ENOENT: the target is gone or was interrupted
+                raise
+
+    # -- one notification --------------------------------------------------------------------
+    def _serve_one(self, t: Target) -> None:
+        try:
+            n = K.notif_recv(t.fd)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.EINTR):
+                return  # the target died before we received it: retry on the next event
+            raise
+        self.stats["notifications"] += 1
+        handler = self._handlers.get(n.nr)
+        try:
+            if handler is None:
+                raise Reply(errno.ENOSYS)
+            handler(self, t, n)
+        except Gone:
+            self.stats["gone"] += 1
+        except Reply as r:
+            self._send(t, n.id, err=r.err)
+        except Exception as e:  # never leave a target hanging
+            err = e.errno if isinstance(e, OSError) and e.errno else errno.EIO
+            print(f"graft: seccomp supervisor: {K.NR_NAME.get(n.nr, n.nr)}: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            self._send(t, n.id, err=err)
+
+    # helpers used by the handlers
+    def _nested(self, t: Target, n: K.Notif) -> bool:
+        try:
+            return t.ino is not None and os.stat(f"/proc/{n.pid}/ns/net").st_ino != t.ino
+        except OSError:
+            raise Gone() from None
+
+    def _dup(self, t: Target, n: K.Notif, fd: int) -> int:
+        """Our own duplicate of the target's fd (closed by the caller)."""
+        try:
+            pidfd = K.pidfd_open_thread(n.pid)
+        except OSError:
+            raise Gone() from None
+        try:
+            return K.pidfd_getfd(pidfd, fd)
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                raise Reply(errno.EBADF) from None
+            if e.errno == errno.ESRCH:
+                raise Gone() from None
+            raise
+        finally:
+            os.close(pidfd)
+
+    def _read(self, n: K.Notif, addr: int, size: int) -> bytes:
+        try:
+            return K.read_mem(n.pid, addr, size)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise Gone() from None
+            raise Reply(errno.EFAULT) from None
+
+    def _valid(self, t: Target, n: K.Notif) -> None:
+        """After reading target memory: the task still waits in this very syscall."""
+        if not K.notif_id_valid(t.fd, n.id):
+            raise Gone()
+
+    def _sock(self, dup: int) -> socket.socket:
+        try:
+            return socket.socket(fileno=dup)
+        except OSError as e:
+            os.close(dup)
+            if e.errno == errno.ENOTSOCK:
+                raise Reply(errno.ENOTSOCK) from None
+            raise
+
+    def _is_host(self, s: socket.socket) -> bool:
+        return K.socket_netns_ino(s.fileno()) == self.host_ino
+
+    def _audit(self, t: Target, op: str, d: Decision, n: K.Notif, **fields) -> None:
+        self.audit.decision(t.key, MODE, op, d, pid=n.pid, **fields)
+
+    def _sockaddr(self, t: Target, n: K.Notif, addr: int, length: int) -> bytes:
+        if length > MAX_SOCKADDR or length < 0 or (length and not addr):
+            raise Reply(errno.EINVAL if length > MAX_SOCKADDR or length < 0 else errno.EFAULT)
+        return self._read(n, addr, length)
+
+    def _prologue(self, t: Target, n: K.Notif, addr_arg: int, len_arg: int):
+        """Common start of bind/connect/sendto: nested?, our dup, the copied sockaddr, validity."""
+        nested = self._nested(t, n)
+        s = self._sock(self._dup(t, n, n.args[0] & 0xFFFFFFFF))
+        try:
+            raw = self._sockaddr(t, n, n.args[addr_arg], n.args[len_arg] & 0xFFFFFFFF)
+            self._valid(t, n)
+        except BaseException:
+            s.close()
+            raise
+        return nested, s, raw
+
+    @staticmethod
+    def _decode(s: socket.socket, raw: bytes):
+        """(addr, port) the engine judges, or None when the kernel must reject or it is AF_UNSPEC."""
+        try:
+            fam, addr, port = K.decode_sockaddr(raw)
+        except K.BadSockaddr:
+            return None
+        if fam == s.family or (s.family == socket.AF_INET6 and fam == socket.AF_INET):
+            return addr, port
+        return None
+
+    # -- grafting ----------------------------------------------------------------------------
+    def _host_socket(self, s: socket.socket, d: Decision) -> socket.socket:
+        flags = set()
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR):
+            flags.add("reuseaddr")
+        if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+            flags.add("reuseport")
+        if s.family == socket.AF_INET6 and s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+            flags.add("v6only")
+        h = hostsock.open_bound(d, s.type, s.proto, frozenset(flags))
+        try:
+            copy_options(s, h)
+        except BaseException:
+            h.close()
+            raise
+        return h
+
+    def _install(self, t: Target, n: K.Notif, h: socket.socket, appfd: int, cloexec: bool) -> None:
+        try:
+            K.notif_addfd(t.fd, n.id if isinstance(n, K.Notif) else n, h.fileno(), appfd, cloexec)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise Gone() from None
+            raise
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _on_bind(self, t: Target, n: K.Notif) -> None:
+        nested, s, raw = self._prologue(t, n, 1, 2)
+        with s:
+            if s.family not in IP:
+                return self._send(t, n.id, cont=True)  # unix paths resolve in the task's root
+            target = self._decode(s, raw)
+            if self._is_host(s) or target is None:
+                return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
+            d = NESTED_DECISION if nested else self.policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
+            self._audit(t, "bind", d, n, addr=target[0], port=target[1])
+            if d.verdict == DENY:
+                raise Reply(d.errno)
+            if d.verdict == LOCAL:
+                return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
+            appfd = n.args[0] & 0xFFFFFFFF
+            cloexec = K.fd_cloexec(n.pid, appfd)
+            nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            try:
+                h = self._host_socket(s, d)
+            except OSError as e:
+                raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+            with h:
+                h.setblocking(not nonblock)
+                host_addr = h.getsockname()
+                view = raw if target[1] else K.with_port(raw, host_addr[1])
+                self._install(t, n, h, appfd, cloexec)
+                st = os.fstat(h.fileno())
+                t.views[st.st_ino] = view
+                t.served[host_addr[:2]] = view
+                self.stats["grafted_bind"] += 1
+            self._send(t, n.id)
+
+    def _on_connect(self, t: Target, n: K.Notif) -> None:
+        nested, s, raw = self._prologue(t, n, 1, 2)
+        keep = False
+        try:
+            if s.family not in IP:
+                return self._send(t, n.id, cont=True)
+            target = self._decode(s, raw)
+            if target is None:  # AF_UNSPEC (dissolve the association) or malformed: the kernel says
+                return self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
+            is_host = self._is_host(s)
+            if nested and not is_host:
+                d = NESTED_DECISION
+            else:
+                d = self.policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
+            self._audit(t, "connect", d, n, addr=target[0], port=target[1], grafted=is_host or None)
+            if d.verdict == DENY:
+                raise Reply(d.errno)
+            if is_host:
+                if d.verdict != GRANT:  # a host socket cannot reach the container's own netns
+                    raise Reply(errno.ENETUNREACH)
+                keep = self._perform_connect(t, n, s, raw)
+                return
+            if d.verdict == LOCAL:
+                keep = self._perform_connect(t, n, s, raw)
+                return
+            self._graft_connect(t, n, s, d, raw)
+        finally:
+            if not keep:
+                s.close()
+
+    def _perform_connect(self, t: Target, n: K.Notif, s: socket.socket, raw: bytes) -> bool:
+        """connect() on our duplicate with the copied bytes. Blocking stream sockets go to the
+        pool (returns True: the pool job now owns `s`)."""
+        nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        if nonblock or s.type != socket.SOCK_STREAM:
+            self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
+            return False
+        self._hold(t)
+
+        def job():
+            try:
+                err = K.raw_call("connect", s.fileno(), raw)
+                self._send(t, n.id, err=err)
+            except OSError:
+                pass
+            finally:
+                s.close()
+                self._release(t)
+
+        self.stats["pool_jobs"] += 1
+        self._pool.submit(job)
+        return True
+
+    def _graft_connect(self, t: Target, n: K.Notif, s: socket.socket, d: Decision, raw: bytes) -> None:
+        appfd = n.args[0] & 0xFFFFFFFF
+        cloexec = K.fd_cloexec(n.pid, appfd)
+        nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        try:
+            h = self._host_socket(s, d)
+        except OSError as e:
+            raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+        try:
+            h.setblocking(False)
+            err = K.raw_call("connect", h.fileno(), raw)
+            if err == errno.EINPROGRESS and not nonblock:
+                self._hold(t)
+                self.pending[h.fileno()] = Pending(t, n.id, appfd, cloexec, h, time.monotonic())
+                self.epoll.register(h.fileno(), select.EPOLLOUT)
+                h = None  # the loop owns it now
+                self.stats["connect_pending"] += 1
+                return
+            if err not in (0, errno.EINPROGRESS):
+                raise Reply(err)
+            if not nonblock:
+                h.setblocking(True)
+            self._install(t, n, h, appfd, cloexec)
+            self.stats["grafted_connect"] += 1
+            self._send(t, n.id, err=err)
+        finally:
+            if h is not None:
+                h.close()
+
+    def _finish_connect(self, p: Pending) -> None:
+        self.epoll.unregister(p.host.fileno())
+        t = p.target
+        try:
+            err = p.host.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._send(t, p.nid, err=err)
+                return
+            p.host.setblocking(True)  # the app asked for a blocking socket: it must see one
+            try:
+                K.notif_addfd(t.fd, p.nid, p.host.fileno(), p.appfd, p.cloexec)
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            self.stats["grafted_connect"] += 1
+            self._send(t, p.nid)
+        finally:
+            p.host.close()
+            self._release(t)
+
+    def _on_sendto(self, t: Target, n: K.Notif) -> None:
+        nested, s, raw = self._prologue(t, n, 4, 5)
+        keep = False
+        try:
+            if s.family not in IP:
+                return self._send(t, n.id, cont=True)
+            size = n.args[2]
+            flags = n.args[3] & 0xFFFFFFFF
+            if s.type == socket.SOCK_DGRAM and size > MAX_DATAGRAM:
+                raise Reply(errno.EMSGSIZE)
+            data = self._read(n, n.args[1], min(size, 1 << 20))
+            self._valid(t, n)
+            target = self._decode(s, raw)
+            is_host = self._is_host(s)
+            fastopen = flags & getattr(socket, "MSG_FASTOPEN", 0x20000000)
+            if target is None or (s.type == socket.SOCK_STREAM and not fastopen):
+                # the kernel rejects it, or ignores the address (connected stream socket)
+                if is_host and target is not None and s.type != socket.SOCK_STREAM:
+                    raise Reply(errno.EINVAL)
+                keep = self._perform_sendto(t, n, s, data, flags, raw)
+                return
+            if is_host and s.type == socket.SOCK_DGRAM:
+                # a grafted datagram socket holds a granted endpoint: it answers whoever wrote to it
+                # (a UDP server's replies); its sendmsg() is not trapped either (docs/SECCOMP.md)
+                keep = self._perform_sendto(t, n, s, data, flags, raw)
+                return
+            if nested and not is_host:
+                d = NESTED_DECISION
+            else:
+                d = self.policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
+            self._audit(t, "sendto", d, n, addr=target[0], port=target[1], grafted=is_host or None)
+            if d.verdict == DENY:
+                raise Reply(d.errno)
+            if is_host:  # TCP fast open from a grafted stream socket: an egress rule must grant it
+                if d.verdict != GRANT:
+                    raise Reply(errno.ENETUNREACH)
+                keep = self._perform_sendto(t, n, s, data, flags, raw)
+                return
+            if d.verdict == LOCAL or s.type != socket.SOCK_DGRAM:
+                keep = self._perform_sendto(t, n, s, data, flags, raw)
+                return
+            appfd = n.args[0] & 0xFFFFFFFF
+            cloexec = K.fd_cloexec(n.pid, appfd)
+            nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+            try:
+                h = self._host_socket(s, d)
+            except OSError as e:
+                raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+            with h:
+                h.setblocking(not nonblock)
+                sent, err = K.raw_sendto(h.fileno(), data, flags | socket.MSG_DONTWAIT, raw)
+                self._install(t, n, h, appfd, cloexec)
+                self.stats["grafted_sendto"] += 1
+                self._send(t, n.id, val=sent, err=err)
+        finally:
+            if not keep:
+                s.close()
+
+    def _perform_sendto(self, t: Target, n: K.Notif, s: socket.socket, data: bytes, flags: int, raw: bytes) -> bool:
+        sent, err = K.raw_sendto(s.fileno(), data, flags | socket.MSG_DONTWAIT, raw)
+        blocking = not (fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK) and not flags & socket.MSG_DONTWAIT
+        if err != errno.EAGAIN or not blocking:
+            self._send(t, n.id, val=sent, err=err)
+            return False
+        self._hold(t)
+
+        def job():
+            try:
+                sent2, err2 = K.raw_sendto(s.fileno(), data, flags, raw)
+                self._send(t, n.id, val=sent2, err=err2)
+            except OSError:
+                pass
+            finally:
+                s.close()
+                self._release(t)
+
+        self._pool.submit(job)
+        return True
+
+    def _on_getsockname(self, t: Target, n: K.Notif) -> None:
+        s = self._sock(self._dup(t, n, n.args[0] & 0xFFFFFFFF))
+        with s:
+            if s.family not in IP or not self._is_host(s):
+                return self._send(t, n.id, cont=True)  # nothing judged: the kernel answers
+            view = self._view(t, s)
+            addr, lenp = n.args[1], n.args[2]
+            size = struct.unpack("=i", self._read(n, lenp, 4))[0]
+            if size < 0:
+                raise Reply(errno.EINVAL)
+            try:
+                mem = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                raise Gone() from None
+            try:
+                self._valid(t, n)  # `mem` is now the target's own memory
+                if size:
+                    os.pwrite(mem, view[:size], addr)
+                os.pwrite(mem, struct.pack("=i", len(view)), lenp)
+            except OSError:
+                raise Reply(errno.EFAULT) from None
+            finally:
+                os.close(mem)
+            self._send(t, n.id)
+
+    def _view(self, t: Target, s: socket.socket) -> bytes:
+        """The address a grafted socket shows its application."""
+        view = t.views.get(os.fstat(s.fileno()).st_ino)
+        if view is not None:
+            return view
+        real = s.getsockname()
+        raw = K.encode_sockaddr(s.family, *real[:2], *real[2:])
+        wildcard = "0.0.0.0" if s.family == socket.AF_INET else "::"
+        app = t.served.get(real[:2]) or t.served.get((wildcard, real[1]))
+        if app is None:
+            return raw  # a client socket: its real source
+        _fam, app_addr, app_port = K.decode_sockaddr(app)
+        if app_addr in ("0.0.0.0", "::"):
+            return K.with_port(raw, app_port)  # an accepted socket of a wildcard listener
+        return app
+
+    def _on_sidedoor(self, t: Target, n: K.Notif) -> None:
+        """Socket ioctls (0x89xx) and SO_BINDTODEVICE/SO_BINDTOIFINDEX: refused on grafted sockets."""
+        nested = self._nested(t, n)
+        dup = self._dup(t, n, n.args[0] & 0xFFFFFFFF)
+        try:
+            s = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            return self._send(t, n.id, cont=True)  # not a socket: nothing of ours
+        with s:
+            if s.family not in IP or not self._is_host(s):
+                return self._send(t, n.id, cont=True)
+            if n.nr == K.SYS["ioctl"]:
+                op = f"ioctl {n.args[1] & 0xFFFFFFFF:#x}"
+                why = "interface and namespace ioctls are refused on grafted sockets"
+            else:
+                op = "setsockopt SO_BINDTODEVICE"
+                why = "binding a grafted socket to a device is refused"
+            self._audit(t, op, Decision(DENY, errno=errno.EPERM, reason=why), n, nested=nested or None)
+            raise Reply(errno.EPERM)
+
+    _handlers = {
+        K.SYS["bind"]: _on_bind,
+        K.SYS["connect"]: _on_connect,
+        K.SYS["sendto"]: _on_sendto,
+        K.SYS["getsockname"]: _on_getsockname,
+        K.SYS["ioctl"]: _on_sidedoor,
+        K.SYS["setsockopt"]: _on_sidedoor,
+    }
+
+
+def copy_options(src: socket.socket, dst: socket.socket) -> None:
+    """Options the app set on its socket, onto the host socket (only those that differ)."""
+    for level, name, size in COPIED_OPTIONS:
+        if level == socket.IPPROTO_TCP and src.type != socket.SOCK_STREAM:
+            continue
+        if level == socket.IPPROTO_IP and src.family != socket.AF_INET:
+            continue
+        if level == socket.IPPROTO_IPV6 and src.family != socket.AF_INET6:
+            continue
+        try:
+            a = src.getsockopt(level, name, size)
+            if a != dst.getsockopt(level, name, size):
+                dst.setsockopt(level, name, a)
+        except OSError:
+            continue
