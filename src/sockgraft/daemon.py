@@ -1,32 +1,57 @@
-"""graftd: the fd service for every container in the tables.
+"""graftd: the fd service for every container in the tables, and the OCI seccomp agent.
 
 One socket per container, `RUNTIME_DIR/fd/<container>.sock`, created and removed as containers
 appear in and leave the tables (polled, so `graft add` takes effect without a restart). One event
 loop serves them all. Every grant and denial is one JSON line on stderr and in the audit log.
+
+The OCI seccomp agent (`RUNTIME_DIR/agent.sock`, the `listenerPath` graft-runtime writes into
+config.json) takes the seccomp listeners runc sends and hands them to the seccomp supervisor, which
+decides with each container's table. `--metrics ADDR:PORT` serves Prometheus metrics; the state
+graftd serves (containers, listeners) is in `RUNTIME_DIR/graftd.json` for `graft status`.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import sys
+import time
 
 import click
 
-from .audit import Audit
+from .endpoint import SpecError
 from .fdservice import FdService
+from .metrics import Metrics, MetricsAudit
 from .run import RUNTIME_DIR
-from .store import StoreError, state_dir
+from .store import Store, StoreError, state_dir
+
+STATUS_NAME = "graftd.json"
 
 
 def socket_path(runtime_dir: str, key: str) -> str:
     return os.path.join(runtime_dir, "fd", key.replace("/", "_") + ".sock")
 
 
+def _timed(fn, metrics: Metrics, mode: str):
+    """`fn`, its time observed in the latency histogram of `mode`."""
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            metrics.observe(mode, time.perf_counter() - t0)
+
+    return timed
+
+
 class Daemon:
-    def __init__(self, state: str | None, runtime_dir: str):
+    def __init__(self, state: str | None, runtime_dir: str, agent_socket: str | None = None, metrics: str | None = None):
         self.state = state_dir(state)
         self.runtime_dir = runtime_dir
+        self.agent_socket = agent_socket
+        self.metrics_addr = metrics
         os.makedirs(self.state, mode=0o700, exist_ok=True)
         self._lock = os.open(os.path.join(self.state, "graftd.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -36,8 +61,89 @@ class Daemon:
             raise StoreError(f"another graftd already serves {self.state}") from None
         os.ftruncate(self._lock, 0)
         os.write(self._lock, f"{os.getpid()}\n".encode())
-        self.service = FdService(self.state, audit=Audit(self.state, echo=True), mode="api")
+        self.metrics = Metrics()
+        self.audit = MetricsAudit(self.state, self.metrics, echo=True)
+        self.service = FdService(self.state, audit=self.audit, mode="api")
+        self.service.handle = _timed(self.service.handle, self.metrics, "api")
         self._version = None
+        self.supervisor = None
+        self.agent = None
+        self._status_at = 0.0
+        self._status_path = os.path.join(self.runtime_dir, STATUS_NAME)
+        self._counts = Store(self.state)  # read by the metrics thread only
+        self.metrics.count_containers(self._count_containers)
+
+    def _count_containers(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for row in self._counts.containers():
+            counts[row.mode or "api"] = counts.get(row.mode or "api", 0) + 1
+        return counts
+
+    def start_agent(self) -> None:
+        """The seccomp supervisor and the OCI agent socket in front of it."""
+        from .runtime.agent import Agent
+
+        try:
+            from .seccomp.supervisor import Supervisor
+        except ImportError as e:
+            raise SpecError(f"the seccomp supervisor is not available ({e}): start graftd with --no-agent") from None
+
+        self.supervisor = Supervisor(self.state, audit=self.audit)
+        self.supervisor._serve_one = _timed(self.supervisor._serve_one, self.metrics, "seccomp")
+        self.supervisor.start_thread()
+        self.agent = Agent(self.agent_socket, Store(self.state), self.supervisor,
+                           on_event=lambda event, **f: self.audit.record(event, **f))
+        self.agent.start_thread()
+        self.audit.record("agent", socket=self.agent_socket)
+
+    def supervised(self) -> dict[str, int]:
+        """Live seccomp listeners per container key."""
+        if self.supervisor is None:
+            return {}
+        for _ in range(5):
+            try:
+                targets = list(self.supervisor.targets.values()) + list(self.supervisor._adds)
+                break
+            except RuntimeError:  # changed while we looked
+                continue
+        else:
+            return {}
+        out: dict[str, int] = {}
+        for t in targets:
+            if not t.closing:
+                out[t.key] = out.get(t.key, 0) + 1
+        return out
+
+    def tick(self) -> None:
+        self.sync()
+        now = time.monotonic()
+        if now - self._status_at < 1.0:
+            return
+        self._status_at = now
+        live = self.supervised()
+        self.metrics.supervised.set(len(live))
+        if self.agent is not None:
+            for key in list(self.agent.registered):
+                if key not in live:
+                    self.agent.container_gone(key)
+        self.write_status(live)
+
+    def write_status(self, live: dict[str, int]) -> None:
+        """What this graftd serves, for `graft status` (replaced atomically)."""
+        status = {
+            "pid": os.getpid(), "state_dir": self.state, "time": time.time(),
+            "agent_socket": self.agent.path if self.agent else None,
+            "metrics": self.metrics_addr,
+            "fd_sockets": {key: path for key, (_s, path) in self.service.listeners.items()},
+            "seccomp_listeners": live,
+        }
+        tmp = self._status_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(status, f)
+            os.replace(tmp, self._status_path)
+        except OSError:
+            pass
 
     def sync(self) -> None:
         """Serve exactly the containers in the tables."""
@@ -57,20 +163,46 @@ class Daemon:
     def serve(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.service.stop())
-        self.service.audit.record("start", pid=os.getpid(), state_dir=self.state)
-        self.sync()
-        self.service.serve_forever(tick=self.sync)
-        self.service.audit.record("stop", pid=os.getpid())
-        self.service.close()
-        os.close(self._lock)
+        os.makedirs(self.runtime_dir, exist_ok=True)
+        try:
+            if self.metrics_addr:
+                host, port = self.metrics.serve(self.metrics_addr)
+                self.audit.record("metrics", addr=host, port=port)
+            if self.agent_socket:
+                self.start_agent()
+            self.service.audit.record("start", pid=os.getpid(), state_dir=self.state)
+            self.sync()
+            self.service.serve_forever(tick=self.tick)
+            self.service.audit.record("stop", pid=os.getpid())
+        finally:
+            if self.agent is not None:
+                self.agent.close()
+            if self.supervisor is not None:
+                self.supervisor.close()
+            self.metrics.close()
+            self.service.close()
+            self._counts.close()
+            try:
+                os.unlink(self._status_path)
+            except FileNotFoundError:
+                pass
+            os.close(self._lock)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--state-dir", metavar="DIR", help="Tables and audit log (default $GRAFT_STATE_DIR or /var/lib/sockgraft).")
 @click.option("--runtime-dir", metavar="DIR", default=RUNTIME_DIR, show_default=True, help="Where the per-container sockets go.")
-def cli(state_dir: str | None, runtime_dir: str) -> None:
-    """Serve the fd service for every container in the tables."""
-    Daemon(state_dir, runtime_dir).serve()
+@click.option("--agent-socket", metavar="PATH", help="OCI seccomp agent socket (listenerPath) [default: RUNTIME_DIR/agent.sock].")
+@click.option("--no-agent", is_flag=True, help="Do not serve the OCI seccomp agent.")
+@click.option("--metrics", "metrics", metavar="ADDR:PORT", help="Serve Prometheus metrics at http://ADDR:PORT/metrics.")
+def cli(state_dir: str | None, runtime_dir: str, agent_socket: str | None, no_agent: bool, metrics: str | None) -> None:
+    """Serve the fd service for every container in the tables, and the OCI seccomp agent."""
+    if metrics:
+        from .metrics import parse_listen
+
+        parse_listen(metrics)
+    agent = None if no_agent else agent_socket or os.path.join(runtime_dir, "agent.sock")
+    Daemon(state_dir, runtime_dir, agent, metrics).serve()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         print(f"graftd: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except (StoreError, OSError) as e:
+    except (StoreError, SpecError, OSError) as e:
         print(f"graftd: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -1,0 +1,48 @@
+"""A container's graft table as OCI annotations (see the package docstring for the names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..endpoint import Endpoint, SpecError, parse_endpoint
+from ..rules import EgressRule, IngressPair, parse_egress, parse_ingress
+
+ENDPOINTS = "io.sockgraft.endpoints"
+INGRESS = "io.sockgraft.ingress"
+EGRESS = "io.sockgraft.egress"
+NAMES = (ENDPOINTS, INGRESS, EGRESS)
+
+
+@dataclass
+class GraftSpec:
+    endpoints: list[Endpoint] = field(default_factory=list)
+    ingress: list[IngressPair] = field(default_factory=list)
+    egress: list[EgressRule] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.endpoints or self.ingress or self.egress)
+
+
+def parse(annotations: dict[str, str] | None) -> GraftSpec:
+    """The graft table carried by these annotations; SpecError names the bad annotation."""
+    annotations = annotations or {}
+    spec = GraftSpec()
+    seen: set[str] = set()
+    for text in filter(str.strip, annotations.get(ENDPOINTS, "").split(";")):
+        try:
+            ep = parse_endpoint(text.strip())
+        except SpecError as e:
+            raise SpecError(f"annotation {ENDPOINTS}: {e}") from None
+        if ep.name in seen:
+            raise SpecError(f"annotation {ENDPOINTS}: endpoint {ep.name!r} given twice")
+        seen.add(ep.name)
+        spec.endpoints.append(ep)
+    for name, parser, out in ((INGRESS, parse_ingress, spec.ingress), (EGRESS, parse_egress, spec.egress)):
+        for word in annotations.get(name, "").split():
+            try:
+                rule = parser(word)
+            except SpecError as e:
+                raise SpecError(f"annotation {name}: {e}") from None
+            if rule.endpoint not in seen:
+                raise SpecError(f"annotation {name}: {word!r} names endpoint {rule.endpoint!r}, which {ENDPOINTS} does not define")
+            out.append(rule)
+    return spec

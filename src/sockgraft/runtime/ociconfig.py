@@ -1,0 +1,212 @@
+"""The bundle's config.json: seccomp notify rules for graftd merged into whatever profile is there.
+
+The container's socket syscalls go to graftd through `linux.seccomp.listenerPath`
+(`SCMP_ACT_NOTIFY`). Rules of the existing profile stay as they are, except that the trapped
+syscalls are taken out of its allow rules and get notify rules (plus, for a syscall trapped on
+some arguments only, allow rules for all the other arguments). A syscall that the existing profile does not allow unconditionally is
+left alone: grafting never widens what a profile permits.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+
+from ..endpoint import SpecError
+
+NOTIFY = "SCMP_ACT_NOTIFY"
+ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
+METADATA = "sockgraft"
+ENOSYS = 38
+
+# What the seccomp mode's own filter (sockgraft.seccomp.bpf.filter_program) traps, as conditions
+# on the syscall arguments (tests/runtime check that both agree, argument for argument):
+# - bind, connect, getsockname: always;
+# - sendto only with a destination (arg 4 != NULL): glibc's send() stays off the slow path;
+# - ioctl with a socket ioctl number 0x89xx (interface, route and SIOCGSKNS ioctls);
+# - setsockopt(SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX).
+# Refused: io_uring_setup (ENOSYS: its socket/connect bypass seccomp). Architectures: the native
+# one only (the supervisor decodes x86_64 syscalls; like the seccomp mode, others are killed).
+#
+# A condition is {arg index: [(mask, value), ...]}: the argument's low 32 bits (the kernel's `int`
+# and `unsigned int` arguments) masked with `mask` equal one of the values; all indexes must match.
+# `POINTER` marks a 64-bit "not NULL" condition. libseccomp lets an unconditional allow rule win
+# over a conditional notify rule, so when the profile's default action is not "allow" the
+# complement of each condition becomes explicit allow rules, built from masked comparisons only.
+SOL_SOCKET, SO_BINDTODEVICE, SO_BINDTOIFINDEX = 1, 25, 62
+POINTER = "nonnull"
+LOW32 = 0xFFFFFFFF
+TRAPPED: dict[str, dict | None] = {
+    "bind": None,
+    "connect": None,
+    "getsockname": None,
+    "sendto": {4: POINTER},
+    "ioctl": {1: [(0xFFFFFF00, 0x8900)]},
+    "setsockopt": {1: [(LOW32, SOL_SOCKET)], 2: [(LOW32, SO_BINDTODEVICE), (LOW32, SO_BINDTOIFINDEX)]},
+}
+REFUSED: tuple[str, ...] = ("io_uring_setup",)
+
+_ARCHES = {"x86_64": ["SCMP_ARCH_X86_64"], "aarch64": ["SCMP_ARCH_AARCH64"]}
+
+
+def _in(cubes: list[tuple[int, int]], mask: int, prefix: int) -> str:
+    """How the values x with x & mask == prefix relate to the union of cubes:
+    'all' (inside), 'none' (disjoint) or 'some'."""
+    for m, v in cubes:
+        if m & ~mask == 0 and (prefix ^ v) & m == 0:
+            return "all"
+    if all((prefix ^ v) & m & mask for m, v in cubes):
+        return "none"
+    return "some"
+
+
+def complement(cubes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Masked-equality cubes covering exactly the 32-bit values outside the union of `cubes`."""
+    out: list[tuple[int, int]] = []
+
+    def walk(mask: int, prefix: int, bit: int) -> None:
+        rel = _in(cubes, mask, prefix)
+        if rel == "none":
+            out.append((mask, prefix))
+        elif rel == "some":
+            b = 1 << bit
+            walk(mask | b, prefix, bit - 1)
+            walk(mask | b, prefix | b, bit - 1)
+
+    walk(0, 0, 31)
+    return out
+
+
+def _arg(index: int, cube) -> dict:
+    if cube == POINTER:
+        return {"index": index, "value": 0, "op": "SCMP_CMP_NE"}
+    if cube == "null":
+        return {"index": index, "value": 0, "op": "SCMP_CMP_EQ"}
+    mask, value = cube
+    return {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+
+
+def _product(parts: list[list[dict]]) -> list[list[dict]]:
+    rules: list[list[dict]] = [[]]
+    for options in parts:
+        rules = [r + [o] for r in rules for o in options]
+    return rules
+
+
+def trap_rules(name: str, condition: dict | None, with_complement: bool) -> list[dict]:
+    """OCI rules for one trapped syscall: notify where the condition holds and, if asked, allow
+    everywhere else."""
+    if condition is None:
+        return [{"names": [name], "action": NOTIFY}]
+    idx = sorted(condition)
+    sets = {i: ([POINTER] if condition[i] == POINTER else list(condition[i])) for i in idx}
+    rules = [{"names": [name], "action": NOTIFY, "args": [_arg(i, c) for i, c in zip(idx, combo)]}
+             for combo in _product([sets[i] for i in idx])]
+    if with_complement:
+        # not (A1 and A2 and ...) == not A1, or A1 and not A2, or A1 and A2 and not A3, ...
+        for k, i in enumerate(idx):
+            outside = ["null"] if condition[i] == POINTER else complement(condition[i])
+            for combo in _product([sets[j] for j in idx[:k]] + [outside]):
+                rules.append({"names": [name], "action": "SCMP_ACT_ALLOW",
+                              "args": [_arg(j, c) for j, c in zip(idx[:k] + [i], combo)]})
+    return rules
+
+
+def trapped() -> tuple[dict[str, dict | None], tuple[str, ...]]:
+    """(trapped syscalls with their conditions, refused syscalls): the seccomp mode's own list
+    when its package exports one, else the translation above."""
+    try:
+        from ..seccomp import oci as seccomp_oci  # type: ignore[attr-defined]
+
+        return dict(seccomp_oci.TRAPPED), tuple(seccomp_oci.REFUSED)
+    except (ImportError, AttributeError):
+        return TRAPPED, REFUSED
+
+
+def _allowed_unconditionally(profile: dict, name: str) -> bool:
+    """Does the existing profile let `name` through whatever its arguments?"""
+    rules = [r for r in profile.get("syscalls") or [] if name in (r.get("names") or [])]
+    if not rules:
+        return profile.get("defaultAction") in ALLOWING
+    return any(r.get("action") in ALLOWING and not r.get("args") for r in rules) and all(
+        r.get("action") in ALLOWING for r in rules
+    )
+
+
+def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA) -> list[str]:
+    """Add graftd's notify rules and listenerPath to `config` (in place). Returns the syscalls
+    left untrapped because the existing profile does not allow them."""
+    linux = config.setdefault("linux", {})
+    profile = linux.get("seccomp")
+    if profile is None:
+        profile = {"defaultAction": "SCMP_ACT_ALLOW", "syscalls": []}
+    old_listener = profile.get("listenerPath")
+    if old_listener and old_listener != listener_path:
+        raise SpecError(f"config.json already hands its seccomp listener to {old_listener}: one agent per container")
+    if old_listener == listener_path and profile.get("listenerMetadata") == metadata:
+        return []  # merged already (a second create of the same bundle)
+    syscalls = profile.get("syscalls") or []
+    if any(r.get("action") == NOTIFY for r in syscalls):
+        raise SpecError("config.json already has SCMP_ACT_NOTIFY rules for another agent")
+    trap, refuse = trapped()
+    untrapped = [n for n in trap if not _allowed_unconditionally(profile, n)]
+    take = {n for n in trap if n not in untrapped} | {n for n in refuse if _allowed_unconditionally(profile, n)}
+    default_allows = profile.get("defaultAction") in ALLOWING
+    kept = []
+    for rule in syscalls:
+        names = rule.get("names") or []
+        if take & set(names):  # only allow rules can name them (else they were not allowed)
+            names = [n for n in names if n not in take]
+            if not names:
+                continue
+            rule = dict(rule, names=names)
+        kept.append(rule)
+    for name, condition in trap.items():
+        if name in take:
+            kept += trap_rules(name, condition, not default_allows)
+    for name in refuse:
+        if name in take:
+            kept.append({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
+    native = _ARCHES.get(platform.machine())
+    profile = dict(profile, syscalls=kept, listenerPath=listener_path, listenerMetadata=metadata)
+    if native:
+        profile["architectures"] = native
+    linux["seccomp"] = profile
+    return untrapped
+
+
+def network_namespace(config: dict) -> dict | None:
+    for ns in (config.get("linux") or {}).get("namespaces") or []:
+        if ns.get("type") == "network":
+            return ns
+    return None
+
+
+def load(bundle: str) -> dict:
+    path = os.path.join(bundle, "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise SpecError(f"no config.json in bundle {bundle}") from None
+    except (OSError, ValueError) as e:
+        raise SpecError(f"cannot read {path}: {e}") from None
+
+
+def save(bundle: str, config: dict) -> None:
+    """Replace config.json atomically (same directory, same mode)."""
+    path = os.path.join(bundle, "config.json")
+    mode = os.stat(path).st_mode & 0o7777
+    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=bundle)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(config, f)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,323 @@
+"""`graft-runtime`: an OCI runtime wrapper around runc.
+
+It takes runc's command line. On `create` and `run` it reads the bundle's config.json, gives the
+container a network namespace with only `lo` when it has none of its own yet, registers the
+container's table from the `io.sockgraft.*` annotations under the key of that netns, adds the
+seccomp notify rules with graftd's agent socket as `listenerPath`, and runs the real runc with the
+original arguments. `delete` removes the table and the netns it created once runc has deleted the
+container. Everything else goes to runc untouched.
+
+Settings (flags before the subcommand, which runc never sees, or environment):
+  --graft-state-dir DIR  / GRAFT_STATE_DIR      tables (must be graftd's)
+  --graft-agent PATH     / GRAFT_AGENT_SOCKET   graftd's OCI agent socket
+  --graft-runc PATH      / GRAFT_RUNC           the real runtime (default: runc on PATH)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .. import netns
+from ..endpoint import SpecError
+from ..store import Store, StoreError, state_dir
+from . import annotations, ociconfig
+
+RUNTIME_DIR = "/run/sockgraft"
+DEFAULT_AGENT = os.path.join(RUNTIME_DIR, "agent.sock")
+RECORDS = "oci"  # STATE_DIR/oci/<container id>.json: what create made, for delete
+NETNS_PREFIX = "graft-"
+MODE = "seccomp"
+
+# runc's global flags that take a value (all others are booleans)
+_RUNC_VALUE_FLAGS = {"log", "log-format", "root", "criu", "rootless"}
+_OURS = {"graft-state-dir": "state_dir", "graft-agent": "agent", "graft-runc": "runc"}
+# create/run flags that take a value
+_CREATE_VALUE_FLAGS = {"bundle", "b", "console-socket", "pid-file", "preserve-fds"}
+_ID_RE = re.compile(r"^[\w+.-]+$")
+
+
+@dataclass
+class Invocation:
+    runc_globals: list[str] = field(default_factory=list)
+    command: str | None = None
+    args: list[str] = field(default_factory=list)
+    log: str | None = None
+    log_format: str = "text"
+    state_dir: str | None = None
+    agent: str | None = None
+    runc: str | None = None
+
+    def argv(self, runc: str) -> list[str]:
+        return [runc, *self.runc_globals, *([self.command] if self.command else []), *self.args]
+
+
+def _flag(arg: str) -> tuple[str, str | None] | None:
+    """`--name=value` / `-name value` -> (name, value or None); None if not a flag."""
+    if not arg.startswith("-") or arg in ("-", "--"):
+        return None
+    name, eq, value = arg.lstrip("-").partition("=")
+    return name, (value if eq else None)
+
+
+def parse_argv(argv: list[str]) -> Invocation:
+    inv = Invocation()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        f = _flag(arg)
+        if f is None:
+            inv.command, inv.args = arg, argv[i + 1:]
+            break
+        name, value = f
+        takes = name in _RUNC_VALUE_FLAGS or name in _OURS
+        if takes and value is None:
+            if i + 1 >= len(argv):
+                raise SpecError(f"flag {arg} needs a value")
+            value = argv[i + 1]
+            i += 1
+        if name in _OURS:
+            setattr(inv, _OURS[name], value)
+        else:
+            inv.runc_globals += [arg] if "=" in arg or not takes else [arg, value]
+            if name == "log":
+                inv.log = value
+            elif name == "log-format":
+                inv.log_format = value
+        i += 1
+    inv.state_dir = inv.state_dir or os.environ.get("GRAFT_STATE_DIR")
+    inv.agent = inv.agent or os.environ.get("GRAFT_AGENT_SOCKET") or DEFAULT_AGENT
+    inv.runc = inv.runc or os.environ.get("GRAFT_RUNC")
+    return inv
+
+
+def bundle_and_id(args: list[str]) -> tuple[str, str]:
+    """The bundle directory and container id of a `create`/`run` command line."""
+    bundle, cid, i = os.getcwd(), None, 0
+    while i < len(args):
+        f = _flag(args[i])
+        if f is None:
+            cid = cid or args[i]
+        elif f[0] in _CREATE_VALUE_FLAGS:
+            value = f[1]
+            if value is None:
+                i += 1
+                value = args[i] if i < len(args) else None
+            if f[0] in ("bundle", "b") and value is not None:
+                bundle = value
+        i += 1
+    if cid is None:
+        raise SpecError("no container id on the command line")
+    return os.path.abspath(bundle), check_id(cid)
+
+
+def check_id(cid: str) -> str:
+    if not _ID_RE.match(cid) or cid in (".", ".."):
+        raise SpecError(f"bad container id {cid!r}")
+    return cid
+
+
+def find_runc(explicit: str | None) -> str:
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            raise SpecError(f"runtime {explicit} is not executable")
+        return explicit
+    me = os.path.realpath(sys.argv[0])
+    for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", "runc")
+        if os.access(path, os.X_OK) and os.path.realpath(path) != me:
+            return path
+    for path in ("/usr/bin/runc", "/usr/sbin/runc", "/usr/local/sbin/runc"):
+        if os.access(path, os.X_OK):
+            return path
+    raise SpecError("runc not found on PATH (set GRAFT_RUNC or --graft-runc)")
+
+
+# -- records: what create made, so that delete can undo it -------------------------------------------
+def record_path(state: str, cid: str) -> str:
+    return os.path.join(state, RECORDS, check_id(cid) + ".json")
+
+
+def read_record(state: str, cid: str) -> dict | None:
+    try:
+        with open(record_path(state, cid)) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def records(state: str) -> dict[str, dict]:
+    """Every OCI container graft-runtime created and not yet deleted, by container id."""
+    out = {}
+    try:
+        names = sorted(os.listdir(os.path.join(state, RECORDS)))
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if name.endswith(".json"):
+            rec = read_record(state, name[:-5])
+            if rec:
+                out[name[:-5]] = rec
+    return out
+
+
+def _write_record(state: str, cid: str, rec: dict) -> None:
+    path = record_path(state, cid)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rec, f)
+    os.replace(tmp, path)
+
+
+# -- create -----------------------------------------------------------------------------------------
+def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
+    """Everything before runc runs: netns, tables, config.json. Returns the record."""
+    state = state_dir(inv.state_dir)
+    config = ociconfig.load(bundle)
+    spec = annotations.parse(config.get("annotations"))
+    ns = ociconfig.network_namespace(config)
+    if ns is None:
+        raise SpecError("the container shares the host network namespace; graft-runtime needs its own (--network none)")
+    rec = {"id": cid, "bundle": bundle, "created_netns": None, "key": None, "ino": None, "time": time.time()}
+    old = read_record(state, cid)
+    if old:  # a create of the same id that never got its delete
+        cleanup(state, old)
+    name = NETNS_PREFIX + cid
+    if ns.get("path") == netns.netns_path(name):
+        del ns["path"]  # ours, from an earlier create of this bundle: made afresh below
+    if ns.get("path"):
+        c = _container_at(ns["path"])
+    else:
+        if netns.named_ino(name) is not None:
+            netns.remove(name)  # debris of a create that died before writing its record
+        c = netns.create(name)
+        rec["created_netns"] = name
+        ns["path"] = c.path
+    rec["key"], rec["ino"] = c.key, c.ino
+    _write_record(state, cid, rec)
+    try:
+        with Store(state) as store:
+            if store.container(c.key) is not None:
+                others = [i for i, r in records(state).items() if r.get("key") == c.key and i != cid]
+                if others:
+                    raise SpecError(f"network namespace {c.key} is already grafted for container {others[0]}")
+                store.forget(c.key)  # a stale table of an earlier netns with the same name or inode
+            store.register(c.key, c.ino, MODE)
+            for ep in spec.endpoints:
+                store.add(c.key, ep, c.ino)
+            store.set_rules(c.key, [str(p) for p in spec.ingress], [str(r) for r in spec.egress], c.ino)
+        untrapped = ociconfig.merge_seccomp(config, inv.agent)
+        if untrapped:
+            log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
+        config.setdefault("annotations", {})["io.sockgraft.key"] = c.key
+        ociconfig.save(bundle, config)
+    except BaseException:
+        cleanup(state, rec)
+        raise
+    return rec
+
+
+def _container_at(path: str) -> netns.Container:
+    try:
+        ino = os.stat(path).st_ino
+    except OSError as e:
+        raise SpecError(f"network namespace {path}: {e.strerror}") from None
+    return netns.Container(netns.key_for_ino(ino), ino, path)
+
+
+def cleanup(state: str, rec: dict) -> None:
+    """Undo what create did for this record: table, netns, record. Idempotent."""
+    key = rec.get("key")
+    if key:
+        with Store(state) as store:
+            row = store.container(key)
+            if row is not None and row.netns_ino == rec.get("ino"):
+                store.forget(key)
+    if rec.get("created_netns"):
+        netns.remove(rec["created_netns"])
+    try:
+        os.unlink(record_path(state, rec["id"]))
+    except FileNotFoundError:
+        pass
+
+
+# -- the command ------------------------------------------------------------------------------------
+def log(inv: Invocation, level: str, message: str) -> None:
+    """One line on stderr and, like runc, in --log (JSON when --log-format json): the container
+    manager shows the runtime's last error from there."""
+    print(f"graft-runtime: {message}", file=sys.stderr)
+    if inv.log:
+        if inv.log_format == "json":
+            line = json.dumps({"level": level, "msg": f"graft-runtime: {message}", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        else:
+            line = f'time="{time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}" level={level} msg="graft-runtime: {message}"'
+        try:
+            with open(inv.log, "a") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass
+
+
+def _gone(inv: Invocation, runc: str, cid: str) -> bool:
+    p = subprocess.run([runc, *inv.runc_globals, "state", cid], capture_output=True)
+    return p.returncode != 0
+
+
+def _run_child(argv: list[str]) -> int:
+    """runc as a child, with the signals a foreground `runc run` would get passed on to it."""
+    proc = subprocess.Popen(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+    while True:
+        try:
+            code = proc.wait()
+            return 128 - code if code < 0 else code
+        except InterruptedError:
+            continue
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    inv = Invocation()
+    try:
+        inv = parse_argv(argv)
+        runc = find_runc(inv.runc)
+        state = state_dir(inv.state_dir)
+        if inv.command == "create":
+            bundle, cid = bundle_and_id(inv.args)
+            rec = prepare(inv, bundle, cid)
+            code = subprocess.call(inv.argv(runc))
+            if code != 0:
+                cleanup(state, rec)
+            sys.exit(code)
+        if inv.command == "run":
+            bundle, cid = bundle_and_id(inv.args)
+            rec = prepare(inv, bundle, cid)
+            code = _run_child(inv.argv(runc))
+            if code != 0 or not any(_flag(a) in (("d", None), ("detach", None)) for a in inv.args):
+                if _gone(inv, runc, cid):  # runc run removes the container when it ends (unless --keep)
+                    cleanup(state, rec)
+            sys.exit(code)
+        if inv.command == "delete":
+            cids = [a for a in inv.args if _flag(a) is None]
+            code = subprocess.call(inv.argv(runc))
+            for cid in cids:
+                rec = read_record(state, check_id(cid))
+                if rec and (code == 0 or _gone(inv, runc, cid)):
+                    cleanup(state, rec)
+            sys.exit(code)
+        os.execv(runc, inv.argv(runc))
+    except (SpecError, StoreError) as e:
+        log(inv, "error", str(e))
+        sys.exit(1)
+    except OSError as e:
+        log(inv, "error", f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
