@@ -21,6 +21,7 @@ from .protocol import MAX_MESSAGE, ProtocolError, Reply, Request, caller_rules, 
 from .store import Store, StoreError
 
 MODE = "api"
+MAX_CONNECTIONS = 256  # per container: a flood of idle connections must not exhaust the service's fds
 
 
 @dataclass
@@ -59,6 +60,7 @@ class FdService:
         self.mode = mode
         self.sel = selectors.DefaultSelector()
         self.listeners: dict[str, tuple[socket.socket, str]] = {}
+        self.connections: dict[str, int] = {}
         self._policies: dict[str, object] = {}
         self._version = -1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -145,6 +147,15 @@ class FdService:
             conn, _ = lsock.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as e:  # EMFILE/ENFILE: refuse this one, keep serving the others
+            self.audit.record("fail", container=key, mode=self.mode, op="accept", errno=e.errno, reason=e.strerror)
+            return
+        if self.connections.get(key, 0) >= MAX_CONNECTIONS:
+            self.audit.record("deny", container=key, mode=self.mode, op="accept", errno=errno.EMFILE,
+                              reason=f"more than {MAX_CONNECTIONS} open connections")
+            conn.close()
+            return
+        self.connections[key] = self.connections.get(key, 0) + 1
         conn.setblocking(False)
         try:
             pidfd = conn.getsockopt(socket.SOL_SOCKET, netns.SO_PEERPIDFD)
@@ -154,6 +165,7 @@ class FdService:
 
     def _drop(self, conn: socket.socket) -> None:
         c = self.sel.unregister(conn).data[1]
+        self.connections[c.key] -= 1
         if c.pidfd is not None:
             os.close(c.pidfd)
         conn.close()
@@ -261,8 +273,9 @@ class FdService:
             self.audit.record("fail", container=key, mode=self.mode, op=req.verb, endpoint=decision.endpoint.name,
                               errno=code, reason=os.strerror(code), **where)
             return _err(code, f"{decision.endpoint.name}: {os.strerror(code)}"), None
-        bound = sock.getsockname()
-        self.audit.decision(key, self.mode, req.verb, decision, host=bound if isinstance(bound, str) else list(bound[:2]), **where)
         if decision.family == socket.AF_UNIX:
+            self.audit.decision(key, self.mode, req.verb, decision, host=decision.endpoint.path, **where)
             return Reply("ok", family=socket.AF_UNIX, addr=decision.endpoint.path), sock
-        return Reply("ok", family=decision.family, addr=bound[0], port=bound[1]), sock
+        addr, port = sock.getsockname()[:2]
+        self.audit.decision(key, self.mode, req.verb, decision, host=[addr, port], **where)
+        return Reply("ok", family=decision.family, addr=addr, port=port), sock

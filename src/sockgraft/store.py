@@ -62,25 +62,49 @@ class Store:
     def __init__(self, directory: str | None = None):
         self.dir = state_dir(directory)
         self.path = os.path.join(self.dir, DB_NAME)
+        self.readonly = False
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA busy_timeout = 30000")
-            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode.lower() != "wal":
-                raise StoreError(f"state database {self.path}: cannot switch to WAL (journal mode {mode})")
-            self.db.execute("PRAGMA foreign_keys = ON")
-            self.db.execute("PRAGMA synchronous = NORMAL")
-            with self._write():
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self.db.execute(statement)
-                row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(row[0]) > SCHEMA_VERSION:
-                    raise StoreError(f"state database {self.path} has schema {row[0]}, newer than this sockgraft ({SCHEMA_VERSION})")
+            self.db = self._connect(self.path)
+            try:
+                self._setup()
+            except sqlite3.OperationalError:
+                # a read-only or full disk (no room even for the WAL index): the tables, as last
+                # checkpointed, can still be read; writes fail with one line
+                self.db.close()
+                self.db = self._connect(f"file:{self.path}?mode=ro&immutable=1", uri=True)
+                self.readonly = True
+                self._check_version()
         except (sqlite3.Error, OSError) as e:
             raise StoreError(f"state database {self.path}: {e}") from None
+
+    @staticmethod
+    def _connect(target: str, uri: bool = False) -> sqlite3.Connection:
+        db = sqlite3.connect(target, timeout=30, isolation_level=None, check_same_thread=False, uri=uri)
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    def _check_version(self) -> bool:
+        """Whether the schema is there; refuses a newer schema than this code knows."""
+        if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            return False
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row and int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(f"state database {self.path} has schema {row[0]}, newer than this sockgraft ({SCHEMA_VERSION})")
+        return row is not None
+
+    def _setup(self) -> None:
+        mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise StoreError(f"state database {self.path}: cannot switch to WAL (journal mode {mode})")
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        if self._check_version():
+            return
+        with self._write():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self.db.execute(statement)
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
