@@ -88,11 +88,14 @@ class Daemon:
         except ImportError as e:
             raise SpecError(f"the seccomp supervisor is not available ({e}): start graftd with --no-agent") from None
 
-        self.supervisor = Supervisor(self.state, audit=self.audit)
+        # its own audit writer: the fd service defers its lines until it is idle; the supervisor's
+        # go out at once (O_APPEND: the two writers never interleave within a line)
+        self.seccomp_audit = MetricsAudit(self.state, self.metrics, echo=True)
+        self.supervisor = Supervisor(self.state, audit=self.seccomp_audit)
         self.supervisor._serve_one = _timed(self.supervisor._serve_one, self.metrics, "seccomp")
         self.supervisor.start_thread()
         self.agent = Agent(self.agent_socket, Store(self.state), self.supervisor,
-                           on_event=lambda event, **f: self.audit.record(event, **f))
+                           on_event=lambda event, **f: self.seccomp_audit.record(event, **f))
         self.agent.start_thread()
         self.audit.record("agent", socket=self.agent_socket)
 
@@ -179,6 +182,7 @@ class Daemon:
                 self.agent.close()
             if self.supervisor is not None:
                 self.supervisor.close()
+                self.seccomp_audit.close()
             self.metrics.close()
             self.service.close()
             self._counts.close()

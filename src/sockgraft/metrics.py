@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ipaddress
+import threading
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -98,11 +99,21 @@ class _ContainersCollector:
 
 
 class MetricsAudit(Audit):
-    """The audit log, counting each decision in the metrics as it is written."""
+    """The audit log, counting each decision in the metrics as it is written; safe to share
+    between graftd's threads (fd service, seccomp supervisor, OCI agent)."""
 
     def __init__(self, directory: str | None, metrics: Metrics, echo: bool = False):
         super().__init__(directory, echo=echo)
         self.metrics = metrics
+        self._lock = threading.RLock()
+
+    def record(self, event: str, **fields) -> None:
+        with self._lock:
+            super().record(event, **fields)
+
+    def flush(self) -> None:
+        with self._lock:
+            super().flush()
 
     def decision(self, container: str, mode: str, op: str, decision, **fields) -> None:
         self.metrics.decision(mode, op, decision.verdict)

@@ -1,8 +1,9 @@
 """The OCI seccomp agent: what runc/crun send to `linux.seccomp.listenerPath`.
 
 The runtime connects to the agent's unix stream socket once per filtered process (the container's
-init at create, each `exec` later), sends the container process state as JSON in one message with
-the seccomp listener fd attached (SCM_RIGHTS), and closes:
+init at create, each `exec` later) and sends the container process state as JSON in one message
+with the seccomp listener fd attached (SCM_RIGHTS). runc closes the connection only when it exits
+(`runc run` lives as long as the container), so the message ends where the JSON document does:
 
     {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": 4242, "metadata": "sockgraft",
      "state": {"ociVersion": "1.0.2", "id": "c1", "status": "creating", "pid": 4242,
@@ -89,8 +90,17 @@ def parse_message(data: bytes, fds: list[int]) -> ProcessState:
     )
 
 
+def _complete(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    """Everything the runtime sends on one connection (it closes after sending): data and fds."""
+    """One message of the runtime: data and fds. It ends at EOF or as soon as the data is a whole
+    JSON document: `runc run` keeps the connection open while the container runs."""
     conn.settimeout(RECV_TIMEOUT)
     data, fds = bytearray(), []
     cmsg_space = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
@@ -109,6 +119,8 @@ def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
             data += chunk
             if len(data) > MAX_MESSAGE:
                 raise AgentError("container process state too large")
+            if data.rstrip().endswith(b"}") and _complete(data):
+                return bytes(data), fds
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -160,6 +172,9 @@ class Agent:
         for fd in ps.extra_fds:
             os.close(fd)
         try:
+            kind = os.readlink(f"/proc/self/fd/{ps.listener_fd}")
+            if kind != "anon_inode:seccomp notify":
+                raise AgentError(f"{SECCOMP_FD_NAME} is not a seccomp listener ({kind})")
             key = self.identify(ps)
         except (SpecError, AgentError, OSError) as e:
             os.close(ps.listener_fd)  # its trapped syscalls now fail with ENOSYS: never ungrafted

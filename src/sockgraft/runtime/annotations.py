@@ -10,6 +10,9 @@ ENDPOINTS = "io.sockgraft.endpoints"
 INGRESS = "io.sockgraft.ingress"
 EGRESS = "io.sockgraft.egress"
 NAMES = (ENDPOINTS, INGRESS, EGRESS)
+# For engines that cannot set annotations (Docker before 24 / API 1.43): the same values in the
+# container's environment. Annotations win when both are given.
+ENV = {ENDPOINTS: "SOCKGRAFT_ENDPOINTS", INGRESS: "SOCKGRAFT_INGRESS", EGRESS: "SOCKGRAFT_EGRESS"}
 
 
 @dataclass
@@ -20,6 +23,20 @@ class GraftSpec:
 
     def empty(self) -> bool:
         return not (self.endpoints or self.ingress or self.egress)
+
+
+def from_config(config: dict) -> dict[str, str]:
+    """The io.sockgraft.* annotations of an OCI config, completed from SOCKGRAFT_* variables of
+    the container's environment."""
+    ann = dict(config.get("annotations") or {})
+    env = {}
+    for item in (config.get("process") or {}).get("env") or []:
+        k, _, v = item.partition("=")
+        env[k] = v
+    for name, var in ENV.items():
+        if name not in ann and var in env:
+            ann[name] = env[var]
+    return {k: v for k, v in ann.items() if k in NAMES}
 
 
 def parse(annotations: dict[str, str] | None) -> GraftSpec:

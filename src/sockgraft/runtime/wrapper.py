@@ -180,7 +180,8 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
     """Everything before runc runs: netns, tables, config.json. Returns the record."""
     state = state_dir(inv.state_dir)
     config = ociconfig.load(bundle)
-    spec = annotations.parse(config.get("annotations"))
+    graft_ann = annotations.from_config(config)
+    spec = annotations.parse(graft_ann)
     ns = ociconfig.network_namespace(config)
     if ns is None:
         raise SpecError("the container shares the host network namespace; graft-runtime needs its own (--network none)")
@@ -215,7 +216,7 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
         untrapped = ociconfig.merge_seccomp(config, inv.agent)
         if untrapped:
             log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
-        config.setdefault("annotations", {})["io.sockgraft.key"] = c.key
+        config["annotations"] = {**(config.get("annotations") or {}), **graft_ann, "io.sockgraft.key": c.key}
         ociconfig.save(bundle, config)
     except BaseException:
         cleanup(state, rec)
