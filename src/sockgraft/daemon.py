@@ -30,7 +30,12 @@ STATUS_NAME = "graftd.json"
 
 
 def socket_path(runtime_dir: str, key: str) -> str:
-    return os.path.join(runtime_dir, "fd", key.replace("/", "_") + ".sock")
+    path = os.path.join(runtime_dir, "fd", key.replace("/", "_") + ".sock")
+    if len(path.encode()) > 107:  # sun_path: a long key gets a short, stable name
+        import hashlib
+
+        path = os.path.join(runtime_dir, "fd", "h-" + hashlib.sha256(key.encode()).hexdigest()[:24] + ".sock")
+    return path
 
 
 def _timed(fn, metrics: Metrics, mode: str):
@@ -160,7 +165,11 @@ class Daemon:
             self.service.audit.record("container-gone", container=key)
         for key in keys - set(self.service.listeners):
             path = socket_path(self.runtime_dir, key)
-            self.service.listen(key, path)
+            try:
+                self.service.listen(key, path)
+            except OSError as e:  # one container's socket must not stop the others
+                self.service.audit.record("fd-service-error", container=key, socket=path, error=str(e))
+                continue
             self.service.audit.record("container", container=key, socket=path)
 
     def serve(self) -> None:

@@ -2,26 +2,24 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
 
+from tests.conftest import _alive
 from tests.runtime.common import Graftd, Scenario, build_rootfs
 
 
+_DEBRIS = re.compile(r"^graft-sgt(\d+)-\d+$")
+
+
 def pytest_sessionstart(session):
-    """Namespaces graft-runtime made for containers of an earlier, killed test run (ids sgt<PID>-N)."""
-    try:
-        names = os.listdir("/run/netns")
-    except FileNotFoundError:
-        return
-    for name in names:
-        head, dash, _ = name.removeprefix("graft-").partition("-")
-        if name.startswith("graft-sgt") and dash and head[3:].isdigit():
-            try:
-                os.kill(int(head[3:]), 0)
-            except ProcessLookupError:
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    """Remove namespaces graft-runtime made for containers of an earlier, killed test run."""
+    for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
+        m = _DEBRIS.match(name)
+        if m and not _alive(int(m[1])):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -116,6 +116,12 @@ def bundle_and_id(args: list[str]) -> tuple[str, str]:
     return os.path.abspath(bundle), check_id(cid)
 
 
+def netns_name(cid: str) -> str:
+    """The netns graft-runtime makes for a container: `graft-ID` (Docker's 64-hex ids cut to 24,
+    which keeps paths derived from the name within sun_path)."""
+    return NETNS_PREFIX + cid[:24]
+
+
 def check_id(cid: str) -> str:
     if not _ID_RE.match(cid) or cid in (".", ".."):
         raise SpecError(f"bad container id {cid!r}")
@@ -189,13 +195,16 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
     old = read_record(state, cid)
     if old:  # a create of the same id that never got its delete
         cleanup(state, old)
-    name = NETNS_PREFIX + cid
+    name = netns_name(cid)
     if ns.get("path") == netns.netns_path(name):
         del ns["path"]  # ours, from an earlier create of this bundle: made afresh below
     if ns.get("path"):
         c = _container_at(ns["path"])
     else:
         if netns.named_ino(name) is not None:
+            owner = [i for i, r in records(state).items() if r.get("created_netns") == name and i != cid]
+            if owner:
+                raise SpecError(f"network namespace {name} belongs to container {owner[0]}")
             netns.remove(name)  # debris of a create that died before writing its record
         c = netns.create(name)
         rec["created_netns"] = name
