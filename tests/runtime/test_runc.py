@@ -5,11 +5,14 @@ import json
 import os
 import shutil
 import subprocess
+import socket
 import tempfile
+import urllib.request
 
 import pytest
 
-from tests.runtime.common import GRAFT_RUNTIME
+from sockgraft.runtime import ociconfig
+from tests.runtime.common import GRAFT_RUNTIME, HostServer
 from tests.runtime.conftest import container_id
 
 pytestmark = pytest.mark.e2e
@@ -54,6 +57,7 @@ def test_runc_bundle(tmp_path, rootfs, graftd, scenario):
         runtime(graftd, root, "start", cid)
         key = scenario.check(graftd)
         assert key == f"graft-{cid}"  # a named netns: `graft -n graft-ID show` works
+        check_metrics(graftd)
     finally:
         runtime(graftd, root, "kill", cid, "KILL", check=False)
         for _ in range(50):
@@ -96,3 +100,62 @@ def test_host_network_refused(tmp_path, rootfs, graftd):
     open(os.path.join(bundle, "config.json"), "w").write(json.dumps(config))
     p = runtime(graftd, root, "create", "-b", bundle, container_id(), check=False)
     assert p.returncode == 1 and "host network namespace" in p.stderr
+
+
+def scrape(graftd) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{graftd.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def check_metrics(graftd) -> None:
+    m = scrape(graftd)
+    assert m['sockgraft_grants_total{mode="seccomp",op="bind"}'] >= 1
+    assert m['sockgraft_grants_total{mode="seccomp",op="connect"}'] >= 1
+    assert m['sockgraft_denials_total{mode="seccomp",op="bind"}'] >= 1
+    assert m['sockgraft_notification_latency_seconds_count{mode="seccomp"}'] >= 3
+    assert m['sockgraft_active_containers{mode="seccomp"}'] >= 1
+    assert m["sockgraft_supervised_containers"] >= 1
+
+
+def test_agent_without_graft_runtime(tmp_path, rootfs, graftd):
+    """A bundle that names graftd's agent itself (plain runc, no wrapper): the agent registers the
+    table from the annotations under the new netns and forgets it when the container ends."""
+    server = HostServer()
+    try:
+        bundle = make_bundle(tmp_path, rootfs, ["sh", "-c", f"echo via-agent | nc 127.0.0.1 {server.port}"], {
+            "io.sockgraft.endpoints": "out type ipv4 addr 127.0.0.1 port dynamic",
+            "io.sockgraft.egress": "127.0.0.0/8=out"})
+        config = json.loads(open(os.path.join(bundle, "config.json")).read())
+        ociconfig.merge_seccomp(config, graftd.agent)
+        open(os.path.join(bundle, "config.json"), "w").write(json.dumps(config))
+        p = subprocess.run(["runc", "--root", str(tmp_path / "root"), "run", "-b", bundle, container_id()],
+                           capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert p.returncode == 0, p.stderr
+        assert server.wait()[1] == b"via-agent\n"
+        e = graftd.wait_event(lambda e: e["event"] == "grant" and e.get("endpoint") == "out" and
+                              e["container"].startswith("netns:"))
+        graftd.wait_event(lambda ev: ev["event"] == "agent-forget" and ev["container"] == e["container"])
+        assert all(c["key"] != e["container"] for c in graftd.status()["containers"])
+    finally:
+        server.close()
+
+
+def test_agent_refuses_what_is_not_a_seccomp_listener(graftd):
+    r, w = os.pipe()
+    try:
+        state = {"ociVersion": "1.0.2", "fds": ["seccompFd"], "pid": os.getpid(),
+                 "state": {"id": "fake", "status": "creating", "pid": os.getpid(), "bundle": "/"}}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(graftd.agent)
+            socket.send_fds(s, [json.dumps(state).encode()], [r])
+        graftd.wait_event(lambda e: e["event"] == "agent-refused" and e["container_id"] == "fake"
+                          and "not a seccomp listener" in e["error"])
+    finally:
+        os.close(r)
+        os.close(w)
