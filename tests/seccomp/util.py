@@ -1,0 +1,62 @@
+"""Helpers for seccomp mode tests: `graft run --mode seccomp` as a user runs it."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from tests.helpers import graft, graft_cmd
+
+
+def run_args(ns: str, cmd: list[str], endpoints=(), ingress=(), egress=()) -> list[str]:
+    args = ["run", "-n", ns, "--mode", "seccomp"]
+    for e in endpoints:
+        args += ["--endpoint", e]
+    for i in ingress:
+        args += ["--ingress", i]
+    for e in egress:
+        args += ["--egress", e]
+    return [*args, "--", *cmd]
+
+
+def start(procs: list, ns: str, cmd: list[str], **kw) -> subprocess.Popen:
+    """A long-running command in the container (stopped at teardown through `procs`)."""
+    p = subprocess.Popen([*graft_cmd(), *run_args(ns, cmd, **kw)], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    procs.append(p)
+    return p
+
+
+def run(ns: str, cmd: list[str], check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return graft(*run_args(ns, cmd, **kw), check=check, timeout=timeout)
+
+
+def client_egress(port_dynamic_name: str = "out") -> dict:
+    """Endpoint + egress rule for a container client dialing host loopback."""
+    return {"endpoints": [f"{port_dynamic_name} type ipv4 addr 127.0.0.1 port dynamic"],
+            "egress": [f"127.0.0.0/8={port_dynamic_name}"]}
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def refused(port: int, addr: str = "127.0.0.1") -> bool:
+    """Nothing listens on host addr:port (loopback only)."""
+    import socket
+
+    assert addr.startswith("127.")
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex((addr, port)) != 0
