@@ -123,7 +123,9 @@ def collect(state: str | None = None, runtime_dir: str = RUNTIME_DIR) -> dict:
     sd = state_dir(state)
     with Store(sd) as store:
         rows = store.containers()
-    oci = {rec.get("key"): cid for cid, rec in records(sd).items()}
+    oci: dict[str, list[str]] = {}
+    for cid, rec in sorted(records(sd).items(), key=lambda kv: kv[1].get("time", 0)):
+        oci.setdefault(rec.get("key"), []).append(cid)  # a pod: several containers, one netns
     graftd = read_graftd(runtime_dir)
     listeners = (graftd or {}).get("seccomp_listeners", {})
     host = host_sockets()
@@ -133,7 +135,7 @@ def collect(state: str | None = None, runtime_dir: str = RUNTIME_DIR) -> dict:
         socks = grafted_sockets(row.netns_ino, host, host_ino) if row.netns_ino else []
         containers.append({
             "key": row.key, "mode": row.mode or "api", "netns_ino": row.netns_ino,
-            "oci_id": oci.get(row.key), "created": row.created,
+            "oci_id": (oci.get(row.key) or [None])[0], "oci_ids": oci.get(row.key, []), "created": row.created,
             "processes": len(pids_in_netns(row.netns_ino)) if row.netns_ino else 0,
             "seccomp_listeners": listeners.get(row.key, 0), "sockets": socks,
         })
@@ -158,7 +160,7 @@ def status(ctx: click.Context, as_json: bool, state_dir: str | None, runtime_dir
         click.echo("no containers")
     for c in info["containers"]:
         age = time.time() - c["created"]
-        extra = f" oci {c['oci_id'][:12]}" if c["oci_id"] else ""
+        extra = f" oci {','.join(i[:12] for i in c['oci_ids'])}" if c["oci_ids"] else ""
         click.echo(f"{c['key']} mode {c['mode']}{extra} processes {c['processes']} "
                    f"seccomp-listeners {c['seccomp_listeners']} sockets {len(c['sockets'])} age {age:.0f}s")
         for s in c["sockets"]:

@@ -159,3 +159,40 @@ def test_agent_refuses_what_is_not_a_seccomp_listener(graftd):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_pod_containers_share_one_table(tmp_path, rootfs, graftd):
+    """Like a Kubernetes pod: a second container joins the first one's netns by path and shares
+    its table; a different table is refused; the table goes with the last container."""
+    root = str(tmp_path / "runc-root")
+    ann = {"io.sockgraft.endpoints": "web type ipv4 addr 127.0.0.1 port dynamic"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    first, second, third = container_id(), container_id(), container_id()
+    bundle_a = make_bundle(tmp_path / "a", rootfs, ["sleep", "600"], ann)
+    runtime(graftd, root, "create", "-b", bundle_a, first)
+    try:
+        def joining(sub, annotations):
+            bundle = make_bundle(tmp_path / sub, rootfs, ["sleep", "600"], annotations)
+            config = json.loads(open(os.path.join(bundle, "config.json")).read())
+            for ns in config["linux"]["namespaces"]:
+                if ns["type"] == "network":
+                    ns["path"] = f"/run/netns/graft-{first}"
+            open(os.path.join(bundle, "config.json"), "w").write(json.dumps(config))
+            return bundle
+
+        bad = runtime(graftd, root, "create", "-b", joining("c", {"io.sockgraft.endpoints": "x type ipv4 addr 127.0.0.1 port dynamic"}),
+                      third, check=False)
+        assert bad.returncode == 1 and "whose graft table differs" in bad.stderr
+        runtime(graftd, root, "create", "-b", joining("b", {}), second)
+        (shared,) = [c for c in graftd.status()["containers"] if c["key"] == f"graft-{first}"]
+        assert shared["oci_ids"] == [first, second]
+        runtime(graftd, root, "delete", "--force", first)
+        st = graftd.status()["containers"]
+        assert [c["key"] for c in st if c["key"] == f"graft-{first}"]  # still used by the second
+        runtime(graftd, root, "delete", "--force", second)
+        assert all(c["key"] != f"graft-{first}" for c in graftd.status()["containers"])
+    finally:
+        for cid in (first, second):
+            runtime(graftd, root, "delete", "--force", cid, check=False)

@@ -213,15 +213,16 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
     _write_record(state, cid, rec)
     try:
         with Store(state) as store:
-            if store.container(c.key) is not None:
-                others = [i for i, r in records(state).items() if r.get("key") == c.key and i != cid]
-                if others:
-                    raise SpecError(f"network namespace {c.key} is already grafted for container {others[0]}")
-                store.forget(c.key)  # a stale table of an earlier netns with the same name or inode
-            store.register(c.key, c.ino, MODE)
-            for ep in spec.endpoints:
-                store.add(c.key, ep, c.ino)
-            store.set_rules(c.key, [str(p) for p in spec.ingress], [str(r) for r in spec.egress], c.ino)
+            others = [i for i, r in records(state).items() if r.get("key") == c.key and i != cid]
+            if others:  # containers of one pod share its netns, and so its table
+                _join(store, c.key, spec, others[0])
+            else:
+                if store.container(c.key) is not None:
+                    store.forget(c.key)  # a stale table of an earlier netns with the same name or inode
+                store.register(c.key, c.ino, MODE)
+                for ep in spec.endpoints:
+                    store.add(c.key, ep, c.ino)
+                store.set_rules(c.key, [str(p) for p in spec.ingress], [str(r) for r in spec.egress], c.ino)
         untrapped = ociconfig.merge_seccomp(config, inv.agent)
         if untrapped:
             log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
@@ -231,6 +232,17 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
         cleanup(state, rec)
         raise
     return rec
+
+
+def _join(store: Store, key: str, spec: annotations.GraftSpec, other: str) -> None:
+    """A container joining a netns that another container registered: same table or none."""
+    if spec.empty():
+        return
+    pol = store.policy(key)
+    have = (sorted(ep.line() for ep in pol.endpoints.values()), [str(p) for p in pol.ingress], [str(r) for r in pol.egress])
+    want = (sorted(ep.line() for ep in spec.endpoints), [str(p) for p in spec.ingress], [str(r) for r in spec.egress])
+    if have != want:
+        raise SpecError(f"network namespace {key} is shared with container {other}, whose graft table differs")
 
 
 def _container_at(path: str) -> netns.Container:
@@ -244,7 +256,8 @@ def _container_at(path: str) -> netns.Container:
 def cleanup(state: str, rec: dict) -> None:
     """Undo what create did for this record: table, netns, record. Idempotent."""
     key = rec.get("key")
-    if key:
+    sharing = [i for i, r in records(state).items() if r.get("key") == key and i != rec["id"]]
+    if key and not sharing:
         with Store(state) as store:
             row = store.container(key)
             if row is not None and row.netns_ino == rec.get("ino"):
