@@ -310,6 +310,7 @@ static void mark_decided(int fd)
 
 /* -- asking the fd service -------------------------------------------------------------------- */
 enum { D_LOCAL, D_GRANT, D_ERR };
+static __thread char last_error[300]; /* the service's message of the last `err` reply */
 
 /* Send one request; return D_GRANT with *newfd, D_LOCAL, or D_ERR with errno set.
  * For `resolve`, the reply text is copied into out (NUL-terminated). */
@@ -379,10 +380,9 @@ static int ask(const char *req, int *newfd, char *out, size_t outcap)
 		char *end;
 		long code = strtol(buf + 4, &end, 10);
 		err = (code > 0 && code < 4096) ? (int)code : EIO;
-		/* a malformed rule of the environment is the user's to fix: always say it, once */
-		static int told;
-		if (debug || (err == EINVAL && !__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED)))
-			say("graft: %s: %s", req, *end ? end + 1 : strerror(err));
+		snprintf(last_error, sizeof(last_error), "%s", *end ? end + 1 : strerror(err));
+		if (debug)
+			say("graft: %s: %s", req, last_error);
 		goto fail;
 	}
 	if (strncmp(buf, "ok", 2) == 0 && (buf[2] == 0 || buf[2] == ' ' || buf[2] == '\n')) {
@@ -410,18 +410,32 @@ fail:
 	return D_ERR;
 }
 
-/* "VERB ARGS" + tail into buf (MAX_MESSAGE), or EINVAL if it does not fit. */
-static int build(char *buf, const char *head, const char *tail)
+/* Ask `head` with the environment's rules (*tailp) appended. Rules the service refuses as
+ * malformed (or too long to send) are the user's to fix: say so once, on one line, and go on
+ * without them (the container's stored rules apply) rather than fail every call of the program. */
+static int decide(const char *head, char **tailp, const char *vars, int *newfd)
 {
-	int n = snprintf(buf, MAX_MESSAGE + 1, "%s%s", head, tail ? tail : "");
+	char req[MAX_MESSAGE + 1];
+	char *tail = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
+	if (!tail)
+		return ask(head, newfd, NULL, 0);
+	int n = snprintf(req, sizeof(req), "%s%s", head, tail);
 	if (n < 0 || n > MAX_MESSAGE) {
-		static int told;
-		if (!__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
-			say("graft: the rules in GRAFT_CONV_PAIRS/GRAFT_EGRESS are longer than a request may be (%d bytes)", MAX_MESSAGE);
-		errno = EINVAL;
-		return -1;
+		if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
+			say("graft: %s ignored: longer than a request may be (%d bytes)", vars, MAX_MESSAGE);
+		return ask(head, newfd, NULL, 0);
 	}
-	return 0;
+	int r = ask(req, newfd, NULL, 0);
+	if (r != D_ERR || errno != EINVAL)
+		return r;
+	char why[sizeof(last_error)];
+	snprintf(why, sizeof(why), "%s", last_error);
+	int r2 = ask(head, newfd, NULL, 0);
+	if (r2 == D_ERR && errno == EINVAL) /* the request itself is bad, not the rules */
+		return r2;
+	if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
+		say("graft: %s ignored: %s", vars, why);
+	return r2;
 }
 
 /* -- installing a granted host socket --------------------------------------------------------- */
@@ -605,14 +619,12 @@ static int gr_name(const struct sockaddr *sa, socklen_t len, char name[AF_GRAFT_
  * Returns 0 to go on with the real call, -1 with errno to fail it. */
 static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len)
 {
-	char addr[INET6_ADDRSTRLEN], head[160], req[MAX_MESSAGE + 1];
+	char addr[INET6_ADDRSTRLEN], head[160];
 	int fam, port, newfd;
 	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st->family != AF_GRAFT && st->family != fam))
 		return 0; /* not an address we can decide on: the kernel answers */
 	snprintf(head, sizeof(head), "connect %d %s %d %d %d", fam, addr, port, st->type, st->proto);
-	if (build(req, head, tail_connect) != 0)
-		return -1;
-	switch (ask(req, &newfd, NULL, 0)) {
+	switch (decide(head, &tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", &newfd)) {
 	case D_LOCAL:
 		mark_decided(fd);
 		return 0;
@@ -644,16 +656,14 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	struct gs st;
 	if (!sa || len < (socklen_t)sizeof(sa_family_t) || !fresh(fd, &st))
 		return real_bind(fd, sa, len);
-	char head[200], req[MAX_MESSAGE + 1], flags[48], addr[INET6_ADDRSTRLEN];
+	char head[200], flags[48], addr[INET6_ADDRSTRLEN];
 	int fam, port, newfd, r;
 	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {
 		char name[AF_GRAFT_EPNAME_MAX];
 		if (gr_name(sa, len, name) != 0)
 			return -1;
 		snprintf(head, sizeof(head), "named %s 0 %d %d %s", name, st.type, st.proto, flags_of(fd, AF_INET, flags, sizeof(flags)));
-		if (build(req, head, NULL) != 0)
-			return -1;
-		if ((r = ask(req, &newfd, NULL, 0)) != D_GRANT) {
+		if ((r = ask(head, &newfd, NULL, 0)) != D_GRANT) {
 			if (r == D_LOCAL)
 				errno = EADDRNOTAVAIL; /* the service never answers `local` to a name */
 			return -1;
@@ -666,9 +676,7 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 		return real_bind(fd, sa, len);
 	snprintf(head, sizeof(head), "bind %d %s %d %d %d %s", fam, addr, port, st.type, st.proto,
 		 flags_of(fd, fam, flags, sizeof(flags)));
-	if (build(req, head, tail_bind) != 0)
-		return -1;
-	switch (ask(req, &newfd, NULL, 0)) {
+	switch (decide(head, &tail_bind, "GRAFT_CONV_PAIRS", &newfd)) {
 	case D_LOCAL:
 		r = real_bind(fd, sa, len);
 		if (r == 0)
