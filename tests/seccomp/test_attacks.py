@@ -1,0 +1,234 @@
+"""Attacks and failures: TOCTOU flips, signal storms, connect storms, dying targets and supervisor."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.helpers import free_port, graft_cmd
+from tests.seccomp.util import client_egress, fd_targets, run, run_args, wait_for
+
+
+class Counter:
+    """Host loopback listeners counting accepted connections (each closed at once)."""
+
+    def __init__(self):
+        self.counts: dict[tuple, int] = {}
+        self.socks: list[socket.socket] = []
+        self._stop = False
+
+    def listen(self, addr: str, backlog: int = 4096) -> int:
+        assert addr.startswith("127.")
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((addr, 0))
+        s.listen(backlog)
+        s.settimeout(0.2)
+        key = s.getsockname()
+        self.counts[key] = 0
+        self.socks.append(s)
+        threading.Thread(target=self._serve, args=(s, key), daemon=True).start()
+        return key[1]
+
+    def _serve(self, s: socket.socket, key) -> None:
+        while not self._stop:
+            try:
+                c, _ = s.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.counts[key] += 1
+            c.close()
+
+    def close(self) -> None:
+        self._stop = True
+        time.sleep(0.3)
+        for s in self.socks:
+            s.close()
+
+
+@pytest.fixture
+def counter():
+    c = Counter()
+    yield c
+    c.close()
+
+
+def test_toctou_flip_never_reaches_forbidden(state_dir, ns, counter, cprog):
+    attack = cprog("toctou")
+    granted = counter.listen("127.0.0.1")
+    forbidden = counter.listen("127.0.0.2")
+    # control: without grafting (host netns, no filter) the flip reaches the forbidden listener
+    subprocess.run([attack, "127.0.0.1", str(granted), "127.0.0.2", str(forbidden), "300"], check=True,
+                   capture_output=True, timeout=60)
+    time.sleep(0.3)
+    assert counter.counts[("127.0.0.2", forbidden)] > 0
+    counter.counts[("127.0.0.2", forbidden)] = 0
+    counter.counts[("127.0.0.1", granted)] = 0
+    r = run(ns, [attack, "127.0.0.1", str(granted), "127.0.0.2", str(forbidden), "1500"],
+            endpoints=["out type ipv4 addr 127.0.0.1 port dynamic"], egress=["127.0.0.1/32=out"])
+    ok = int(r.stdout.split()[1])
+    time.sleep(0.5)
+    assert counter.counts[("127.0.0.2", forbidden)] == 0, r.stdout
+    assert ok > 0 and counter.counts[("127.0.0.1", granted)] == ok, (r.stdout, counter.counts)
+
+
+@pytest.mark.parametrize("restart", [1, 0])
+def test_signal_storm(state_dir, ns, counter, cprog, restart):
+    storm = cprog("storm")
+    port = counter.listen("127.0.0.1")
+    p = subprocess.Popen([*graft_cmd(), *run_args(ns, [storm, str(port), "4", "150", str(restart)],
+                          endpoints=["eph type ipv4 addr 127.0.0.1 port dynamic", "out type ipv4 addr 127.0.0.1 port dynamic"],
+                          ingress=["0.0.0.0:7000=eph"], egress=["127.0.0.1/32=out"])],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        sup_fds = fd_targets(p.pid)  # the supervisor lives in the graft run process
+        p.stdin.write("\n")
+        p.stdin.flush()
+        f = p.stdout.readline().split()
+        res = dict(zip(f[::2], map(int, f[1::2])))
+        assert res["ops"] == 4 * 150 * 4 and res["fail"] == 0, (res, p.stderr)
+        assert res["fds_before"] == res["fds_after"], res
+        if restart:
+            assert res["eintr"] == 0, res  # SA_RESTART: interrupted trapped calls restart cleanly
+        assert res["handled"] > 0
+        time.sleep(1.5)
+        assert fd_targets(p.pid) == sup_fds
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+STORM_CLIENT = """
+import socket, sys, threading
+port, threads, n = map(int, sys.argv[1:4])
+errors = []
+def work():
+    for _ in range(n):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.recv(1)
+        except OSError as e:
+            errors.append(e)
+ts = [threading.Thread(target=work) for _ in range(threads)]
+[t.start() for t in ts]; [t.join() for t in ts]
+print("errors", len(errors), errors[:3])
+"""
+
+
+def test_threaded_connect_storm_two_containers(state_dir, make_netns, counter):
+    port = counter.listen("127.0.0.1")
+    a, b = make_netns(), make_netns()
+    procs = [subprocess.Popen([*graft_cmd(), *run_args(name, [sys.executable, "-c", STORM_CLIENT, str(port), "8", "40"],
+                                                       **client_egress())], stdout=subprocess.PIPE, text=True)
+             for name in (a, b)]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert all(o.startswith("errors 0") for o in outs), outs
+    wait_for(lambda: counter.counts[("127.0.0.1", port)] == 2 * 8 * 40, what="all connections counted")
+
+
+KILLER = """
+import os, random, signal, socket, sys, time
+full_port, port = int(sys.argv[1]), int(sys.argv[2])
+print("ready", flush=True); sys.stdin.readline()
+# 1. a blocking connect left pending in the supervisor (the host's accept queue is full), then killed
+pid = os.fork()
+if pid == 0:
+    s = socket.socket(); s.connect(("127.0.0.1", full_port)); os._exit(0)
+time.sleep(0.5); os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+# 2. children killed at random moments while they bind/connect in a loop
+for i in range(25):
+    pid = os.fork()
+    if pid == 0:
+        while True:
+            s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("0.0.0.0", 7000)); s.close()
+            s = socket.create_connection(("127.0.0.1", port)); s.close()
+    time.sleep(random.uniform(0.001, 0.03)); os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+print("killed", flush=True); sys.stdin.readline()
+s = socket.create_connection(("127.0.0.1", port), timeout=5); s.close()
+print("still served", flush=True)
+"""
+
+
+def test_targets_killed_mid_notification(state_dir, ns, counter):
+    port = counter.listen("127.0.0.1")
+    # a listener whose accept queue is full: further SYNs are dropped, connects stay pending
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    full_port = full.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", full_port))
+        fillers.append(f)
+    p = subprocess.Popen([*graft_cmd(), *run_args(ns, [sys.executable, "-c", KILLER, str(full_port), str(port)],
+                          endpoints=["eph type ipv4 addr 127.0.0.1 port dynamic", "out type ipv4 addr 127.0.0.1 port dynamic"],
+                          ingress=["0.0.0.0:7000=eph"], egress=["127.0.0.1/32=out"])],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        base = fd_targets(p.pid)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "killed"
+        # pending host sockets of dead targets are closed by the sweep (1 s): back to the baseline
+        wait_for(lambda: fd_targets(p.pid) == base, timeout=5, what="supervisor fds back to baseline")
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "still served"
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        for f in fillers:
+            f.close()
+        full.close()
+
+
+DOOMED = """
+import errno, os, socket, sys, time
+print(os.getpid(), flush=True)
+while not os.path.exists(sys.argv[1]): time.sleep(0.05)
+s = socket.socket()
+try:
+    s.bind(("0.0.0.0", 7000)); print("bound", flush=True)
+except OSError as e:
+    print(errno.errorcode[e.errno], flush=True)
+"""
+
+
+def test_supervisor_killed_syscalls_fail(state_dir, ns, tmp_path):
+    go = str(tmp_path / "go")
+    p = subprocess.Popen([*graft_cmd(), *run_args(ns, [sys.executable, "-c", DOOMED, go],
+                          endpoints=["eph type ipv4 addr 127.0.0.1 port dynamic"], ingress=["0.0.0.0:7000=eph"])],
+                         stdout=subprocess.PIPE, text=True)
+    child = int(p.stdout.readline())
+    try:
+        p.kill()  # the supervisor (in graft run) dies; the container process lives on
+        p.wait(10)
+        open(go, "w").close()
+        line = []
+        t = threading.Thread(target=lambda: line.append(p.stdout.readline()), daemon=True)
+        t.start()
+        t.join(10)
+        assert line and line[0].strip() == "ENOSYS", line  # fails at once, does not hang
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
