@@ -48,6 +48,7 @@ class Graftd:
         args = [shutil.which("graftd") or "graftd", "--state-dir", self.state, "--runtime-dir", self.runtime]
         if metrics:
             args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+        os.makedirs(base, exist_ok=True)
         self._logf = open(self.log, "w")
         self.proc = subprocess.Popen(args, stdout=self._logf, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15

@@ -40,10 +40,16 @@ class Dockerd:
     """Debian's dockerd with data-root, exec-root, pidfile and socket under `base`; no bridge and
     no iptables (containers here use --network none), the graft runtime in its daemon.json."""
 
-    def __init__(self, base: str, graftd: Graftd, rootfs: str):
+    def __init__(self, base: str, graftd: Graftd, rootfs: str, bip: str | None = None):
+        """`bip`: also give docker its default bridge (docker0) on this address, for comparisons;
+        still no iptables and no sysctl changes (a loopback client of `-p 127.0.0.1:P:PORT`
+        goes through docker-proxy either way)."""
         import json
 
         self.base = base
+        self.bridge_made = False
+        if bip:
+            self.bridge_made = subprocess.run(["ip", "link", "show", "docker0"], capture_output=True).returncode != 0
         self.sock = os.path.join(base, "docker.sock")
         config = os.path.join(base, "daemon.json")
         with open(config, "w") as f:
@@ -53,8 +59,9 @@ class Dockerd:
         self.proc = subprocess.Popen(
             ["dockerd", "--config-file", config, "--data-root", os.path.join(base, "data"),
              "--exec-root", os.path.join(base, "exec"), "-H", f"unix://{self.sock}",
-             "--pidfile", os.path.join(base, "docker.pid"), "--bridge", "none", "--iptables=false",
-             "--ip-masq=false"],
+             "--pidfile", os.path.join(base, "docker.pid"),
+             *(["--bip", bip, "--ip-forward=false"] if bip else ["--bridge", "none"]),
+             "--iptables=false", "--ip-masq=false"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.cli = [shutil.which("docker", path="/usr/bin") or "docker", "-H", f"unix://{self.sock}"]
         deadline = time.monotonic() + 60
@@ -79,6 +86,8 @@ class Dockerd:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        if self.bridge_made:
+            subprocess.run(["ip", "link", "del", "docker0"], capture_output=True)
         unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
