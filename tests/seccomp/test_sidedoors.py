@@ -1,0 +1,149 @@
+"""Side doors and denials: io_uring, interface ioctls, SO_BINDTODEVICE, SIOCGSKNS, nested netns,
+engine denials, host services without an egress rule."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from tests.helpers import free_port
+from tests.seccomp.util import client_egress, refused, run
+
+PROBE = r"""
+import array, ctypes, errno, fcntl, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def code(e): return errno.errorcode.get(e, str(e))
+what = sys.argv[1]
+if what == "io_uring":
+    params = ctypes.create_string_buffer(120)
+    fd = libc.syscall(425, 4, params)
+    print("io_uring", "ok" if fd >= 0 else code(ctypes.get_errno()))
+    sys.exit(0)
+port = int(sys.argv[2])
+def grafted():
+    s = socket.socket(); s.connect(("127.0.0.1", port)); return s
+def ifconf(s):
+    buf = array.array("B", bytes(40 * 32))
+    addr, _ = buf.buffer_info()
+    req = struct.pack("iL", len(buf), addr)
+    try:
+        n = struct.unpack("iL", fcntl.ioctl(s.fileno(), 0x8912, req))[0]
+    except OSError as e:
+        return code(e.errno)
+    return ",".join(bytes(buf[i:i + 16]).split(b"\0")[0].decode() for i in range(0, n, 40))
+if what == "ioctl":
+    print("native", ifconf(socket.socket()))
+    print("grafted", ifconf(grafted()))
+    g = grafted()
+    try:
+        fcntl.ioctl(g.fileno(), 0x894C)  # SIOCGSKNS: the host netns as an fd
+        print("skns ok")
+    except OSError as e:
+        print("skns", code(e.errno))
+elif what == "bindtodevice":
+    for name, s in (("native", socket.socket()), ("grafted", grafted())):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo")
+            print(name, "ok")
+        except OSError as e:
+            print(name, code(e.errno))
+"""
+
+
+def test_io_uring_refused(state_dir, ns):
+    r = run(ns, [sys.executable, "-c", PROBE, "io_uring"])
+    assert r.stdout.strip() == "io_uring ENOSYS"
+    # control: the same probe outside the filter gets an io_uring
+    p = __import__("subprocess").run([sys.executable, "-c", PROBE, "io_uring"], capture_output=True, text=True)
+    assert p.stdout.strip() == "io_uring ok"
+
+
+def _host_listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def test_interface_ioctls_refused_on_grafted_sockets(state_dir, ns):
+    with _host_listener() as l:
+        r = run(ns, [sys.executable, "-c", PROBE, "ioctl", str(l.getsockname()[1])], **client_egress())
+    lines = r.stdout.split("\n")
+    assert lines[0] == "native lo"  # a container socket sees the container's interfaces
+    assert lines[1] == "grafted EPERM"  # a grafted one would show the host's: refused
+    assert lines[2] == "skns EPERM"  # and would hand out the host netns: refused
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    assert any(a["event"] == "deny" and a["op"].startswith("ioctl 0x8912") for a in audit)
+
+
+def test_bindtodevice_refused_on_grafted_sockets(state_dir, ns):
+    with _host_listener() as l:
+        r = run(ns, [sys.executable, "-c", PROBE, "bindtodevice", str(l.getsockname()[1])], **client_egress())
+    assert r.stdout.split("\n")[:2] == ["native ok", "grafted EPERM"]
+
+
+NESTED = r"""
+import ctypes, os, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sys.argv[2] == "nested":
+    assert ctypes.CDLL(None, use_errno=True).unshare(0x40000000) == 0  # CLONE_NEWNET
+    os.system("ip link set lo up")
+s.bind(("0.0.0.0", 8000)); s.listen()
+print("bound", s.getsockname(), flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_nested_netns_is_not_grafted(state_dir, ns, procs):
+    import subprocess
+
+    from tests.helpers import graft_cmd, wait_port
+
+    port = free_port()
+    args = ["run", "-n", ns, "--mode", "seccomp", "--endpoint", f"web type ipv4 addr 127.0.0.1 port {port}",
+            "--ingress", "0.0.0.0:8000=web", "--", sys.executable, "-c", NESTED, str(port)]
+    for kind, expect_host in (("nested", False), ("direct", True)):
+        p = subprocess.Popen([*graft_cmd(), *args, kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().startswith("bound ('0.0.0.0', 8000)")
+        if expect_host:
+            wait_port("127.0.0.1", port)
+        else:
+            assert refused(port)
+        p.stdin.write("\n")
+        p.stdin.flush()
+        assert p.wait(10) == 0
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    binds = [a for a in audit if a["op"] == "bind"]
+    assert binds[0]["event"] == "local" and "nested" in binds[0]["reason"]
+    assert binds[1]["event"] == "grant"
+
+
+def test_engine_denial_is_an_errno_and_logged(state_dir, ns):
+    # an IPv4 socket cannot be grafted onto an IPv6 endpoint: the engine denies with EAFNOSUPPORT
+    code = ("import socket,errno\n"
+            "try:\n socket.socket().bind(('0.0.0.0',8000)); print('bound')\n"
+            "except OSError as e: print(errno.errorcode[e.errno])\n")
+    r = run(ns, [sys.executable, "-c", code], endpoints=[f"web6 type ipv6 addr ::1 port {free_port('::1')}"],
+            ingress=["0.0.0.0:8000=web6"])
+    assert r.stdout.strip() == "EAFNOSUPPORT"
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    assert [a["event"] for a in audit if a["op"] == "bind"] == ["deny"]
+
+
+def test_host_service_without_egress_rule_unreachable(state_dir, ns):
+    with _host_listener() as l:
+        port = l.getsockname()[1]
+        code = (f"import socket\ns=socket.socket()\nprint(s.connect_ex(('127.0.0.1',{port})))\n")
+        # an egress rule for another prefix only: 127.0.0.1 stays in the container -> refused
+        r = run(ns, [sys.executable, "-c", code], endpoints=["out type ipv4 addr 127.0.0.1 port dynamic"],
+                egress=["127.0.0.2/32=out"])
+        assert r.stdout.strip() == str(__import__("errno").ECONNREFUSED)
+        l.settimeout(0.5)
+        try:
+            l.accept()
+            raise AssertionError("the host listener got a connection")
+        except socket.timeout:
+            pass
