@@ -12,7 +12,8 @@ import urllib.request
 import pytest
 
 from sockgraft.runtime import ociconfig
-from tests.runtime.common import GRAFT_RUNTIME, HostServer
+from tests.helpers import free_port
+from tests.runtime.common import GRAFT_RUNTIME, PAGE, HostServer, http_get
 from tests.runtime.conftest import container_id
 
 pytestmark = pytest.mark.e2e
@@ -196,3 +197,22 @@ def test_pod_containers_share_one_table(tmp_path, rootfs, graftd):
     finally:
         for cid in (first, second):
             runtime(graftd, root, "delete", "--force", cid, check=False)
+
+
+def test_exec_is_grafted_too(tmp_path, rootfs, graftd):
+    """`runc exec` applies the container's profile: its listener reaches graftd under the same key."""
+    root = str(tmp_path / "runc-root")
+    port = free_port()
+    bundle = make_bundle(tmp_path, rootfs, ["sleep", "600"], {
+        "io.sockgraft.endpoints": f"http type ipv4 addr 127.0.0.1 port {port}",
+        "io.sockgraft.ingress": "0.0.0.0:8080=http"})
+    cid = container_id()
+    runtime(graftd, root, "run", "-d", "-b", bundle, cid)
+    try:
+        runtime(graftd, root, "exec", "-d", cid, "httpd", "-p", "0.0.0.0:8080", "-h", "/www")
+        assert http_get(port) == PAGE
+        key = f"graft-{cid}"
+        assert graftd.graftd_view()["seccomp_listeners"][key] == 2
+    finally:
+        runtime(graftd, root, "delete", "--force", cid, check=False)
+    assert key not in graftd.graftd_view()["seccomp_listeners"]
