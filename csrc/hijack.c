@@ -123,6 +123,9 @@ static void add_words(char **out, const char *name, const char *prefix)
 
 static void lock_table(void) { pthread_mutex_lock(&lock); }
 static void unlock_table(void) { pthread_mutex_unlock(&lock); }
+static void fork_prepare(void);
+static void fork_parent(void);
+static void fork_child(void);
 
 static void *next(const char *name)
 {
@@ -170,7 +173,7 @@ static void init(void)
 	add_words(&tail_bind, "GRAFT_CONV_PAIRS", "in:");
 	add_words(&tail_connect, "GRAFT_EGRESS", "out:");
 	add_words(&tail_connect, "GRAFT_BBCONN", "bbconn:");
-	pthread_atfork(lock_table, unlock_table, unlock_table);
+	pthread_atfork(fork_prepare, fork_parent, fork_child);
 	enabled = service != NULL;
 }
 
@@ -312,29 +315,48 @@ static void mark_decided(int fd)
 enum { D_LOCAL, D_GRANT, D_ERR };
 static __thread char last_error[300]; /* the service's message of the last `err` reply */
 
-/* Send one request; return D_GRANT with *newfd, D_LOCAL, or D_ERR with errno set.
- * For `resolve`, the reply text is copied into out (NUL-terminated). */
-static int ask(const char *req, int *newfd, char *out, size_t outcap)
+/* The connection to the service: one per process, made on first use and again after fork (the
+ * child's inherited copy is closed), after the service closed it, or when the application closed
+ * or replaced its fd number (recognised by its inode: never write to an fd that is not ours). */
+static pthread_mutex_t conn_lock = PTHREAD_MUTEX_INITIALIZER;
+static int conn_fd = -1;
+static ino_t conn_ino;
+static pid_t conn_pid;
+
+static void conn_forget(void) /* under conn_lock */
 {
-	int saved = errno, err = 0;
-	*newfd = -1;
+	if (conn_fd >= 0 && fd_ino(conn_fd) == conn_ino)
+		real_close(conn_fd); /* ours (after fork: the inherited copy, the parent keeps its own) */
+	conn_fd = -1;
+}
+
+static int conn_get(void) /* under conn_lock; the fd or -errno */
+{
+	if (conn_fd >= 0 && conn_pid == getpid() && fd_ino(conn_fd) == conn_ino)
+		return conn_fd;
+	conn_forget();
 	int s = real_socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
-	if (s < 0) {
-		err = errno;
-		goto fail;
-	}
+	if (s < 0)
+		return -errno;
 	struct sockaddr_un sun = { .sun_family = AF_UNIX };
 	memcpy(sun.sun_path, service, strlen(service) + 1);
 	if (real_connect(s, (struct sockaddr *)&sun, sizeof(sun)) != 0) {
-		err = errno;
+		int err = errno;
 		say("graft: fd service %s: %s", service, strerror(err));
-		goto fail;
+		real_close(s);
+		return -err;
 	}
-	if (real_sendto(s, req, strlen(req), MSG_NOSIGNAL, NULL, 0) < 0) {
-		err = errno;
-		goto fail;
-	}
-	char buf[MAX_MESSAGE + 1];
+	conn_fd = s;
+	conn_ino = fd_ino(s);
+	conn_pid = getpid();
+	return s;
+}
+
+/* One request and its reply on the connection; the reply length, or -errno. */
+static ssize_t exchange(int s, const char *req, char *buf, int *newfd)
+{
+	if (real_sendto(s, req, strlen(req), MSG_NOSIGNAL, NULL, 0) < 0)
+		return -errno;
 	union {
 		char b[CMSG_SPACE(sizeof(int) * 8)];
 		struct cmsghdr align;
@@ -345,10 +367,8 @@ static int ask(const char *req, int *newfd, char *out, size_t outcap)
 	do
 		n = recvmsg(s, &mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
-	if (n < 0) {
-		err = errno;
-		goto fail;
-	}
+	if (n < 0)
+		return -errno;
 	buf[n] = 0;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
 		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
@@ -363,10 +383,53 @@ static int ask(const char *req, int *newfd, char *out, size_t outcap)
 				real_close(fd);
 		}
 	}
-	real_close(s);
-	s = -1;
-	if (n == 0) {
-		err = ECONNRESET;
+	return n ? n : -ECONNRESET;
+}
+
+/* fork: no lock may be held by a thread that does not exist in the child. */
+static void fork_prepare(void)
+{
+	pthread_mutex_lock(&conn_lock);
+	lock_table();
+}
+
+static void fork_parent(void)
+{
+	unlock_table();
+	pthread_mutex_unlock(&conn_lock);
+}
+
+static void fork_child(void)
+{
+	unlock_table();
+	pthread_mutex_unlock(&conn_lock); /* conn_pid differs now: the first request reconnects */
+}
+
+/* Send one request; return D_GRANT with *newfd, D_LOCAL, or D_ERR with errno set.
+ * For `resolve`, the reply text is copied into out (NUL-terminated). */
+static int ask(const char *req, int *newfd, char *out, size_t outcap)
+{
+	int saved = errno, err = 0;
+	char buf[MAX_MESSAGE + 1];
+	ssize_t n = -EIO;
+	*newfd = -1;
+	pthread_mutex_lock(&conn_lock);
+	for (int attempt = 0; attempt < 2; attempt++) { /* a closed connection: once more, anew */
+		int s = conn_get();
+		if (s < 0) {
+			n = s;
+			break;
+		}
+		n = exchange(s, req, buf, newfd);
+		if (n > 0 || (n != -EPIPE && n != -ECONNRESET && n != -ENOTCONN && n != -EBADF))
+			break;
+		conn_forget();
+	}
+	if (n < 0)
+		conn_forget();
+	pthread_mutex_unlock(&conn_lock);
+	if (n < 0) {
+		err = (int)-n;
 		goto fail;
 	}
 	if (strcmp(buf, "local") == 0) {
@@ -401,8 +464,6 @@ static int ask(const char *req, int *newfd, char *out, size_t outcap)
 	}
 	err = EIO;
 fail:
-	if (s >= 0)
-		real_close(s);
 	if (*newfd >= 0)
 		real_close(*newfd);
 	*newfd = -1;

@@ -194,6 +194,9 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	own_ino = sb.st_ino;
+	unsigned warm = 1;
+	if (grafted(&warm) != 0) /* the library's one connection to the service is open from here on */
+		return 1;
 	int before = open_files();
 	pthread_t t[64];
 	if (threads > 64)
