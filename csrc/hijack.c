@@ -342,7 +342,9 @@ static int conn_get(void) /* under conn_lock; the fd or -errno */
 	memcpy(sun.sun_path, service, strlen(service) + 1);
 	if (real_connect(s, (struct sockaddr *)&sun, sizeof(sun)) != 0) {
 		int err = errno;
-		say("graft: fd service %s: %s", service, strerror(err));
+		static int told; /* said once: a program that retries must not flood its stderr */
+		if (debug || !__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+			say("graft: fd service %s: %s (the socket call fails)", service, strerror(err));
 		real_close(s);
 		return -err;
 	}
