@@ -74,3 +74,27 @@ def test_stress_program_sees_a_missing_graft(cc, ns, state_dir, procs):
     p = subprocess.run([*graft_cmd(), "run", "-n", ns, *ep("ep-dyn", None), "--ingress", "0.0.0.0:40000-40099=ep-dyn",
                         "--", exe, "1", "5", "40000", "40099", str(host_ino)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "expected" in p.stderr, p.stderr
+
+
+def test_udp_sendto_sendmsg_take_the_egress_decision(cc, run_preload):
+    exe = cc("capi")
+    peers = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as echo:
+        echo.bind(("127.0.0.1", 0))
+        echo.settimeout(20)
+
+        def serve():
+            for _ in range(3):
+                data, peer = echo.recvfrom(64)
+                peers.append(peer)
+                echo.sendto(data, peer)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        p = run_preload([*ep("ep-out", None), "--egress", "127.0.0.1/32=ep-out"],
+                        [exe, "udp", "127.0.0.1", str(echo.getsockname()[1])])
+        out, err = p.communicate(timeout=30)
+        t.join(5)
+    assert p.returncode == 0, out + err
+    assert out.splitlines() == ["echo: one", "echo: two", "echo: three"]
+    assert peers[0] == peers[1] and peers[2] != peers[0]  # one grafted socket each

@@ -1,8 +1,10 @@
 /* The AF_GRAFT C API as in the original slides, under preload mode.
  *   capi serve            socket(AF_GRAFT) + bind("ep-http"), serve one connection
  *   capi dial ADDR PORT   socket(AF_GRAFT) + bind("ep-out") (dynamic), connect(), read a line
+ *   capi udp ADDR PORT    unbound UDP socket: sendto/sendmsg to a host echo server (egress)
  *   capi resolve NAME     getaddrinfo("graft:NAME") */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -60,6 +62,43 @@ static int dial(const char *addr, int port)
 	return 0;
 }
 
+/* UDP through the egress decision: sendto/sendmsg with a NULL destination fail cleanly; the first
+ * datagram with a destination grafts the unbound socket; the echo comes back on it. */
+static int udp(const char *addr, int port)
+{
+	int fd = socket(AF_INET, SOCK_DGRAM, 0);
+	char buf[64];
+	if (fd < 0) { perror("socket"); return 1; }
+	if (sendto(fd, "x", 1, 0, NULL, 0) != -1 || errno != EDESTADDRREQ) { printf("sendto NULL: no EDESTADDRREQ\n"); return 1; }
+	struct iovec iov = { "y", 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
+	if (sendmsg(fd, &mh, 0) != -1 || errno != EDESTADDRREQ) { printf("sendmsg NULL: no EDESTADDRREQ\n"); return 1; }
+	if (sendmsg(fd, NULL, 0) != -1 || errno != EFAULT) { printf("sendmsg(NULL): no EFAULT\n"); return 1; }
+	struct sockaddr_in dst = { .sin_family = AF_INET, .sin_port = htons(port) };
+	inet_pton(AF_INET, addr, &dst.sin_addr);
+	if (sendto(fd, "one", 3, 0, (struct sockaddr *)&dst, sizeof(dst)) != 3) { perror("sendto"); return 1; }
+	ssize_t n = recv(fd, buf, sizeof(buf) - 1, 0);
+	if (n < 0) { perror("recv"); return 1; }
+	buf[n] = 0;
+	printf("echo: %s\n", buf);
+	iov = (struct iovec){ "two", 3 };
+	mh.msg_name = &dst;
+	mh.msg_namelen = sizeof(dst);
+	if (sendmsg(fd, &mh, 0) != 3) { perror("sendmsg"); return 1; }
+	n = recv(fd, buf, sizeof(buf) - 1, 0);
+	if (n < 0) { perror("recv"); return 1; }
+	buf[n] = 0;
+	printf("echo: %s\n", buf);
+	int fd2 = socket(AF_INET, SOCK_DGRAM, 0); /* a fresh socket: sendmsg decides first this time */
+	iov = (struct iovec){ "three", 5 };
+	if (sendmsg(fd2, &mh, 0) != 5) { perror("sendmsg"); return 1; }
+	n = recv(fd2, buf, sizeof(buf) - 1, 0);
+	if (n < 0) { perror("recv"); return 1; }
+	buf[n] = 0;
+	printf("echo: %s\n", buf);
+	return 0;
+}
+
 static int resolve(const char *name)
 {
 	char node[64];
@@ -83,6 +122,8 @@ int main(int argc, char **argv)
 		return serve();
 	if (argc == 4 && !strcmp(argv[1], "dial"))
 		return dial(argv[2], atoi(argv[3]));
+	if (argc == 4 && !strcmp(argv[1], "udp"))
+		return udp(argv[2], atoi(argv[3]));
 	if (argc == 3 && !strcmp(argv[1], "resolve"))
 		return resolve(argv[2]);
 	fprintf(stderr, "usage: capi serve | dial ADDR PORT | resolve NAME\n");
