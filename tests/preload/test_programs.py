@@ -268,3 +268,24 @@ def test_config_prints_installed_paths(preload_lib):
     from sockgraft.api import AF_GRAFT, AF_GRAFT_EPNAME_MAX
 
     assert f"#define AF_GRAFT {AF_GRAFT:#x}" in text and f"#define AF_GRAFT_EPNAME_MAX {AF_GRAFT_EPNAME_MAX}" in text
+
+
+def test_by_hand_under_graftd(tmp_path, state_dir, ns, procs, preload_lib):
+    """No `graft run`: graftd serves the table, the program is started with LD_PRELOAD and
+    GRAFT_CONV_PAIRS by hand; the pairs travel on the requests (nothing is stored)."""
+    from tests.e2e.test_graftd import graftd, wait_for
+
+    port = free_port()
+    graft("-n", ns, "add", "ep-http", "type", "ipv4", "addr", "127.0.0.1", "port", str(port))
+    runtime = str(tmp_path / "run")
+    procs.append(graftd(state_dir, runtime))
+    sock = os.path.join(runtime, "fd", f"{ns}.sock")
+    wait_for(sock)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "by-hand").write_text("by hand\n")
+    procs.append(subprocess.Popen(
+        ["ip", "netns", "exec", ns, PY, "-m", "http.server", "-b", "0.0.0.0", "-d", str(tmp_path / "www"), "8000"],
+        env=dict(os.environ, LD_PRELOAD=preload_lib, GRAFT_SOCKET=sock, GRAFT_CONV_PAIRS="0.0.0.0:8000=ep-http"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_port("127.0.0.1", port)
+    assert fetch(port, "/by-hand") == b"by hand\n"
