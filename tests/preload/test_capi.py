@@ -42,6 +42,26 @@ def test_af_graft_dynamic_endpoint_then_connect(cc, run_preload):
     assert seen["peer"][0] == "127.0.0.1"  # it came from the host's loopback, through ep-out
 
 
+def test_af_graft_connect_by_name(cc, run_preload):
+    exe = cc("capi")
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+
+        def serve():
+            c, _ = srv.accept()
+            c.sendall(b"dialed by name\n")
+            c.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        p = run_preload(ep("ep-db", srv.getsockname()[1]), [exe, "dialname", "ep-db"])
+        out, err = p.communicate(timeout=20)
+        t.join(5)
+    assert p.returncode == 0, err
+    assert out == "peer=ep-db got: dialed by name\n"
+
+
 def test_getaddrinfo_graft_prefix(cc, run_preload):
     exe = cc("capi")
     port = free_port()

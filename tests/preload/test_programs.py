@@ -26,17 +26,20 @@ def finish(p: subprocess.Popen, timeout: float = 30) -> tuple[str, str]:
     return out, err
 
 
-def test_http_server_through_ingress(run_preload, tmp_path):
-    port = free_port()
+@pytest.mark.parametrize("host, bind, pair", [("127.0.0.1", "0.0.0.0", "0.0.0.0:8000"), ("::1", "::", "[::]:8000")])
+def test_http_server_through_ingress(run_preload, tmp_path, host, bind, pair):
+    port = free_port(host)
     (tmp_path / "hello.txt").write_text("grafted hello\n")
-    p = run_preload([*ep("ep-http", port), "--ingress", "0.0.0.0:8000=ep-http"],
-                    [PY, "-m", "http.server", "-b", "0.0.0.0", "-d", str(tmp_path), "8000"])
-    wait_port("127.0.0.1", port)
-    assert fetch(port, "/hello.txt") == b"grafted hello\n"
+    p = run_preload([*ep("ep-http", port, host), "--ingress", f"{pair}=ep-http"],
+                    [PY, "-m", "http.server", "-b", bind, "-d", str(tmp_path), "8000"])
+    wait_port(host, port)
+    url_host = f"[{host}]" if ":" in host else host
+    with urllib.request.urlopen(f"http://{url_host}:{port}/hello.txt", timeout=5) as r:
+        assert r.read() == b"grafted hello\n"
     stop(p)
     out, _ = finish(p)
     # getsockname reports what the application bound, not the host endpoint
-    assert "Serving HTTP on 0.0.0.0 port 8000" in out
+    assert f"Serving HTTP on {bind} port 8000" in out
 
 
 @pytest.mark.parametrize("pair", ["[::]:8000=ep-http", ":::8000=ep-http", "[::]:7990-8010=ep-http"])

@@ -1,6 +1,7 @@
 /* The AF_GRAFT C API as in the original slides, under preload mode.
  *   capi serve            socket(AF_GRAFT) + bind("ep-http"), serve one connection
  *   capi dial ADDR PORT   socket(AF_GRAFT) + bind("ep-out") (dynamic), connect(), read a line
+ *   capi dialname NAME    socket(AF_GRAFT) + connect(sockaddr_gr NAME), read a line
  *   capi udp ADDR PORT    unbound UDP socket: sendto/sendmsg to a host echo server (egress)
  *   capi resolve NAME     getaddrinfo("graft:NAME") */
 #include <arpa/inet.h>
@@ -99,6 +100,25 @@ static int udp(const char *addr, int port)
 	return 0;
 }
 
+/* connect() with a sockaddr_gr: dial an endpoint with a fixed port, by name. */
+static int dialname(const char *name)
+{
+	struct sockaddr_gr dst = { .sgr_family = AF_GRAFT };
+	strncpy(dst.sgr_epname, name, AF_GRAFT_EPNAME_MAX - 1);
+	int sock = socket(AF_GRAFT, SOCK_STREAM, 0);
+	if (sock < 0) { perror("socket"); return 1; }
+	if (connect(sock, (struct sockaddr *)&dst, sizeof(dst)) < 0) { perror("connect"); return 1; }
+	struct sockaddr_gr peer;
+	socklen_t len = sizeof(peer);
+	if (getpeername(sock, (struct sockaddr *)&peer, &len) < 0) { perror("getpeername"); return 1; }
+	char buf[256];
+	ssize_t n = read(sock, buf, sizeof(buf) - 1);
+	if (n < 0) { perror("read"); return 1; }
+	buf[n] = 0;
+	printf("peer=%s got: %s", peer.sgr_family == AF_GRAFT ? peer.sgr_epname : "?", buf);
+	return 0;
+}
+
 static int resolve(const char *name)
 {
 	char node[64];
@@ -122,6 +142,8 @@ int main(int argc, char **argv)
 		return serve();
 	if (argc == 4 && !strcmp(argv[1], "dial"))
 		return dial(argv[2], atoi(argv[3]));
+	if (argc == 3 && !strcmp(argv[1], "dialname"))
+		return dialname(argv[2]);
 	if (argc == 4 && !strcmp(argv[1], "udp"))
 		return udp(argv[2], atoi(argv[3]));
 	if (argc == 3 && !strcmp(argv[1], "resolve"))
