@@ -5,18 +5,12 @@ import os
 import subprocess
 import time
 
+from sockgraft.seccomp.measure import graft_run_args
 from tests.helpers import graft, graft_cmd
 
 
 def run_args(ns: str, cmd: list[str], endpoints=(), ingress=(), egress=()) -> list[str]:
-    args = ["run", "-n", ns, "--mode", "seccomp"]
-    for e in endpoints:
-        args += ["--endpoint", e]
-    for i in ingress:
-        args += ["--ingress", i]
-    for e in egress:
-        args += ["--egress", e]
-    return [*args, "--", *cmd]
+    return graft_run_args(ns, cmd, endpoints, ingress, egress)
 
 
 def start(procs: list, ns: str, cmd: list[str], **kw) -> subprocess.Popen:

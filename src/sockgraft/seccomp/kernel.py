@@ -43,6 +43,7 @@ PIDFD_THREAD = os.O_EXCL
 SIOCGSKNS = 0x894C
 SO_BINDTODEVICE = 25
 SO_BINDTOIFINDEX = 62
+SO_NETNS_COOKIE = 71
 
 NOTIF_SIZE = 80
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
@@ -190,6 +191,11 @@ def fd_cloexec(tid: int, fd: int) -> bool:
     except OSError:
         pass
     return False
+
+
+def netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the netns a socket lives in: one getsockopt (SIOCGSKNS costs an fd)."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
 def socket_netns_ino(fd: int) -> int:

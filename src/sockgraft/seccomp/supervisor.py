@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from .. import hostsock
 from ..audit import Audit
-from ..engine import DENY, GRANT, LOCAL, LOCAL_DECISION, Decision
+from ..engine import DENY, GRANT, LOCAL, Decision
 from ..store import Store
 from . import kernel as K
 
@@ -103,6 +103,8 @@ class Supervisor:
         self.store = Store(state_dir)
         self.audit = audit or Audit(state_dir)
         self.host_ino = os.stat("/proc/self/ns/net").st_ino
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            self.host_cookie = K.netns_cookie(probe)
         self.epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.epoll.register(self._wake_r, select.EPOLLIN)
@@ -129,7 +131,8 @@ class Supervisor:
             except OSError:
                 ino = None
         if ino is None:
-            row = self.store.container(container_key)
+            with Store(self.store.dir) as store:  # not the loop thread's connection
+                row = store.container(container_key)
             if row is not None and row.netns_ino:
                 ino = row.netns_ino
             elif container_key.startswith("netns:") and container_key[6:].isdigit():
@@ -344,7 +347,7 @@ class Supervisor:
             raise
 
     def _is_host(self, s: socket.socket) -> bool:
-        return K.socket_netns_ino(s.fileno()) == self.host_ino
+        return K.netns_cookie(s) == self.host_cookie
 
     def _audit(self, t: Target, op: str, d: Decision, n: K.Notif, **fields) -> None:
         self.audit.decision(t.key, MODE, op, d, pid=n.pid, **fields)
@@ -355,8 +358,9 @@ class Supervisor:
         return self._read(n, addr, length)
 
     def _prologue(self, t: Target, n: K.Notif, addr_arg: int, len_arg: int):
-        """Common start of bind/connect/sendto: nested?, our dup, the copied sockaddr, validity."""
-        nested = self._nested(t, n)
+        """Common start of bind/connect/sendto: our dup, the copied sockaddr, validity. The
+        returned `nested` is a callable: the netns check is only paid where a grant is possible."""
+        nested = lambda: self._nested(t, n)  # noqa: E731
         s = self._sock(self._dup(t, n, n.args[0] & 0xFFFFFFFF))
         try:
             raw = self._sockaddr(t, n, n.args[addr_arg], n.args[len_arg] & 0xFFFFFFFF)
@@ -411,7 +415,9 @@ class Supervisor:
             target = self._decode(s, raw)
             if self._is_host(s) or target is None:
                 return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
-            d = NESTED_DECISION if nested else self.policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
+            d = self.policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
+            if d.verdict == GRANT and nested():
+                d = NESTED_DECISION
             self._audit(t, "bind", d, n, addr=target[0], port=target[1])
             if d.verdict == DENY:
                 raise Reply(d.errno)
@@ -445,10 +451,9 @@ class Supervisor:
             if target is None:  # AF_UNSPEC (dissolve the association) or malformed: the kernel says
                 return self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
             is_host = self._is_host(s)
-            if nested and not is_host:
+            d = self.policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
+            if d.verdict == GRANT and not is_host and nested():
                 d = NESTED_DECISION
-            else:
-                d = self.policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
             self._audit(t, "connect", d, n, addr=target[0], port=target[1], grafted=is_host or None)
             if d.verdict == DENY:
                 raise Reply(d.errno)
@@ -564,10 +569,9 @@ class Supervisor:
                 # (a UDP server's replies); its sendmsg() is not trapped either (docs/SECCOMP.md)
                 keep = self._perform_sendto(t, n, s, data, flags, raw)
                 return
-            if nested and not is_host:
+            d = self.policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
+            if d.verdict == GRANT and not is_host and nested():
                 d = NESTED_DECISION
-            else:
-                d = self.policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
             self._audit(t, "sendto", d, n, addr=target[0], port=target[1], grafted=is_host or None)
             if d.verdict == DENY:
                 raise Reply(d.errno)
@@ -660,7 +664,6 @@ class Supervisor:
 
     def _on_sidedoor(self, t: Target, n: K.Notif) -> None:
         """Socket ioctls (0x89xx) and SO_BINDTODEVICE/SO_BINDTOIFINDEX: refused on grafted sockets."""
-        nested = self._nested(t, n)
         dup = self._dup(t, n, n.args[0] & 0xFFFFFFFF)
         try:
             s = socket.socket(fileno=dup)
@@ -676,7 +679,7 @@ class Supervisor:
             else:
                 op = "setsockopt SO_BINDTODEVICE"
                 why = "binding a grafted socket to a device is refused"
-            self._audit(t, op, Decision(DENY, errno=errno.EPERM, reason=why), n, nested=nested or None)
+            self._audit(t, op, Decision(DENY, errno=errno.EPERM, reason=why), n)
             raise Reply(errno.EPERM)
 
     _handlers = {
