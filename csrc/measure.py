@@ -37,8 +37,8 @@ def wait_listening(p: subprocess.Popen) -> None:
     raise SystemExit(f"measure: iperf3 server did not start: {p.stderr.read().strip()}")
 
 
-def iperf3(port: int, seconds: float) -> float:
-    out = subprocess.run(["iperf3", "-J", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds)],
+def iperf3(port: int, seconds: float, pin: list[str]) -> float:
+    out = subprocess.run(["iperf3", "-J", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), *pin],
                          capture_output=True, text=True, timeout=seconds + 30)
     data = json.loads(out.stdout)
     if "error" in data:
@@ -66,6 +66,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--binds", type=int, default=2000)
+    ap.add_argument("--pin", metavar="C,S", help="iperf3 -A: client on CPU C, server on CPU S (less noise)")
     opts = ap.parse_args()
     subprocess.run(["make", "-s", "-C", HERE, "install"], check=True)
     netns = f"graft-measure-{os.getpid()}"
@@ -83,10 +84,11 @@ def main() -> int:
         wait_listening(grafted)
         results: dict[str, list[float]] = {"native": [], "grafted": []}
         for _ in range(opts.rounds):
-            results["native"].append(iperf3(native_port, opts.seconds))
-            results["grafted"].append(iperf3(graft_port, opts.seconds))
+            pin = ["-A", opts.pin] if opts.pin else []
+            results["native"].append(iperf3(native_port, opts.seconds, pin))
+            results["grafted"].append(iperf3(graft_port, opts.seconds, pin))
         n, g = statistics.median(results["native"]), statistics.median(results["grafted"])
-        print(f"iperf3 single stream, {opts.rounds} x {opts.seconds:g}s alternated (Gbit/s):")
+        print(f"iperf3 single stream, {opts.rounds} x {opts.seconds:g}s alternated{', pinned ' + opts.pin if opts.pin else ''} (Gbit/s):")
         print(f"  native loopback  {n:7.2f}   rounds: {' '.join(f'{x:.2f}' for x in results['native'])}")
         print(f"  grafted preload  {g:7.2f}   rounds: {' '.join(f'{x:.2f}' for x in results['grafted'])}")
         print(f"  ratio grafted/native = {g / n:.3f}")
