@@ -11,7 +11,7 @@ from tests.helpers import free_port
 from tests.seccomp.util import client_egress, refused, run
 
 PROBE = r"""
-import array, ctypes, errno, fcntl, socket, struct, sys
+import array, ctypes, errno, fcntl, os, socket, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 def code(e): return errno.errorcode.get(e, str(e))
 what = sys.argv[1]
@@ -35,6 +35,15 @@ def ifconf(s):
 if what == "ioctl":
     print("native", ifconf(socket.socket()))
     print("grafted", ifconf(grafted()))
+    n = socket.socket()
+    nsfd = fcntl.ioctl(n.fileno(), 0x894C)  # SIOCGSKNS on a native socket: the container's netns
+    print("native skns", os.fstat(nsfd).st_ino == os.stat("/proc/self/ns/net").st_ino)
+    print("native ifindex", socket.if_nametoindex("lo"))  # SIOCGIFINDEX, performed by the supervisor
+    try:
+        fcntl.ioctl(n.fileno(), 0x8946, bytes(40))  # SIOCETHTOOL: carries a pointer, never emulated
+        print("ethtool ok")
+    except OSError as e:
+        print("ethtool", code(e.errno))
     g = grafted()
     try:
         fcntl.ioctl(g.fileno(), 0x894C)  # SIOCGSKNS: the host netns as an fd
@@ -72,7 +81,8 @@ def test_interface_ioctls_refused_on_grafted_sockets(state_dir, ns):
     lines = r.stdout.split("\n")
     assert lines[0] == "native lo"  # a container socket sees the container's interfaces
     assert lines[1] == "grafted EPERM"  # a grafted one would show the host's: refused
-    assert lines[2] == "skns EPERM"  # and would hand out the host netns: refused
+    assert lines[2:5] == ["native skns True", "native ifindex 1", "ethtool EPERM"]
+    assert lines[5] == "skns EPERM"  # a grafted socket would hand out the host netns: refused
     audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
     assert any(a["event"] == "deny" and a["op"].startswith("ioctl 0x8912") for a in audit)
 

@@ -41,6 +41,16 @@ SECCOMP_ADDFD_FLAG_SEND = 2
 
 PIDFD_THREAD = os.O_EXCL
 SIOCGSKNS = 0x894C
+SIOCGIFCONF = 0x8912
+IFREQ_SIZE = 40
+# struct ifreq getters and setters with no pointer inside (the supervisor may perform these)
+IFREQ_GET = frozenset((0x8910, 0x8913, 0x8915, 0x8917, 0x8919, 0x891B, 0x891D, 0x8921, 0x8927, 0x8933,
+                       0x8935, 0x8942, 0x8970))
+IFREQ_SET = frozenset((0x8914, 0x8916, 0x8918, 0x891A, 0x891C, 0x891E, 0x8922, 0x8923, 0x8924, 0x8934,
+                       0x8936, 0x8943))
+IOCTL_OUT = {0x8904: 4, 0x8905: 4, 0x8906: 16, 0x8907: 16}  # SIOCGPGRP, SIOCATMARK, SIOCGSTAMP(NS)
+IFCONF = struct.Struct("=ixxxxQ")  # int ifc_len; union { char *buf; ... }
+CAP_NET_ADMIN = 12
 SO_BINDTODEVICE = 25
 SO_BINDTOIFINDEX = 62
 SO_NETNS_COOKIE = 71
@@ -196,6 +206,32 @@ def fd_cloexec(tid: int, fd: int) -> bool:
 def netns_cookie(sock: socket.socket) -> int:
     """The cookie of the netns a socket lives in: one getsockopt (SIOCGSKNS costs an fd)."""
     return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
+
+
+def has_cap(tid: int, cap: int) -> bool:
+    """Whether the task has `cap` in its effective set."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> cap & 1)
+    except OSError:
+        pass
+    return False
+
+
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+
+
+def ifconf(fd: int, length: int, want_data: bool) -> tuple[int, bytes]:
+    """SIOCGIFCONF on our own fd: (ifc_len returned, the ifreq array)."""
+    buf = ctypes.create_string_buffer(max(length, 1))
+    req = ctypes.create_string_buffer(IFCONF.pack(length, ctypes.addressof(buf) if want_data else 0), IFCONF.size)
+    if _libc.ioctl(fd, SIOCGIFCONF, req) < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    got = IFCONF.unpack(req.raw)[0]
+    return got, buf.raw[:got] if want_data else b""
 
 
 def socket_netns_ino(fd: int) -> int:

@@ -631,19 +631,7 @@ class Supervisor:
             size = struct.unpack("=i", self._read(n, lenp, 4))[0]
             if size < 0:
                 raise Reply(errno.EINVAL)
-            try:
-                mem = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-            except OSError:
-                raise Gone() from None
-            try:
-                self._valid(t, n)  # `mem` is now the target's own memory
-                if size:
-                    os.pwrite(mem, view[:size], addr)
-                os.pwrite(mem, struct.pack("=i", len(view)), lenp)
-            except OSError:
-                raise Reply(errno.EFAULT) from None
-            finally:
-                os.close(mem)
+            self._write_back(t, n, [(addr, view[:size]), (lenp, struct.pack("=i", len(view)))])
             self._send(t, n.id)
 
     def _view(self, t: Target, s: socket.socket) -> bytes:
@@ -663,24 +651,98 @@ class Supervisor:
         return app
 
     def _on_sidedoor(self, t: Target, n: K.Notif) -> None:
-        """Socket ioctls (0x89xx) and SO_BINDTODEVICE/SO_BINDTOIFINDEX: refused on grafted sockets."""
+        """Socket ioctls (0x89xx) and SO_BINDTODEVICE/SO_BINDTOIFINDEX: refused on grafted sockets,
+        performed by the supervisor on its duplicate for native ones (never CONTINUE: another thread
+        could put a grafted socket at that fd number between the check and the kernel's lookup)."""
+        is_ioctl = n.nr == K.SYS["ioctl"]
         dup = self._dup(t, n, n.args[0] & 0xFFFFFFFF)
         try:
             s = socket.socket(fileno=dup)
         except OSError:
             os.close(dup)
-            return self._send(t, n.id, cont=True)  # not a socket: nothing of ours
+            raise Reply(errno.ENOTTY if is_ioctl else errno.ENOTSOCK) from None
         with s:
-            if s.family not in IP or not self._is_host(s):
-                return self._send(t, n.id, cont=True)
-            if n.nr == K.SYS["ioctl"]:
-                op = f"ioctl {n.args[1] & 0xFFFFFFFF:#x}"
-                why = "interface and namespace ioctls are refused on grafted sockets"
+            cmd = n.args[1] & 0xFFFFFFFF
+            if self._is_host(s):
+                if is_ioctl:
+                    op, why = f"ioctl {cmd:#x}", "interface and namespace ioctls are refused on grafted sockets"
+                else:
+                    op, why = "setsockopt SO_BINDTODEVICE", "binding a grafted socket to a device is refused"
+                self._audit(t, op, Decision(DENY, errno=errno.EPERM, reason=why), n)
+                raise Reply(errno.EPERM)
+            if is_ioctl:
+                self._native_ioctl(t, n, s, cmd, n.args[2])
             else:
-                op = "setsockopt SO_BINDTODEVICE"
-                why = "binding a grafted socket to a device is refused"
-            self._audit(t, op, Decision(DENY, errno=errno.EPERM, reason=why), n)
+                size = n.args[4] & 0xFFFFFFFF
+                if size > 64:
+                    raise Reply(errno.EINVAL)
+                optval = self._read(n, n.args[3], size)
+                self._valid(t, n)
+                try:
+                    s.setsockopt(cmd, n.args[2] & 0xFFFFFFFF, optval)
+                except OSError as e:
+                    raise Reply(e.errno) from None
+                self._send(t, n.id)
+
+    def _native_ioctl(self, t: Target, n: K.Notif, s: socket.socket, cmd: int, arg: int) -> None:
+        """The socket ioctls a container may use on its own sockets, performed on our duplicate (the
+        socket's netns is the container's). Anything carrying a pointer the kernel would follow in
+        the caller's memory (ethtool, MII, bonding, device-private, routes, ARP) is refused."""
+        if cmd == K.SIOCGSKNS:
+            self._valid(t, n)
+            nsfd = fcntl.ioctl(s.fileno(), cmd)
+            try:
+                K.notif_addfd(t.fd, n.id, nsfd, cloexec=True, send=True)
+            except OSError as e:
+                if e.errno != errno.ENOENT:
+                    raise
+            finally:
+                os.close(nsfd)
+            return
+        if cmd == K.SIOCGIFCONF:
+            return self._ifconf(t, n, s, arg)
+        size = K.IOCTL_OUT.get(cmd) or (K.IFREQ_SIZE if cmd in K.IFREQ_GET else 0)
+        if not size and cmd in K.IFREQ_SET and K.has_cap(n.pid, K.CAP_NET_ADMIN):
+            size = K.IFREQ_SIZE
+        if not size:
+            why = "socket ioctl not supported under seccomp mode (use netlink)"
+            self._audit(t, f"ioctl {cmd:#x}", Decision(DENY, errno=errno.EPERM, reason=why), n)
             raise Reply(errno.EPERM)
+        buf = bytearray(self._read(n, arg, size) if cmd not in K.IOCTL_OUT else size)
+        try:
+            ret = fcntl.ioctl(s.fileno(), cmd, buf, True)
+        except OSError as e:
+            raise Reply(e.errno) from None
+        self._write_back(t, n, [(arg, bytes(buf))])
+        self._send(t, n.id, val=ret)
+
+    def _ifconf(self, t: Target, n: K.Notif, s: socket.socket, arg: int) -> None:
+        length, ptr = K.IFCONF.unpack(self._read(n, arg, K.IFCONF.size))
+        if length < 0 or length > 1 << 20:
+            raise Reply(errno.EINVAL)
+        got, data = K.ifconf(s.fileno(), length if ptr else 0, bool(ptr))
+        writes = [(arg, struct.pack("=i", got))]
+        if ptr and got:
+            writes.append((ptr, data[:got]))
+        self._write_back(t, n, writes)
+        self._send(t, n.id)
+
+    def _write_back(self, t: Target, n: K.Notif, writes: list[tuple[int, bytes]]) -> None:
+        """Write results into the target's memory: /proc/TID/mem is opened first, then the
+        notification is checked, so the writes cannot land in another process."""
+        try:
+            mem = os.open(f"/proc/{n.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            raise Gone() from None
+        try:
+            self._valid(t, n)
+            for addr, data in writes:
+                if data:
+                    os.pwrite(mem, data, addr)
+        except OSError:
+            raise Reply(errno.EFAULT) from None
+        finally:
+            os.close(mem)
 
     _handlers = {
         K.SYS["bind"]: _on_bind,
