@@ -189,3 +189,54 @@ def test_unmatched_bind_stays_in_container(state_dir, ns, procs):
     assert p.wait(10) == 0
     locals_ = [a for a in audit_lines(state_dir) if a["op"] == "bind" and a["event"] == "local"]
     assert locals_ and locals_[0]["port"] == port
+
+
+CONNECT_SEMANTICS = r"""
+import errno, fcntl, os, select, socket, struct, sys, time
+port, full_port = int(sys.argv[1]), int(sys.argv[2])
+# 1. blocking connect: the app's socket stays blocking, the connection works
+s = socket.socket(); s.connect(("127.0.0.1", port))
+print("blocking", bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK), s.recv(10).decode())
+# 2. non-blocking connect: EINPROGRESS, then it completes natively
+s = socket.socket(); s.setblocking(False)
+print("nonblocking", errno.errorcode.get(s.connect_ex(("127.0.0.1", port))), end=" ")
+select.select([], [s], [], 5)
+print(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), bool(fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK))
+# 3. blocking connect with SO_SNDTIMEO to a host whose accept queue is full: EINPROGRESS on time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("qq", 0, 500000))
+t = time.monotonic()
+try:
+    s.connect(("127.0.0.1", full_port)); print("sndtimeo connected")
+except OSError as e:
+    print("sndtimeo", errno.errorcode[e.errno], round(time.monotonic() - t, 1))
+"""
+
+
+def test_connect_semantics(state_dir, ns):
+    with socket.socket() as srv, socket.socket() as full:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = [socket.socket() for _ in range(3)]
+        for f in fillers:
+            f.setblocking(False)
+            f.connect_ex(full.getsockname())
+        port, full_port = srv.getsockname()[1], full.getsockname()[1]
+
+        def answer():
+            for _ in range(2):
+                c, _ = srv.accept()
+                c.sendall(b"hi")
+                c.close()
+
+        import threading
+
+        threading.Thread(target=answer, daemon=True).start()
+        args = [sys.executable, "-c", CONNECT_SEMANTICS, str(port), str(full_port)]
+        r = run(ns, args, **client_egress())
+        lines = r.stdout.splitlines()
+        assert lines[:2] == ["blocking False hi", "nonblocking EINPROGRESS 0 True"], lines
+        assert lines[2].split()[:2] == ["sndtimeo", "EINPROGRESS"] and 0.4 <= float(lines[2].split()[2]) <= 1.6
+        for f in fillers:
+            f.close()

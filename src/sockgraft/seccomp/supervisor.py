@@ -45,6 +45,7 @@ MODE = "seccomp"
 MAX_SOCKADDR = 128
 MAX_DATAGRAM = 65535
 SWEEP_INTERVAL = 1.0
+TCP_ESTABLISHED = 1
 IP = (socket.AF_INET, socket.AF_INET6)
 NESTED_DECISION = Decision(LOCAL, reason="task in a nested netns: never grafted")
 
@@ -84,7 +85,7 @@ class Pending:
     appfd: int
     cloexec: bool
     host: socket.socket
-    started: float
+    deadline: float | None  # the app's SO_SNDTIMEO, if it set one
 
 
 class Gone(Exception):
@@ -176,26 +177,48 @@ class Supervisor:
         self.store.close()
 
     def run(self) -> None:
-        while not self._stop:
-            try:
-                events = self.epoll.poll(SWEEP_INTERVAL)
-            except InterruptedError:
-                continue
-            for fd, ev in events:
-                if fd == self._wake_r:
-                    self._drain()
-                elif fd in self.targets:
-                    t = self.targets[fd]
-                    if ev & select.EPOLLIN:
-                        self._serve_one(t)
-                    elif ev & (select.EPOLLHUP | select.EPOLLERR):
-                        self._drop(t)
-                elif fd in self.pending:
-                    self._finish_connect(self.pending.pop(fd))
-            now = time.monotonic()
-            if now - self._last_sweep >= SWEEP_INTERVAL:
-                self._last_sweep = now
-                self._sweep()
+        try:
+            while not self._stop:
+                try:
+                    events = self.epoll.poll(self._timeout())
+                except InterruptedError:
+                    continue
+                for fd, ev in events:
+                    try:
+                        self._dispatch(fd, ev)
+                    except Exception as e:  # one bad event must not stop the loop for everyone
+                        print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
+                now = time.monotonic()
+                if now - self._last_sweep >= SWEEP_INTERVAL or self._deadline_due(now):
+                    self._last_sweep = now
+                    self._sweep()
+        finally:
+            if not self._stop:
+                # the loop died: close the listeners so the containers' trapped calls fail (ENOSYS)
+                # instead of waiting for an answer that never comes
+                for t in list(self.targets.values()):
+                    self._close_target(t)
+
+    def _dispatch(self, fd: int, ev: int) -> None:
+        if fd == self._wake_r:
+            self._drain()
+        elif fd in self.targets:
+            t = self.targets[fd]
+            if ev & select.EPOLLIN:
+                self._serve_one(t)
+            elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                self._drop(t)
+        elif fd in self.pending:
+            self._finish_connect(self.pending.pop(fd))
+
+    def _timeout(self) -> float:
+        deadlines = [p.deadline for p in self.pending.values() if p.deadline]
+        if not deadlines:
+            return SWEEP_INTERVAL
+        return max(0.0, min(SWEEP_INTERVAL, min(deadlines) - time.monotonic()))
+
+    def _deadline_due(self, now: float) -> bool:
+        return any(p.deadline and p.deadline <= now for p in self.pending.values())
 
     # -- loop plumbing -----------------------------------------------------------------------
     def _wake(self) -> None:
@@ -250,7 +273,10 @@ class Supervisor:
             self._wake()
 
     def _sweep(self) -> None:
-        """Pending connects whose task died: close their host sockets now."""
+        """Pending connects whose task died: close their host sockets now. Those past the app's
+        SO_SNDTIMEO: install the still-connecting socket and answer EINPROGRESS, as the kernel
+        does for a blocking connect that times out."""
+        now = time.monotonic()
         for fd, p in list(self.pending.items()):
             if not K.notif_id_valid(p.target.fd, p.nid):
                 del self.pending[fd]
@@ -258,6 +284,9 @@ class Supervisor:
                 p.host.close()
                 self._release(p.target)
                 self.stats["connect_abandoned"] += 1
+            elif p.deadline and p.deadline <= now:
+                del self.pending[fd]
+                self._finish_connect(p, timed_out=True)
 
     def policy(self, key: str):
         version = self.store.data_version()
@@ -506,7 +535,9 @@ class Supervisor:
             err = K.raw_call("connect", h.fileno(), raw)
             if err == errno.EINPROGRESS and not nonblock:
                 self._hold(t)
-                self.pending[h.fileno()] = Pending(t, n.id, appfd, cloexec, h, time.monotonic())
+                sec, usec = struct.unpack("=qq", s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
+                deadline = time.monotonic() + sec + usec / 1e6 if sec or usec else None
+                self.pending[h.fileno()] = Pending(t, n.id, appfd, cloexec, h, deadline)
                 self.epoll.register(h.fileno(), select.EPOLLOUT)
                 h = None  # the loop owns it now
                 self.stats["connect_pending"] += 1
@@ -522,7 +553,7 @@ class Supervisor:
             if h is not None:
                 h.close()
 
-    def _finish_connect(self, p: Pending) -> None:
+    def _finish_connect(self, p: Pending, timed_out: bool = False) -> None:
         self.epoll.unregister(p.host.fileno())
         t = p.target
         try:
@@ -530,6 +561,8 @@ class Supervisor:
             if err:
                 self._send(t, p.nid, err=err)
                 return
+            if timed_out and p.host.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
+                err = errno.EINPROGRESS
             p.host.setblocking(True)  # the app asked for a blocking socket: it must see one
             try:
                 K.notif_addfd(t.fd, p.nid, p.host.fileno(), p.appfd, p.cloexec)
@@ -538,7 +571,7 @@ class Supervisor:
                     return
                 raise
             self.stats["grafted_connect"] += 1
-            self._send(t, p.nid)
+            self._send(t, p.nid, err=err)
         finally:
             p.host.close()
             self._release(t)
