@@ -4,7 +4,9 @@ Pure code: parsing, validation and the two printed forms (``ip graft`` line and 
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 
@@ -12,6 +14,7 @@ NAME_MAX = 15
 UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 TYPES = ("ipv4", "ipv6", "unix")
 DYNAMIC = None  # port value of a `dynamic` endpoint
+_NAME = re.compile(r"[!-~]+")  # printable ASCII, no whitespace
 
 
 class SpecError(ValueError):
@@ -21,7 +24,7 @@ class SpecError(ValueError):
 def check_name(name: str) -> str:
     if not 1 <= len(name) <= NAME_MAX:
         raise SpecError(f"endpoint name {name!r} must be 1 to {NAME_MAX} characters")
-    if not all("!" <= c <= "~" for c in name):
+    if not _NAME.fullmatch(name):
         raise SpecError(f"endpoint name {name!r} must be printable ASCII without whitespace")
     return name
 
@@ -34,6 +37,7 @@ def parse_port(text: str, *, allow_dynamic: bool = True) -> int | None:
     return int(text)
 
 
+@functools.lru_cache(maxsize=4096)  # the fd service parses the same few addresses over and over
 def parse_ip(text: str, version: int | None = None) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     try:
         ip = ipaddress.ip_address(text)

@@ -7,6 +7,7 @@ own netns, or deny with an errno.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ def _deny(code: int, reason: str) -> Decision:
 LOCAL_DECISION = Decision(LOCAL, reason="no pair or rule matches: stays in the container")
 
 
+@functools.lru_cache(maxsize=4096)
 def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
     # a v4-mapped destination is an IPv4 destination for matching purposes
