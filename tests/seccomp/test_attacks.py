@@ -88,6 +88,7 @@ def test_signal_storm(state_dir, ns, counter, cprog, restart):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)  # let graft run finish starting (Popen's own pipes)
         sup_fds = fd_targets(p.pid)  # the supervisor lives in the graft run process
         p.stdin.write("\n")
         p.stdin.flush()
@@ -99,7 +100,8 @@ def test_signal_storm(state_dir, ns, counter, cprog, restart):
             assert res["eintr"] == 0, res  # SA_RESTART: interrupted trapped calls restart cleanly
         assert res["handled"] > 0
         time.sleep(1.5)
-        assert fd_targets(p.pid) == sup_fds
+        after = fd_targets(p.pid)
+        assert after == sup_fds, (sorted(set(after) - set(sup_fds)), sorted(set(sup_fds) - set(after)))
         p.stdin.write("\n")
         p.stdin.flush()
         assert p.wait(20) == 0
@@ -181,6 +183,7 @@ def test_targets_killed_mid_notification(state_dir, ns, counter):
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
         base = fd_targets(p.pid)
         p.stdin.write("\n")
         p.stdin.flush()

@@ -109,6 +109,7 @@ class SeccompAttach(Attach):
             os.close(self._hand_w)  # EOF for the taker if the child never wrote
             self._pipes.remove(self._hand_w)
             taker.join(10)
+        self._close_pipes()  # the hand-over is over either way
         if self._error or proc is None:
             if proc is not None:
                 proc.kill()
@@ -116,13 +117,16 @@ class SeccompAttach(Attach):
             raise SpecError(self._error or "the command could not be started under the seccomp filter")
         return proc
 
-    def cleanup(self) -> None:
+    def _close_pipes(self) -> None:
         for fd in self._pipes:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self._pipes = []
+
+    def cleanup(self) -> None:
+        self._close_pipes()
         if self.supervisor is not None:
             self.supervisor.close()
             self.supervisor = None
