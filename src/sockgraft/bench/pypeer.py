@@ -1,0 +1,195 @@
+"""Python TCP peers for `graft bench`, identical in every topology; with --graft-* they use the
+graft API (`sockgraft.create_server` / `create_connection`), the only way into graft-api.
+
+    python3 -m sockgraft.bench.pypeer serve --bind 0.0.0.0 --port P [--graft-endpoint NAME]
+    python3 -m sockgraft.bench.pypeer stream|pingpong --connect A --port P --seconds S [--graft-source NAME]
+    python3 -m sockgraft.bench.pypeer ctl-bind --bind A --port P --seconds S [--graft-endpoint NAME]
+    python3 -m sockgraft.bench.pypeer ctl-connect --connect A --port P --seconds S [--graft-source NAME]
+
+`serve` handles one connection at a time: header b"S" = sink (reads to EOF, answers the byte count),
+b"P"+size = echo fixed-size messages; a connection closed at once (ctl-connect) is dropped. Clients
+print one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import struct
+import sys
+import time
+
+CHUNK = 128 * 1024
+
+
+def _recv_exactly(c: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        part = c.recv(n - len(buf))
+        if not part:
+            raise ConnectionError("peer closed")
+        buf += part
+    return bytes(buf)
+
+
+def _server(args) -> socket.socket:
+    if args.graft_endpoint:
+        import sockgraft
+
+        return sockgraft.create_server(args.graft_endpoint, backlog=4096)
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((args.bind, args.port))
+    s.listen(4096)
+    return s
+
+
+def _connect(args) -> socket.socket:
+    if args.graft_source:
+        import sockgraft
+
+        c = sockgraft.create_connection((args.connect, args.port), source=args.graft_source)
+    else:
+        c = socket.create_connection((args.connect, args.port))
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return c
+
+
+def serve(args) -> dict:
+    s = _server(args)
+    print("listening", flush=True)
+    while True:
+        c, _ = s.accept()
+        with c:
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                head = c.recv(1)
+                if head == b"S":
+                    total = 0
+                    buf = bytearray(CHUNK)
+                    while n := c.recv_into(buf):
+                        total += n
+                    c.sendall(struct.pack("!Q", total))
+                elif head == b"P":
+                    size = struct.unpack("!I", _recv_exactly(c, 4))[0]
+                    while True:
+                        try:
+                            c.sendall(_recv_exactly(c, size))
+                        except ConnectionError:
+                            break
+                elif head == b"Q":
+                    break
+            except OSError:
+                continue
+    return {"stopped": True}
+
+
+def stream(args) -> dict:
+    c = _connect(args)
+    buf = b"x" * CHUNK
+    c.sendall(b"S")
+    t0 = time.perf_counter()
+    t_end = t0 + args.seconds
+    sent = 0
+    while time.perf_counter() < t_end:
+        for _ in range(16):
+            c.sendall(buf)
+        sent += 16 * CHUNK
+    c.shutdown(socket.SHUT_WR)
+    total = struct.unpack("!Q", _recv_exactly(c, 8))[0]
+    dt = time.perf_counter() - t0
+    c.close()
+    if total != sent:
+        raise ConnectionError(f"sent {sent} bytes, server counted {total}")
+    return {"bytes": total, "seconds": dt, "gbit_s": total * 8 / dt / 1e9}
+
+
+def pingpong(args) -> dict:
+    c = _connect(args)
+    msg = b"x" * args.size
+    c.sendall(b"P" + struct.pack("!I", args.size))
+    clock = time.perf_counter_ns
+    rtts = []
+    t_end = time.perf_counter() + args.seconds
+    while time.perf_counter() < t_end:
+        t0 = clock()
+        c.sendall(msg)
+        _recv_exactly(c, args.size)
+        rtts.append(clock() - t0)
+    c.close()
+    return {"count": len(rtts), "median_us": statistics.median(rtts) / 1000, "mean_us": statistics.fmean(rtts) / 1000}
+
+
+def _rate(op, seconds: float) -> dict:
+    n = 0
+    t0 = time.perf_counter()
+    t_end = t0 + seconds
+    while True:
+        for _ in range(32):
+            op()
+        n += 32
+        now = time.perf_counter()
+        if now >= t_end:
+            return {"ops": n, "seconds": now - t0, "ops_per_s": n / (now - t0)}
+
+
+def ctl_bind(args) -> dict:
+    if args.graft_endpoint:
+        import sockgraft
+
+        def op():
+            s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+            s.bind(args.graft_endpoint)
+            s.close()
+    else:
+        def op():
+            s = socket.socket()
+            s.bind((args.bind, args.port))
+            s.close()
+    return _rate(op, args.seconds)
+
+
+def ctl_connect(args) -> dict:
+    linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT pile-up
+
+    if args.graft_source:
+        import sockgraft
+
+        def op():
+            c = sockgraft.create_connection((args.connect, args.port), source=args.graft_source)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            c.close()
+    else:
+        def op():
+            c = socket.create_connection((args.connect, args.port))
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            c.close()
+    return _rate(op, args.seconds)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m sockgraft.bench.pypeer", description=__doc__.splitlines()[0])
+    ap.add_argument("role", choices=["serve", "stream", "pingpong", "ctl-bind", "ctl-connect"])
+    ap.add_argument("--bind", default="127.0.0.1")
+    ap.add_argument("--connect")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--size", type=int, default=14)
+    ap.add_argument("--graft-endpoint", help="bind by graft endpoint name (graft API)")
+    ap.add_argument("--graft-source", help="connect from this graft endpoint (graft API)")
+    args = ap.parse_args(argv)
+    if args.role in ("stream", "pingpong", "ctl-connect") and not args.connect:
+        ap.error(f"{args.role} needs --connect")
+    role = {"serve": serve, "stream": stream, "pingpong": pingpong, "ctl-bind": ctl_bind, "ctl-connect": ctl_connect}
+    try:
+        result = role[args.role](args)
+    except OSError as e:
+        print(f"pypeer {args.role}: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

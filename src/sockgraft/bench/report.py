@@ -1,0 +1,195 @@
+"""The Markdown report, the ratio tables and the PNG plots of a bench result."""
+from __future__ import annotations
+
+import os
+
+from . import paper
+from .stats import group_key, lower_is_better, ratios
+from .workloads import WORKLOADS
+
+TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "docker")
+DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": "container→container"}
+
+
+def _order(names) -> list[str]:
+    return sorted(names, key=lambda n: (TOPOLOGY_ORDER.index(n) if n in TOPOLOGY_ORDER else 99, n))
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "–" if r is None else f"{r:.2f}×"
+
+
+def params_label(workload: str, params: dict) -> str:
+    w = WORKLOADS.get(workload)
+    return w.label(params) if w else " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _rows(records: list[dict]):
+    """Records grouped by (workload, direction, params, metric), in first-seen order."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for rec in records:
+        groups.setdefault(group_key(rec), {})[rec["topology"]] = rec
+    return groups
+
+
+def ratio_columns(topologies: list[str]) -> list[tuple[str, str]]:
+    """(topology, baseline) pairs shown as ratio columns."""
+    cols = []
+    for t in topologies:
+        if t.startswith("graft-"):
+            cols += [(t, "native"), (t, "nat")]
+    if "nat-mtu65520" in topologies:
+        cols.append(("nat-mtu65520", "nat"))
+    return [(t, b) for t, b in cols if b in topologies]
+
+
+def summary_table(records: list[dict], with_paper: bool = True) -> str:
+    """One Markdown table: per row every topology's median, the grafted/native and grafted/nat ratios
+    and the paper's figure."""
+    if not records:
+        return "_no results_\n"
+    topos = _order({r["topology"] for r in records})
+    cols = ratio_columns(topos)
+    rat = ratios(records)
+    head = ["workload", "direction", "params", "metric", *topos, *[f"{t}/{b}" for t, b in cols]]
+    if with_paper:
+        head.append("paper (GRAFT vs NAT)")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_topo in _rows(records).items():
+        any_rec = next(iter(by_topo.values()))
+        unit = any_rec["unit"]
+        cells = [any_rec["workload"], DIRECTION_NAMES.get(any_rec["direction"], any_rec["direction"]),
+                 params_label(any_rec["workload"], any_rec["params"]), f"{any_rec['metric']} ({unit})"]
+        for t in topos:
+            r = by_topo.get(t)
+            cells.append(f"{fmt(r['median'])} ({fmt(r['min'])}–{fmt(r['max'])})" if r else "n/a")
+        for t, b in cols:
+            cells.append(fmt_ratio(rat[key].get(t, {}).get(b)))
+        if with_paper:
+            cells.append(paper.note(any_rec["workload"], any_rec["direction"], any_rec["params"], any_rec["metric"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_summary(records: list[dict]) -> str:
+    """Compact: per workload row, grafted/native and grafted/nat for each graft topology."""
+    topos = _order({r["topology"] for r in records})
+    grafts = [t for t in topos if t.startswith("graft-")]
+    rat = ratios(records)
+    head = ["workload", "direction", "params", "metric"] + [f"{g}/{b}" for g in grafts for b in ("native", "nat")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_topo in _rows(records).items():
+        rec = next(iter(by_topo.values()))
+        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth"):
+            continue
+        cells = [rec["workload"], rec["direction"], params_label(rec["workload"], rec["params"]), rec["metric"]]
+        cells += [fmt_ratio(rat[key].get(g, {}).get(b)) if g in by_topo else "n/a" for g in grafts for b in ("native", "nat")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(result, plots: list[str] = ()) -> str:
+    m = result.meta
+    out = [f"# graft bench report ({result.profile})", "",
+           f"- Run: {m.get('started')} → {m.get('finished')} UTC; {m.get('runs')} measured runs per cell "
+           f"(median, min–max), {m.get('warmup')} warm-up run discarded; topologies interleaved run by run.",
+           f"- Machine: {m.get('cpus')} CPUs, {m.get('cpu')}, Linux {m.get('kernel')}, Python {m.get('python')}; "
+           f"load average at start {_load(m.get('loadavg_start'))}, at end {_load(m.get('loadavg_end'))} "
+           "(other work on the machine shows up as noise).",
+           f"- CPU pinning: {m.get('pinning')}",
+           "- Ratios are our median divided by the baseline's median; for latencies (µs) lower is better, "
+           "so a ratio below 1 means faster.",
+           f"- Paper: {paper.SOURCE}", "", "## Topologies", "",
+           "| topology | status | data-path MTU | how |", "|---|---|---|---|"]
+    for name in _order(set(result.topologies) | set(result.skipped)):
+        if name in result.topologies:
+            t = result.topologies[name]
+            out.append(f"| {name} | measured | {t['mtu']} | {t['describe']} |")
+        else:
+            out.append(f"| {name} | skipped | – | {result.skipped[name]} |")
+    if result.na:
+        out += ["", "Cells marked n/a:", ""]
+        for t, by_w in result.na.items():
+            out.append(f"- {t}: {', '.join(sorted(by_w))} — {next(iter(by_w.values()))}")
+    out += ["", "## Grafted vs native and vs nat", "", ratio_summary(result.records),
+            "## All results", "", summary_table(result.records)]
+    if plots:
+        out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
+    out += ["## Traffic check", "",
+            "Bytes (iperf3, ZeroMQ, Python stream), requests (HTTP) or messages/operations (sockperf, control) "
+            "each topology moved over all measured runs:", "",
+            "| topology | " + " | ".join(WORKLOADS) + " |", "|---|" + "---|" * len(WORKLOADS)]
+    for t, by_w in result.traffic.items():
+        out.append(f"| {t} | " + " | ".join(fmt(by_w.get(w)) for w in WORKLOADS) + " |")
+    for t, n in result.links.items():
+        out.append(f"\n{t}: {n:,} bytes through its veths; {result.dnat.get(t, 0):,} packets through the DNAT publish.")
+    if result.errors:
+        out += ["", "## Errors (cells not measured)", ""]
+        for e in result.errors:
+            where = " ".join(str(e.get(k, "")) for k in ("workload", "topology", "direction") if e.get(k))
+            out.append(f"- {where or e.get('where')} {params_label(e.get('workload', ''), e.get('params', {})) if e.get('params') else ''}: {e['error']}")
+    return "\n".join(out) + "\n"
+
+
+def _load(v) -> str:
+    return " ".join(f"{x:.2f}" for x in v) if v else "?"
+
+
+def plots(result, out_dir: str) -> list[str]:
+    """Grouped bar charts with min–max error bars, one per (workload, direction, metric), like the
+    original figures (Host / GRAFT / NAT bars per message size)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"native": "#4c72b0", "nat": "#dd8452", "nat-mtu65520": "#f2c45f", "graft-api": "#55a868",
+              "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "docker": "#c44e52"}
+    figs: dict[tuple, dict] = {}
+    for rec in result.records:
+        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth"):
+            continue
+        key = (rec["workload"], rec["direction"], rec["metric"], rec["unit"])
+        figs.setdefault(key, {}).setdefault(params_label(rec["workload"], rec["params"]), {})[rec["topology"]] = rec
+    written = []
+    for (workload, direction, metric, unit), by_param in figs.items():
+        labels = list(by_param)
+        topos = _order({t for v in by_param.values() for t in v})
+        width = 0.8 / len(topos)
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels) + 2), 3.6))
+        for i, t in enumerate(topos):
+            xs, ys, lo, hi = [], [], [], []
+            for j, lab in enumerate(labels):
+                r = by_param[lab].get(t)
+                if r:
+                    xs.append(j + (i - (len(topos) - 1) / 2) * width)
+                    ys.append(r["median"])
+                    lo.append(r["median"] - r["min"])
+                    hi.append(r["max"] - r["median"])
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=t, color=colors.get(t), edgecolor="black", linewidth=0.4)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=20 if len(labels) > 3 else 0, fontsize=8)
+        ax.set_ylabel(f"{metric} ({unit})")
+        ax.set_title(f"{workload}, {DIRECTION_NAMES.get(direction, direction)}"
+                     + (" (lower is better)" if lower_is_better(unit) else ""), fontsize=10)
+        ax.grid(axis="y", linestyle=":", linewidth=0.5)
+        ax.legend(fontsize=7, ncol=min(len(topos), 3))
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"{workload}-{direction}-{metric}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written

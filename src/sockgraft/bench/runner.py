@@ -1,0 +1,218 @@
+"""Runs a bench: topologies up, workloads interleaved run by run across topologies, everything down."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import groupby
+
+from .stats import record, schedule
+from .topology import Topology, TopologyError, all_topologies, sweep, tag
+from .workloads import DIRECTIONS, WORKLOADS, Profile, Servers
+
+PINNING = ("sockperf 'pinned': server on CPU 0, client on CPU 1 (taskset); 'unpinned': scheduler's choice. "
+           "All other tools unpinned.")
+
+
+@dataclass
+class Result:
+    profile: str
+    records: list[dict] = field(default_factory=list)
+    errors: list[dict] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # topology -> why not measured
+    na: dict[str, dict[str, str]] = field(default_factory=dict)  # topology -> workload -> why n/a
+    traffic: dict[str, dict[str, float]] = field(default_factory=dict)  # topology -> workload -> bytes/requests moved
+    links: dict[str, int] = field(default_factory=dict)  # nat topologies: bytes through their veths
+    dnat: dict[str, int] = field(default_factory=dict)  # nat topologies: packets through the DNAT publish
+    topologies: dict[str, dict] = field(default_factory=dict)  # name -> {"mtu", "describe"}
+    meta: dict = field(default_factory=dict)
+
+
+class _Stop(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """SIGTERM and SIGHUP interrupt the bench like Ctrl-C, so that teardown runs."""
+    owner = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() != owner:  # a forked helper (pyroute2 forks for netns work): die as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):  # not the main thread
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def _machine() -> dict:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    return {"kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()}
+
+
+def select_topologies(names: list[str] | None, state_dir: str) -> list[Topology]:
+    topos = all_topologies(state_dir)
+    if not names:
+        return topos
+    known = {t.name: t for t in topos}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown topology {', '.join(unknown)} (known: {', '.join(known)})")
+    return [known[n] for n in names]
+
+
+def run_bench(profile: Profile, topologies: list[str] | None = None, workloads: list[str] | None = None,
+              progress: bool = True, console=None) -> Result:
+    names = workloads or list(WORKLOADS)
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {', '.join(unknown)} (known: {', '.join(WORKLOADS)})")
+    result = Result(profile.name)
+    result.meta = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "runs": profile.runs, "warmup": profile.warmup, "seconds": profile.seconds,
+                   "pinning": PINNING, **_machine()}
+    sweep()
+    state_dir = tempfile.mkdtemp(prefix=f"{tag()}-state-")
+    topos = select_topologies(topologies, state_dir)
+    active: list[Topology] = []
+    with _signals_raise():
+        try:
+            for t in topos:
+                why = t.unavailable()
+                if why:
+                    result.skipped[t.name] = why
+                    continue
+                try:
+                    t.setup()
+                except BaseException as e:
+                    with contextlib.suppress(Exception):
+                        t.teardown()
+                    if not isinstance(e, Exception):
+                        raise
+                    result.skipped[t.name] = f"setup failed: {e}"
+                    continue
+                active.append(t)
+                result.topologies[t.name] = {"mtu": t.mtu, "describe": t.describe()}
+            _run_all(profile, [WORKLOADS[n] for n in names], active, result, progress, console)
+        finally:
+            errors = []
+            for t in active:
+                try:
+                    t.teardown()
+                except Exception as e:
+                    errors.append(f"{t.name}: {e}")
+            shutil.rmtree(state_dir, ignore_errors=True)
+            result.meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            result.meta["loadavg_end"] = os.getloadavg()
+            if errors:
+                result.errors.append({"where": "teardown", "error": "; ".join(errors)})
+    return result
+
+
+def _plan(profile: Profile, workloads, active: list[Topology], result: Result):
+    """[(workload, direction, [params...] with one server set, [topologies])]"""
+    plan = []
+    for w in workloads:
+        cells = []
+        for t in active:
+            why = t.na(w.kind)
+            if why:
+                result.na.setdefault(t.name, {})[w.name] = why
+            else:
+                cells.append(t)
+        if not cells:
+            continue
+        variants = w.variants(profile)
+        for direction in w.directions(profile):
+            for _key, group in groupby(variants, key=w.server_key):
+                plan.append((w, direction, list(group), cells))
+    return plan
+
+
+def _progress(console, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console or Console(stderr=True), transient=False)
+
+
+def _run_all(profile: Profile, workloads, active: list[Topology], result: Result, progress: bool, console) -> None:
+    plan = _plan(profile, workloads, active, result)
+    total = sum(len(params) * len(cells) * (profile.runs + profile.warmup) for _w, _d, params, cells in plan)
+    with _progress(console, progress) as bar:
+        task = bar.add_task("bench", total=total) if bar else None
+        for w, direction, group, cells in plan:
+            client_side, server_side = DIRECTIONS[direction]
+            servers: dict[str, Servers] = {}
+            failed: dict[str, str] = {}
+            try:
+                for t in cells:
+                    s = Servers(t)
+                    servers[t.name] = s
+                    try:
+                        w.start(s, server_side, group[0])
+                    except Exception as e:
+                        failed[t.name] = f"server: {e}"
+                for params in group:
+                    values: dict[tuple[str, str, str], list[float]] = {}
+                    broken = dict(failed)
+                    for run, t, warm in schedule(cells, profile.runs, profile.warmup):
+                        if bar:
+                            bar.update(task, description=f"{w.name} {w.label(params)} {direction} {t.name} "
+                                                         f"{'warm-up' if warm else f'run {run}'}")
+                        if t.name not in broken:
+                            try:
+                                m = w.measure(t, servers[t.name], client_side, params, profile)
+                            except (TopologyError, ValueError, KeyError, OSError) as e:
+                                broken[t.name] = str(e)
+                            else:
+                                if not warm:
+                                    for metric, (value, unit) in m.items():
+                                        values.setdefault((t.name, metric, unit), []).append(value)
+                        if bar:
+                            bar.advance(task)
+                    for (tname, metric, unit), vals in values.items():
+                        if tname in broken:
+                            continue
+                        if metric.startswith("_"):
+                            tr = result.traffic.setdefault(tname, {})
+                            tr[w.name] = tr.get(w.name, 0) + sum(vals)
+                        else:
+                            result.records.append(record(w.name, tname, direction, params, metric, unit, vals))
+                    for tname, err in broken.items():
+                        result.errors.append({"workload": w.name, "topology": tname, "direction": direction,
+                                              "params": dict(params), "error": err})
+            finally:
+                for s in servers.values():
+                    s.stop()
+        for t in active:
+            if hasattr(t, "link_bytes"):
+                with contextlib.suppress(Exception):
+                    result.links[t.name] = t.link_bytes()
+                    result.dnat[t.name] = t.dnat_packets()
