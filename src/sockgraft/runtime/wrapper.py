@@ -24,12 +24,17 @@ import time
 from dataclasses import dataclass, field
 
 from .. import netns
+from ..audit import Audit
 from ..endpoint import SpecError
 from ..store import Store, StoreError, state_dir
 from . import annotations, ociconfig
 
 RUNTIME_DIR = "/run/sockgraft"
 DEFAULT_AGENT = os.path.join(RUNTIME_DIR, "agent.sock")
+# written into config.json by create: runc's `state` shows them to a later `delete`, whose command
+# line may lack the settings create had (podman's cleanup process drops --runtime-flag)
+KEY_ANNOTATION = "io.sockgraft.key"
+STATE_ANNOTATION = "io.sockgraft.state-dir"
 RECORDS = "oci"  # STATE_DIR/oci/<container id>.json: what create made, for delete
 NETNS_PREFIX = "graft-"
 MODE = "seccomp"
@@ -226,7 +231,8 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
         untrapped = ociconfig.merge_seccomp(config, inv.agent)
         if untrapped:
             log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
-        config["annotations"] = {**(config.get("annotations") or {}), **graft_ann, "io.sockgraft.key": c.key}
+        config["annotations"] = {**(config.get("annotations") or {}), **graft_ann,
+                                 KEY_ANNOTATION: c.key, STATE_ANNOTATION: os.path.abspath(state)}
         ociconfig.save(bundle, config)
     except BaseException:
         cleanup(state, rec)
@@ -287,9 +293,27 @@ def log(inv: Invocation, level: str, message: str) -> None:
             pass
 
 
+def _state_dir_of(inv: Invocation, runc: str, cid: str) -> str | None:
+    """The state dir create used for this container, from runc's view of its annotations."""
+    p = subprocess.run([runc, *inv.runc_globals, "state", cid], capture_output=True, text=True)
+    if p.returncode != 0:
+        return None
+    try:
+        return (json.loads(p.stdout).get("annotations") or {}).get(STATE_ANNOTATION)
+    except ValueError:
+        return None
+
+
 def _gone(inv: Invocation, runc: str, cid: str) -> bool:
     p = subprocess.run([runc, *inv.runc_globals, "state", cid], capture_output=True)
     return p.returncode != 0
+
+
+def _audit(state: str, event: str, **fields) -> None:
+    """graft-runtime's lifecycle steps, in the one audit log (JSON lines)."""
+    a = Audit(state)
+    a.record(event, pid=os.getpid(), **fields)
+    a.close()
 
 
 def _run_child(argv: list[str]) -> int:
@@ -318,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             code = subprocess.call(inv.argv(runc))
             if code != 0:
                 cleanup(state, rec)
+            _audit(state, "oci-create", container=rec["key"], container_id=cid, runc_exit=code)
             sys.exit(code)
         if inv.command == "run":
             bundle, cid = bundle_and_id(inv.args)
@@ -329,11 +354,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(code)
         if inv.command == "delete":
             cids = [a for a in inv.args if _flag(a) is None]
+            states = {cid: _state_dir_of(inv, runc, cid) or state for cid in cids}
             code = subprocess.call(inv.argv(runc))
             for cid in cids:
+                state = states[cid]
                 rec = read_record(state, check_id(cid))
-                if rec and (code == 0 or _gone(inv, runc, cid)):
+                done = bool(rec) and (code == 0 or _gone(inv, runc, cid))
+                if done:
                     cleanup(state, rec)
+                _audit(state, "oci-delete", container=rec and rec["key"], container_id=cid, runc_exit=code, removed=done)
             sys.exit(code)
         os.execv(runc, inv.argv(runc))
     except (SpecError, StoreError) as e:
