@@ -149,6 +149,15 @@ pid = os.fork()
 if pid == 0:
     s = socket.socket(); s.connect(("127.0.0.1", full_port)); os._exit(0)
 time.sleep(0.5); os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
+# 1b. the same with a local blocking connect (performed by a pool worker of the supervisor)
+local = socket.socket(); local.bind(("127.0.0.9", 0)); local.listen(0)
+fill = [socket.socket() for _ in range(3)]
+for f in fill:
+    f.setblocking(False); f.connect_ex(local.getsockname())
+pid = os.fork()
+if pid == 0:
+    s = socket.socket(); s.connect(local.getsockname()); os._exit(0)
+time.sleep(0.5); os.kill(pid, signal.SIGKILL); os.waitpid(pid, 0)
 # 2. children killed at random moments while they bind/connect in a loop
 for i in range(25):
     pid = os.fork()

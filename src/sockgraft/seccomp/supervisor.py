@@ -115,6 +115,7 @@ class Supervisor:
         self._lock = threading.Lock()
         self._stop = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graft-seccomp")
+        self._jobs: dict[socket.socket, tuple] = {}
         self._policies: dict[str, object] = {}
         self._data_version = None
         self._last_sweep = time.monotonic()
@@ -162,6 +163,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.stop()
+        self._abort_jobs(only_dead=False)
         self._pool.shutdown(wait=True)
         for p in list(self.pending.values()):
             p.host.close()
@@ -277,6 +279,7 @@ class Supervisor:
         SO_SNDTIMEO: install the still-connecting socket and answer EINPROGRESS, as the kernel
         does for a blocking connect that times out."""
         now = time.monotonic()
+        self._abort_jobs(only_dead=True)
         for fd, p in list(self.pending.items()):
             if not K.notif_id_valid(p.target.fd, p.nid):
                 del self.pending[fd]
@@ -506,21 +509,41 @@ class Supervisor:
         if nonblock or s.type != socket.SOCK_STREAM:
             self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
             return False
+        self._in_pool(t, n, s, lambda: (0, K.raw_call("connect", s.fileno(), raw)))
+        return True
+
+    def _in_pool(self, t: Target, n: K.Notif, s: socket.socket, op) -> None:
+        """Run a blocking operation on our duplicate `s` in the pool; the job answers and closes `s`.
+        Jobs stay registered so that a dead target's (sweep) or a closing supervisor's can be
+        aborted (shutdown of the socket) instead of blocking a worker or the exit."""
         self._hold(t)
+        with self._lock:
+            self._jobs[s] = (t, n.id)
 
         def job():
             try:
-                err = K.raw_call("connect", s.fileno(), raw)
-                self._send(t, n.id, err=err)
+                val, err = op()
+                self._send(t, n.id, val=val, err=err)
             except OSError:
                 pass
             finally:
+                with self._lock:
+                    del self._jobs[s]
                 s.close()
                 self._release(t)
 
         self.stats["pool_jobs"] += 1
         self._pool.submit(job)
-        return True
+
+    def _abort_jobs(self, only_dead: bool) -> None:
+        with self._lock:
+            for s, (t, nid) in self._jobs.items():
+                if only_dead and K.notif_id_valid(t.fd, nid):
+                    continue
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _graft_connect(self, t: Target, n: K.Notif, s: socket.socket, d: Decision, raw: bytes) -> None:
         appfd = n.args[0] & 0xFFFFFFFF
@@ -639,19 +662,7 @@ class Supervisor:
         if err != errno.EAGAIN or not blocking:
             self._send(t, n.id, val=sent, err=err)
             return False
-        self._hold(t)
-
-        def job():
-            try:
-                sent2, err2 = K.raw_sendto(s.fileno(), data, flags, raw)
-                self._send(t, n.id, val=sent2, err=err2)
-            except OSError:
-                pass
-            finally:
-                s.close()
-                self._release(t)
-
-        self._pool.submit(job)
+        self._in_pool(t, n, s, lambda: K.raw_sendto(s.fileno(), data, flags, raw))
         return True
 
     def _on_getsockname(self, t: Target, n: K.Notif) -> None:
