@@ -55,7 +55,6 @@ def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_pl
         topo_list = ["native", "nat", "graft-api", "graft-preload", "graft-seccomp", "docker"]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = out_dir or f"graft-bench-{stamp}"
-    os.makedirs(out_dir, exist_ok=True)
     console = Console(stderr=True)
     try:
         result = run_bench(profile, topo_list, _split(workloads), progress=not no_progress, console=console)
@@ -63,6 +62,7 @@ def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_pl
         raise SpecError(str(e)) from None
     for rec in result.records:
         validate(rec)
+    os.makedirs(out_dir, exist_ok=True)
     records_json = json.dumps(result.records, indent=1, ensure_ascii=False)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         f.write(records_json)

@@ -44,11 +44,13 @@ class Profile:
     directions: tuple = ("c2h", "h2c", "c2c")
     iperf: tuple = ("tcp", "tcp-P4", "udp")
     sockperf: tuple = (("tcp", True), ("udp", True), ("tcp", False), ("udp", False))
-    http_sizes: tuple = (64, KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB)
-    http_modes: tuple = (("keepalive", 1), ("keepalive", 50), ("close", 1))
+    sockperf_directions: tuple = ("c2h", "h2c")
+    http_sizes: tuple = (64, KIB, 4 * KIB, 64 * KIB, 256 * KIB, MIB)
+    http_modes: tuple = (("keepalive", 1), ("keepalive", 50))
+    http_close_sizes: tuple = (KIB, 64 * KIB)  # new connection per request, c=1
     http_directions: tuple = ("h2c",)
     siege_sizes: tuple = (64, 64 * KIB)
-    zmq_thr_sizes: tuple = (64, 256, KIB, 128 * KIB, MIB)
+    zmq_thr_sizes: tuple = (64, KIB, 128 * KIB, MIB)
     zmq_lat_sizes: tuple = (64, 256 * KIB)
     zmq_directions: tuple = ("c2h", "h2c")
     python: tuple = ("stream", "pingpong")
@@ -56,9 +58,10 @@ class Profile:
 
 
 QUICK = Profile("quick", runs=3, seconds=1.0, py_seconds=0.3, directions=("c2h",), iperf=("tcp",), sockperf=(("tcp", True),),
-                http_sizes=(KIB,), http_modes=(("keepalive", 1),), http_directions=("c2h",), siege_sizes=(),
+                sockperf_directions=("c2h",), http_sizes=(KIB,), http_modes=(("keepalive", 1),), http_close_sizes=(),
+                http_directions=("c2h",), siege_sizes=(),
                 zmq_thr_sizes=(KIB,), zmq_lat_sizes=(), zmq_directions=("c2h",))
-FULL = Profile("full", runs=5, seconds=2.0, py_seconds=1.0)
+FULL = Profile("full", runs=3, seconds=1.0, py_seconds=0.5)
 
 
 def tool_seconds(profile: Profile) -> int:
@@ -198,6 +201,9 @@ class Sockperf(Workload):
     def server_key(self, params):
         return (params["proto"], params["pinned"])
 
+    def directions(self, profile):
+        return profile.sockperf_directions
+
     def start(self, servers, side, params):
         pin = ["taskset", "-c", "0"] if params["pinned"] else []
         tcp = ["--tcp"] if params["proto"] == "tcp" else []
@@ -262,6 +268,7 @@ class Http(Workload):
     def variants(self, profile):
         out = [{"tool": "wrk", "size": size_label(s), "conn": mode, "c": c}
                for s in profile.http_sizes for mode, c in profile.http_modes]
+        out += [{"tool": "wrk", "size": size_label(s), "conn": "close", "c": 1} for s in profile.http_close_sizes]
         out += [{"tool": "siege", "size": size_label(s), "conn": "keepalive", "c": 1} for s in profile.siege_sizes]
         return out
 
