@@ -11,14 +11,34 @@ from tests.conftest import _alive
 from tests.runtime.common import Graftd, Scenario, build_rootfs
 
 
-_DEBRIS = re.compile(r"^graft-sgt(\d+)-\d+$")
+_DEBRIS = re.compile(r"^graft-oci-(sgt(\d+)-\d+|[0-9a-f]{24})$")
+
+
+def _netns_in_use(ino: int) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def pytest_sessionstart(session):
-    """Remove namespaces graft-runtime made for containers of an earlier, killed test run."""
+    """Remove namespaces graft-runtime made for containers of an earlier, killed test run: ours
+    (container ids sgt<PID>-N of a dead pid) and the engines' (hex ids) that no process uses."""
     for name in os.listdir("/run/netns") if os.path.isdir("/run/netns") else []:
         m = _DEBRIS.match(name)
-        if m and not _alive(int(m[1])):
+        if not m:
+            continue
+        if m[2] is not None:
+            dead = not _alive(int(m[2]))
+        else:
+            try:
+                dead = not _netns_in_use(os.stat(f"/run/netns/{name}").st_ino)
+            except OSError:
+                continue
+        if dead:
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 

@@ -57,7 +57,7 @@ def test_runc_bundle(tmp_path, rootfs, graftd, scenario):
         assert config["linux"]["seccomp"]["listenerPath"] == graftd.agent
         runtime(graftd, root, "start", cid)
         key = scenario.check(graftd)
-        assert key == f"graft-{cid}"  # a named netns: `graft -n graft-ID show` works
+        assert key == f"graft-oci-{cid}"  # a named netns: `graft -n graft-oci-ID show` works
         check_metrics(graftd)
     finally:
         runtime(graftd, root, "kill", cid, "KILL", check=False)
@@ -77,8 +77,8 @@ def test_runc_run_foreground_cleans_up(tmp_path, rootfs, graftd):
     p = runtime(graftd, root, "run", "--bundle", bundle, cid)
     assert p.stdout.strip() == "1"  # lo only
     assert not os.path.exists(os.path.join(graftd.state, "oci", cid + ".json"))
-    assert not os.path.exists(f"/run/netns/graft-{cid}")
-    assert all(c["key"] != f"graft-{cid}" for c in graftd.status()["containers"])
+    assert not os.path.exists(f"/run/netns/graft-oci-{cid}")
+    assert all(c["key"] != f"graft-oci-{cid}" for c in graftd.status()["containers"])
 
 
 def test_bad_annotation_fails_create(tmp_path, rootfs, graftd):
@@ -179,7 +179,7 @@ def test_pod_containers_share_one_table(tmp_path, rootfs, graftd):
             config = json.loads(open(os.path.join(bundle, "config.json")).read())
             for ns in config["linux"]["namespaces"]:
                 if ns["type"] == "network":
-                    ns["path"] = f"/run/netns/graft-{first}"
+                    ns["path"] = f"/run/netns/graft-oci-{first}"
             open(os.path.join(bundle, "config.json"), "w").write(json.dumps(config))
             return bundle
 
@@ -187,13 +187,13 @@ def test_pod_containers_share_one_table(tmp_path, rootfs, graftd):
                       third, check=False)
         assert bad.returncode == 1 and "whose graft table differs" in bad.stderr
         runtime(graftd, root, "create", "-b", joining("b", {}), second)
-        (shared,) = [c for c in graftd.status()["containers"] if c["key"] == f"graft-{first}"]
+        (shared,) = [c for c in graftd.status()["containers"] if c["key"] == f"graft-oci-{first}"]
         assert shared["oci_ids"] == [first, second]
         runtime(graftd, root, "delete", "--force", first)
         st = graftd.status()["containers"]
-        assert [c["key"] for c in st if c["key"] == f"graft-{first}"]  # still used by the second
+        assert [c["key"] for c in st if c["key"] == f"graft-oci-{first}"]  # still used by the second
         runtime(graftd, root, "delete", "--force", second)
-        assert all(c["key"] != f"graft-{first}" for c in graftd.status()["containers"])
+        assert all(c["key"] != f"graft-oci-{first}" for c in graftd.status()["containers"])
     finally:
         for cid in (first, second):
             runtime(graftd, root, "delete", "--force", cid, check=False)
@@ -211,7 +211,7 @@ def test_exec_is_grafted_too(tmp_path, rootfs, graftd):
     try:
         runtime(graftd, root, "exec", "-d", cid, "httpd", "-p", "0.0.0.0:8080", "-h", "/www")
         assert http_get(port) == PAGE
-        key = f"graft-{cid}"
+        key = f"graft-oci-{cid}"
         assert graftd.graftd_view()["seccomp_listeners"][key] == 2
     finally:
         runtime(graftd, root, "delete", "--force", cid, check=False)

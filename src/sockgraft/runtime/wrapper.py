@@ -36,7 +36,7 @@ DEFAULT_AGENT = os.path.join(RUNTIME_DIR, "agent.sock")
 KEY_ANNOTATION = "io.sockgraft.key"
 STATE_ANNOTATION = "io.sockgraft.state-dir"
 RECORDS = "oci"  # STATE_DIR/oci/<container id>.json: what create made, for delete
-NETNS_PREFIX = "graft-"
+NETNS_PREFIX = "graft-oci-"  # `graft run` uses graft-run-PID
 MODE = "seccomp"
 
 # runc's global flags that take a value (all others are booleans)
@@ -122,7 +122,7 @@ def bundle_and_id(args: list[str]) -> tuple[str, str]:
 
 
 def netns_name(cid: str) -> str:
-    """The netns graft-runtime makes for a container: `graft-ID` (Docker's 64-hex ids cut to 24,
+    """The netns graft-runtime makes for a container: `graft-oci-ID` (Docker's 64-hex ids cut to 24,
     which keeps paths derived from the name within sun_path)."""
     return NETNS_PREFIX + cid[:24]
 
