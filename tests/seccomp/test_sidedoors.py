@@ -157,3 +157,22 @@ def test_host_service_without_egress_rule_unreachable(state_dir, ns):
             raise AssertionError("the host listener got a connection")
         except socket.timeout:
             pass
+
+
+def test_grafted_server_socket_cannot_connect(state_dir, ns):
+    """A TCP socket grafted by an ingress bind listens at once: it can never be turned into a
+    client of a host service (not even by an fd swap under a CONTINUEd call)."""
+    with _host_listener() as l:
+        code = ("import socket,errno\ns=socket.socket();s.bind(('0.0.0.0',8000))\n"
+                f"print(errno.errorcode.get(s.connect_ex(('127.0.0.1',{l.getsockname()[1]}))))\n"
+                "s.listen(5);print('listen ok')\n")
+        r = run(ns, [sys.executable, "-c", code],
+                endpoints=[f"web type ipv4 addr 127.0.0.1 port {free_port()}", "out type ipv4 addr 127.0.0.1 port dynamic"],
+                ingress=["0.0.0.0:8000=web"], egress=["127.0.0.0/8=out"])
+        assert r.stdout.split("\n")[:2] == ["EISCONN", "listen ok"]
+        l.settimeout(0.3)
+        try:
+            l.accept()
+            raise AssertionError("the host listener got a connection")
+        except socket.timeout:
+            pass

@@ -464,6 +464,11 @@ class Supervisor:
                 raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
             with h:
                 h.setblocking(not nonblock)
+                if s.type == socket.SOCK_STREAM:
+                    # a grafted server socket listens at once (the app's own listen() then sets
+                    # its backlog): it can never be connect()ed to a host address no rule grants,
+                    # not even by swapping it in under a call the supervisor lets CONTINUE
+                    h.listen(socket.SOMAXCONN)
                 host_addr = h.getsockname()
                 view = raw if target[1] else K.with_port(raw, host_addr[1])
                 self._install(t, n, h, appfd, cloexec)
