@@ -3,11 +3,30 @@
 so the table comes in the SOCKGRAFT_* environment variables graft-runtime also reads."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.runtime.engines import IMAGE, Dockerd
 
 pytestmark = pytest.mark.e2e
+
+
+def socket_holders(inode: int) -> set[int]:
+    """Every process with an fd on this socket."""
+    out = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    out.add(int(pid))
+            except OSError:
+                continue
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +43,10 @@ def test_docker_run_graft_runtime(docker, graftd, scenario):
         key = scenario.check(graftd)
         rec = [c for c in graftd.status()["containers"] if c["key"] == key][0]
         assert rec["oci_id"] == cid
-        assert "docker-proxy" not in open("/proc/self/mounts").read()  # nothing but the graft
+        # no proxy: every process holding the host socket that serves 127.0.0.1:P is in the container
+        (listener,) = [s for s in rec["sockets"] if s["local"] == f"127.0.0.1:{scenario.http_port}"]
+        holders = socket_holders(listener["inode"])
+        assert holders and all(os.stat(f"/proc/{pid}/ns/net").st_ino == rec["netns_ino"] for pid in holders)
     finally:
         docker("rm", "-f", cid)
     scenario.check_gone(graftd, key)
