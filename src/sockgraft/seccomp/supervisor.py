@@ -561,6 +561,9 @@ class Supervisor:
         try:
             h.setblocking(False)
             err = K.raw_call("connect", h.fileno(), raw)
+            if err == errno.EINPROGRESS and not nonblock and s.type == socket.SOCK_STREAM and \
+                    h.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED:
+                err = 0  # loopback handshakes are often over by now: no trip through the loop
             if err == errno.EINPROGRESS and not nonblock:
                 self._hold(t)
                 sec, usec = struct.unpack("=qq", s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
@@ -803,18 +806,43 @@ class Supervisor:
     }
 
 
-def copy_options(src: socket.socket, dst: socket.socket) -> None:
-    """Options the app set on its socket, onto the host socket (only those that differ)."""
+_DEFAULTS: dict[tuple[int, int], dict] = {}
+
+
+def _applicable(family: int, sotype: int):
     for level, name, size in COPIED_OPTIONS:
-        if level == socket.IPPROTO_TCP and src.type != socket.SOCK_STREAM:
+        if level == socket.IPPROTO_TCP and sotype != socket.SOCK_STREAM:
             continue
-        if level == socket.IPPROTO_IP and src.family != socket.AF_INET:
+        if level == socket.IPPROTO_IP and family != socket.AF_INET:
             continue
-        if level == socket.IPPROTO_IPV6 and src.family != socket.AF_INET6:
+        if level == socket.IPPROTO_IPV6 and family != socket.AF_INET6:
             continue
+        yield level, name, size
+
+
+def _defaults(family: int, sotype: int) -> dict:
+    """Option values of a fresh host socket of this kind (read once)."""
+    key = (family, sotype)
+    if key not in _DEFAULTS:
+        values = {}
+        with socket.socket(family, sotype) as fresh:
+            for level, name, size in _applicable(family, sotype):
+                try:
+                    values[(level, name)] = fresh.getsockopt(level, name, size)
+                except OSError:
+                    pass
+        _DEFAULTS[key] = values
+    return _DEFAULTS[key]
+
+
+def copy_options(src: socket.socket, dst: socket.socket) -> None:
+    """Options the app set on its socket (those that differ from a fresh socket's), onto the host
+    socket `dst` (fresh itself: only its bind happened)."""
+    defaults = _defaults(src.family, src.type)
+    for level, name, size in _applicable(src.family, src.type):
         try:
-            a = src.getsockopt(level, name, size)
-            if a != dst.getsockopt(level, name, size):
-                dst.setsockopt(level, name, a)
+            value = src.getsockopt(level, name, size)
+            if value != defaults.get((level, name)):
+                dst.setsockopt(level, name, value)
         except OSError:
             continue
