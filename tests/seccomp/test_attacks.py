@@ -248,3 +248,42 @@ def test_supervisor_killed_syscalls_fail(state_dir, ns, tmp_path):
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+NOT_STALLED = r"""
+import socket, sys, threading, time
+full_port, port = int(sys.argv[1]), int(sys.argv[2])
+state = {}
+def stuck():
+    s = socket.socket(); t = time.monotonic()
+    try:
+        s.connect(("127.0.0.1", full_port)); state["stuck"] = "connected"
+    except OSError as e:
+        state["stuck"] = repr(e)
+    state["stuck_s"] = time.monotonic() - t
+threading.Thread(target=stuck, daemon=True).start()
+time.sleep(0.3)
+t = time.monotonic()
+for _ in range(30):
+    c = socket.create_connection(("127.0.0.1", port), timeout=5); c.close()
+print("others", round(time.monotonic() - t, 2), "stuck still waiting", "stuck" not in state, flush=True)
+"""
+
+
+def test_blocking_connect_does_not_stall_others(state_dir, ns, counter):
+    port = counter.listen("127.0.0.1")
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    fillers = [socket.socket() for _ in range(3)]
+    for f in fillers:
+        f.setblocking(False)
+        f.connect_ex(full.getsockname())
+    try:
+        r = run(ns, [sys.executable, "-c", NOT_STALLED, str(full.getsockname()[1]), str(port)], **client_egress())
+        words = r.stdout.split()
+        assert words[0] == "others" and float(words[1]) < 5 and words[-1] == "True", r.stdout
+    finally:
+        for f in fillers:
+            f.close()
+        full.close()
