@@ -216,3 +216,22 @@ def test_exec_is_grafted_too(tmp_path, rootfs, graftd):
     finally:
         runtime(graftd, root, "delete", "--force", cid, check=False)
     assert key not in graftd.graftd_view()["seccomp_listeners"]
+
+
+def test_start_refused_when_an_interface_appeared(tmp_path, rootfs, graftd):
+    """An engine that plugs an interface into the netns graft-runtime made (Docker without
+    --network none) would open a second way out: start is refused."""
+    root = str(tmp_path / "runc-root")
+    bundle = make_bundle(tmp_path, rootfs, ["sleep", "60"], {})
+    cid = container_id()
+    runtime(graftd, root, "create", "-b", bundle, cid)
+    try:
+        # a veth pair with both ends inside the container's netns (the host is never touched)
+        subprocess.run(["ip", "-n", f"graft-oci-{cid}", "link", "add", "v0", "type", "veth", "peer", "name", "v1"], check=True)
+        p = runtime(graftd, root, "start", cid, check=False)
+        assert p.returncode == 1
+        assert p.stderr.startswith(f"graft-runtime: container {cid} has network interfaces besides lo (")
+        assert p.stderr.endswith("): run it with --network none\n") and "v0" in p.stderr and "v1" in p.stderr
+    finally:
+        runtime(graftd, root, "delete", "--force", cid)
+    assert not os.path.exists(f"/run/netns/graft-oci-{cid}")

@@ -293,6 +293,22 @@ def log(inv: Invocation, level: str, message: str) -> None:
             pass
 
 
+def _check_only_lo(rec: dict | None) -> None:
+    """A netns graft-runtime made must still have only `lo` at start: an engine that plugged an
+    interface in (Docker without --network none) would give the container a second, ungrafted way
+    out."""
+    if not rec or not rec.get("created_netns"):
+        return
+    p = subprocess.run(["ip", "-n", rec["created_netns"], "-o", "link", "show"], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SpecError(f"cannot list the interfaces of netns {rec['created_netns']}: {p.stderr.strip()}")
+    names = [line.split(":")[1].strip().split("@")[0] for line in p.stdout.splitlines() if ":" in line]
+    extra = [n for n in names if n != "lo"]
+    if extra:
+        raise SpecError(f"container {rec['id']} has network interfaces besides lo ({', '.join(extra)}): "
+                        "run it with --network none")
+
+
 def _state_dir_of(inv: Invocation, runc: str, cid: str) -> str | None:
     """The state dir create used for this container, from runc's view of its annotations."""
     p = subprocess.run([runc, *inv.runc_globals, "state", cid], capture_output=True, text=True)
@@ -352,6 +368,10 @@ def main(argv: list[str] | None = None) -> None:
                 if _gone(inv, runc, cid):  # runc run removes the container when it ends (unless --keep)
                     cleanup(state, rec)
             sys.exit(code)
+        if inv.command == "start":
+            cids = [a for a in inv.args if _flag(a) is None]
+            for cid in cids:
+                _check_only_lo(read_record(state, check_id(cid)))
         if inv.command == "delete":
             cids = [a for a in inv.args if _flag(a) is None]
             states = {cid: _state_dir_of(inv, runc, cid) or state for cid in cids}
