@@ -28,6 +28,35 @@ def _import(cli: list[str], rootfs: str) -> None:
     assert p.returncode == 0, p.stderr
 
 
+def kill_leftovers(base: str) -> None:
+    """Processes an engine left behind (a containerd shim, conmon) name `base` on their command
+    line: kill them and their children (container inits), by pid."""
+    me = os.getpid()
+    procs: dict[int, tuple[int, bytes]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        procs[int(pid)] = (ppid, cmd)
+    for pid, (_ppid, cmd) in procs.items():
+        if pid != me and (base.rstrip("/") + "/").encode() in cmd:
+            for child, (ppid, _c) in procs.items():
+                if ppid == pid:
+                    _kill(child)
+            _kill(pid)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def unmount_under(base: str) -> None:
     """Mounts an engine left under its temp dir, deepest first (before the dir is removed)."""
     with open("/proc/self/mounts") as f:
@@ -88,6 +117,7 @@ class Dockerd:
         self.log.close()
         if self.bridge_made:
             subprocess.run(["ip", "link", "del", "docker0"], capture_output=True)
+        kill_leftovers(self.base)
         unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
@@ -111,5 +141,6 @@ class Podman:
 
     def close(self) -> None:
         subprocess.run([*self.cli, "rm", "-af", "-t", "0"], capture_output=True, timeout=120)
+        kill_leftovers(self.base)
         unmount_under(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
