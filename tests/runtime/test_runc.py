@@ -59,6 +59,11 @@ def test_runc_bundle(tmp_path, rootfs, graftd, scenario):
         key = scenario.check(graftd)
         assert key == f"graft-oci-{cid}"  # a named netns: `graft -n graft-oci-ID show` works
         check_metrics(graftd)
+        text = subprocess.run(["graft", "status", "--state-dir", graftd.state, "--runtime-dir", graftd.runtime],
+                              capture_output=True, text=True, timeout=30).stdout.splitlines()
+        assert text[0].startswith("graftd: pid ") and f"metrics 127.0.0.1:{graftd.metrics_port}" in text[0]
+        (line,) = [i for i, t in enumerate(text) if t.startswith(f"{key} mode seccomp oci {cid} ")]
+        assert f"  tcp 127.0.0.1:{scenario.http_port} LISTEN pid " in "\n".join(text[line + 1:])
     finally:
         runtime(graftd, root, "kill", cid, "KILL", check=False)
         for _ in range(50):
