@@ -23,7 +23,7 @@ fd = install_in_child(filter_program().assemble())
 c.sendmsg([b"listener"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
 os.close(fd); c.close()
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 8000)); s.listen()
+s.bind(("0.0.0.0", 8000)); s.listen(); s.settimeout(60)
 print("bound", s.getsockname(), flush=True)
 a, _ = s.accept(); a.sendall(b"agent ok"); a.close()
 """

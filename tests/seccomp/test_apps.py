@@ -44,7 +44,7 @@ def test_python_http_server_grafted(state_dir, ns, procs, tmp_path):
 
 def test_curl_client_through_egress(state_dir, ns, procs):
     port = free_port()
-    srv = subprocess.Popen([sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
+    srv = subprocess.Popen(["timeout", "300", sys.executable, "-m", "http.server", "-b", "127.0.0.1", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     procs.append(srv)
     wait_port("127.0.0.1", port)
@@ -156,7 +156,7 @@ def test_iperf3_both_directions(state_dir, make_netns, procs):
         assert _iperf_bytes(r.stdout) > 0
     # client in a container, server on the host, both directions
     hport = free_port()
-    host_srv = subprocess.Popen(["iperf3", "-s", "--forceflush", "-B", "127.0.0.1", "-p", str(hport)], stdout=subprocess.PIPE, text=True)
+    host_srv = subprocess.Popen(["timeout", "300", "iperf3", "-s", "--forceflush", "-B", "127.0.0.1", "-p", str(hport)], stdout=subprocess.PIPE, text=True)
     procs.append(host_srv)
     _iperf_ready(host_srv)
     for extra in ([], ["-R"]):

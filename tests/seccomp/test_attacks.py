@@ -219,7 +219,10 @@ def test_targets_killed_mid_notification(state_dir, ns, counter):
 DOOMED = """
 import errno, os, socket, sys, time
 print(os.getpid(), flush=True)
-while not os.path.exists(sys.argv[1]): time.sleep(0.05)
+deadline = time.monotonic() + 60  # an orphan by design: it must end by itself
+while not os.path.exists(sys.argv[1]):
+    if time.monotonic() > deadline: sys.exit(1)
+    time.sleep(0.05)
 s = socket.socket()
 try:
     s.bind(("0.0.0.0", 7000)); print("bound", flush=True)

@@ -9,13 +9,17 @@ from sockgraft.seccomp.measure import graft_run_args
 from tests.helpers import graft, graft_cmd
 
 
+MAX_LIFE = 300  # seconds
+
+
 def run_args(ns: str, cmd: list[str], endpoints=(), ingress=(), egress=()) -> list[str]:
     return graft_run_args(ns, cmd, endpoints, ingress, egress)
 
 
 def start(procs: list, ns: str, cmd: list[str], **kw) -> subprocess.Popen:
     """A long-running command in the container (stopped at teardown through `procs`)."""
-    p = subprocess.Popen([*graft_cmd(), *run_args(ns, cmd, **kw)], stdout=subprocess.PIPE,
+    # `timeout`: a server outlives nothing, even if this test run is killed before its teardown
+    p = subprocess.Popen([*graft_cmd(), *run_args(ns, ["timeout", str(MAX_LIFE), *cmd], **kw)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
     procs.append(p)
     return p
