@@ -403,13 +403,14 @@ class Supervisor:
         return nested, s, raw
 
     @staticmethod
-    def _decode(s: socket.socket, raw: bytes):
-        """(addr, port) the engine judges, or None when the kernel must reject or it is AF_UNSPEC."""
+    def _decode(s: socket.socket, raw: bytes, v4_on_v6: bool = True):
+        """(addr, port) the engine judges, or None when the kernel must reject or it is AF_UNSPEC.
+        An IPv6 socket may connect/sendto an AF_INET address (v4_on_v6), never bind one."""
         try:
             fam, addr, port = K.decode_sockaddr(raw)
         except K.BadSockaddr:
             return None
-        if fam == s.family or (s.family == socket.AF_INET6 and fam == socket.AF_INET):
+        if fam == s.family or (v4_on_v6 and s.family == socket.AF_INET6 and fam == socket.AF_INET):
             return addr, port
         return None
 
@@ -444,7 +445,7 @@ class Supervisor:
         with s:
             if s.family not in IP:
                 return self._send(t, n.id, cont=True)  # unix paths resolve in the task's root
-            target = self._decode(s, raw)
+            target = self._decode(s, raw, v4_on_v6=False)
             if self._is_host(s) or target is None:
                 return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
             d = self.policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
@@ -453,7 +454,8 @@ class Supervisor:
             self._audit(t, "bind", d, n, addr=target[0], port=target[1])
             if d.verdict == DENY:
                 raise Reply(d.errno)
-            if d.verdict == LOCAL:
+            if d.verdict == LOCAL or s.getsockname()[1] != 0:
+                # (a socket bound already gets the kernel's EINVAL, as natively)
                 return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
             appfd = n.args[0] & 0xFFFFFFFF
             cloexec = K.fd_cloexec(n.pid, appfd)
