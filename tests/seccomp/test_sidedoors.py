@@ -176,3 +176,17 @@ def test_grafted_server_socket_cannot_connect(state_dir, ns):
                 ingress=["0.0.0.0:8000=web"], egress=["127.0.0.0/8=out"])
         assert r.stdout.split("\n")[:3] == ["EISCONN", "listen ok", "EINVAL"]  # no second bind, as natively
         _assert_no_connection(l)
+
+
+def test_socket_bound_in_container_is_not_grafted_by_egress(state_dir, ns):
+    """Egress rules are for unbound sockets: a socket bound locally first stays in the container."""
+    with _host_listener() as l:
+        port = l.getsockname()[1]
+        code = ("import socket\n"
+                f"a=socket.socket();print(a.connect_ex(('127.0.0.1',{port})))\n"
+                f"b=socket.socket();b.bind(('127.0.0.1',0));print(b.connect_ex(('127.0.0.1',{port})))\n")
+        r = run(ns, [sys.executable, "-c", code], **client_egress())
+        assert r.stdout.split() == ["0", str(__import__("errno").ECONNREFUSED)]
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    connects = [a for a in audit if a["op"] == "connect"]
+    assert [a["event"] for a in connects] == ["grant", "local"] and "already bound" in connects[1]["reason"]

@@ -48,6 +48,7 @@ SWEEP_INTERVAL = 1.0
 TCP_ESTABLISHED = 1
 IP = (socket.AF_INET, socket.AF_INET6)
 NESTED_DECISION = Decision(LOCAL, reason="task in a nested netns: never grafted")
+BOUND_DECISION = Decision(LOCAL, reason="socket already bound in the container: egress rules are for unbound sockets")
 
 # options copied from the app's socket onto its host socket when they differ (level, name, size)
 COPIED_OPTIONS = (
@@ -491,8 +492,8 @@ class Supervisor:
                 return self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
             is_host = self._is_host(s)
             d = self.policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
-            if d.verdict == GRANT and not is_host and nested():
-                d = NESTED_DECISION
+            if d.verdict == GRANT and not is_host:
+                d = self._unbound_grant(t, n, s, d)
             self._audit(t, "connect", d, n, addr=target[0], port=target[1], grafted=is_host or None)
             if d.verdict == DENY:
                 raise Reply(d.errno)
@@ -508,6 +509,14 @@ class Supervisor:
         finally:
             if not keep:
                 s.close()
+
+    def _unbound_grant(self, t: Target, n: K.Notif, s: socket.socket, d: Decision) -> Decision:
+        """An egress grant holds for an unbound socket of a task in the container's own netns."""
+        if self._nested(t, n):
+            return NESTED_DECISION
+        if s.getsockname()[1] != 0:  # bound or connected in the container already (EISCONN stays)
+            return BOUND_DECISION
+        return d
 
     def _perform_connect(self, t: Target, n: K.Notif, s: socket.socket, raw: bytes) -> bool:
         """connect() on our duplicate with the copied bytes. Blocking stream sockets go to the
@@ -636,8 +645,8 @@ class Supervisor:
                 keep = self._perform_sendto(t, n, s, data, flags, raw)
                 return
             d = self.policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
-            if d.verdict == GRANT and not is_host and nested():
-                d = NESTED_DECISION
+            if d.verdict == GRANT and not is_host:
+                d = self._unbound_grant(t, n, s, d)
             self._audit(t, "sendto", d, n, addr=target[0], port=target[1], grafted=is_host or None)
             if d.verdict == DENY:
                 raise Reply(d.errno)
