@@ -43,8 +43,8 @@ class Audit:
     def flush(self) -> None:
         if not self._pending:
             return
-        line = "".join(_encode(r) + "\n" for r in self._pending)
-        self._pending.clear()
+        pending, self._pending = self._pending, []  # atomic swap: other threads may be recording
+        line = "".join(_encode(r) + "\n" for r in pending)
         fd = self._open()
         if fd is not None:
             try:

@@ -93,13 +93,11 @@ class Daemon:
         except ImportError as e:
             raise SpecError(f"the seccomp supervisor is not available ({e}): start graftd with --no-agent") from None
 
-        # its own audit writer: the fd service defers its lines until it is idle; the supervisor's
-        # go out at once (O_APPEND: the two writers never interleave within a line)
+        # its own audit writer: like the fd service, the supervisor writes its lines when its loop is
+        # idle (O_APPEND: the two writers never interleave within a line)
         self.seccomp_audit = MetricsAudit(self.state, self.metrics, echo=True)
-        self.supervisor = Supervisor(self.state, audit=self.seccomp_audit)
-        # the supervisor has no latency hook: time its per-notification step (if it still has one)
-        if callable(getattr(self.supervisor, "_serve_one", None)):
-            self.supervisor._serve_one = _timed(self.supervisor._serve_one, self.metrics, "seccomp")
+        self.supervisor = Supervisor(self.state, audit=self.seccomp_audit,
+                                     on_notification=lambda seconds: self.metrics.observe("seccomp", seconds))
         self.supervisor.start_thread()
         self.agent = Agent(self.agent_socket, Store(self.state), self.supervisor,
                            on_event=lambda event, **f: self.seccomp_audit.record(event, **f))
@@ -108,21 +106,7 @@ class Daemon:
 
     def supervised(self) -> dict[str, int]:
         """Live seccomp listeners per container key."""
-        if self.supervisor is None:
-            return {}
-        for _ in range(5):
-            try:
-                targets = list(getattr(self.supervisor, "targets", {}).values()) + list(getattr(self.supervisor, "_adds", ()))
-                break
-            except RuntimeError:  # changed while we looked
-                continue
-        else:
-            return {}
-        out: dict[str, int] = {}
-        for t in targets:
-            if not getattr(t, "closing", False):
-                out[t.key] = out.get(t.key, 0) + 1
-        return out
+        return {} if self.supervisor is None else self.supervisor.active_keys()
 
     def tick(self) -> None:
         self.sync()

@@ -101,9 +101,13 @@ class Reply(Exception):
 
 
 class Supervisor:
-    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, workers: int = 4):
+    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, workers: int = 4,
+                 on_notification=None):
+        """`on_notification(seconds)`, if given, is called with the time each notification took."""
         self.store = Store(state_dir)
         self.audit = audit or Audit(state_dir)
+        self.audit.deferred = True  # answer first, write the log lines when the loop is idle
+        self.on_notification = on_notification
         self.host_ino = os.stat("/proc/self/ns/net").st_ino
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
             self.host_cookie = K.netns_cookie(probe)
@@ -151,6 +155,22 @@ class Supervisor:
         self._adds.append(Target(listener_fd, container_key, ino))
         self._wake()
 
+    def active_keys(self) -> dict[str, int]:
+        """Live listeners per container key (safe to call from any thread)."""
+        for _ in range(5):
+            try:
+                targets = list(self.targets.values()) + list(self._adds)
+                break
+            except RuntimeError:  # the loop changed them while we looked
+                continue
+        else:
+            return {}
+        out: dict[str, int] = {}
+        for t in targets:
+            if not t.closing:
+                out[t.key] = out.get(t.key, 0) + 1
+        return out
+
     def start_thread(self) -> threading.Thread:
         self.thread = threading.Thread(target=self.run, name="graft-seccomp-supervisor", daemon=True)
         self.thread.start()
@@ -164,6 +184,7 @@ class Supervisor:
 
     def close(self) -> None:
         self.stop()
+        self.audit.flush()
         self._abort_jobs(only_dead=False)
         self._pool.shutdown(wait=True)
         for p in list(self.pending.values()):
@@ -191,6 +212,7 @@ class Supervisor:
                         self._dispatch(fd, ev)
                     except Exception as e:  # one bad event must not stop the loop for everyone
                         print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
+                self.audit.flush()
                 now = time.monotonic()
                 if now - self._last_sweep >= SWEEP_INTERVAL or self._deadline_due(now):
                     self._last_sweep = now
@@ -208,7 +230,12 @@ class Supervisor:
         elif fd in self.targets:
             t = self.targets[fd]
             if ev & select.EPOLLIN:
-                self._serve_one(t)
+                if self.on_notification is None:
+                    self._serve_one(t)
+                else:
+                    t0 = time.perf_counter()
+                    self._serve_one(t)
+                    self.on_notification(time.perf_counter() - t0)
             elif ev & (select.EPOLLHUP | select.EPOLLERR):
                 self._drop(t)
         elif fd in self.pending:
