@@ -33,10 +33,10 @@ def test_every_topology_carries_traffic_in_every_direction():
         want = {"python"} | ({"iperf3"} if topo != "graft-api" else set())
         dirs = {(r["workload"], r["direction"]) for r in res.records if r["topology"] == topo}
         assert dirs == {(w, d) for w in want for d in ("c2h", "h2c", "c2c")}, topo
-        assert all(res.traffic[topo][w] > 0 for w in want), res.traffic
+        assert all(res.traffic[topo][f"{w} bytes"] > 0 for w in want), res.traffic
     assert res.na["graft-api"]["iperf3"]
     # nat traffic really crossed the veths and the DNAT publish (host->container)
-    assert res.links["nat"] >= res.traffic["nat"]["iperf3"]
+    assert res.links["nat"] >= res.traffic["nat"]["iperf3 bytes"]
     assert res.dnat["nat"] > 0
     assert owned_processes(os.getpid()) == []
 

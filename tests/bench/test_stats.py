@@ -77,7 +77,7 @@ def test_markdown_report_has_ratios_paper_and_skips(tmp_path):
     res.na = {"graft-api": {"iperf3": "unmodified binaries cannot use the graft API"}}
     res.topologies = {"native": {"mtu": 65536, "describe": "lo"}, "nat": {"mtu": 1500, "describe": "bridge"},
                       "graft-preload": {"mtu": 65536, "describe": "grafted"}}
-    res.traffic = {"nat": {"iperf3": 123456}}
+    res.traffic = {"nat": {"iperf3 bytes": 123456}}
     text = report.markdown(res, [str(tmp_path / "iperf3-c2h-throughput.png")])
     assert "graft-preload/native" in text and "graft-preload/nat" in text
     assert "0.91×" in text and "2.00×" in text  # 10/11 and 10/5
@@ -86,6 +86,7 @@ def test_markdown_report_has_ratios_paper_and_skips(tmp_path):
     assert "n/a" in text and "unmodified binaries" in text
     assert "35.97" in text and "8.82" in text  # the paper beside ours
     assert "| 1500 |" in text  # MTU printed
+    assert "iperf3 bytes" in text and "123,456" in text
 
 
 def test_paper_notes_cover_the_headline_rows():

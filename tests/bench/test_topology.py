@@ -131,3 +131,27 @@ def test_sweep_removes_debris_of_a_killed_run():
     assert f"sgb{p.pid}nbr" in swept["links"]
     assert _leftovers(p.pid) == EMPTY
     assert p.pid not in _forward_owners()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_bench_tears_everything_down(sig, tmp_path):
+    from tests.helpers import graft_cmd
+
+    p = subprocess.Popen([*graft_cmd(), "bench", "--topologies", "native,nat,graft-api", "--workloads", "python",
+                          "--runs", "50", "--no-progress", "--out", str(tmp_path / "out")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        T.wait_until(lambda: len(_leftovers(p.pid)["processes"]) >= 2 or p.poll() is not None, 60, "bench servers")
+        assert p.poll() is None, p.stderr.read()
+        assert _leftovers(p.pid)["links"]
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode != 0
+    assert "Traceback" not in err
+    assert _leftovers(p.pid) == EMPTY
+    assert p.pid not in _forward_owners()
+    assert not (tmp_path / "out").exists()

@@ -128,12 +128,11 @@ def markdown(result, plots: list[str] = ()) -> str:
             "## All results", "", summary_table(result.records)]
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
-    out += ["## Traffic check", "",
-            "Bytes (iperf3, ZeroMQ, Python stream), requests (HTTP) or messages/operations (sockperf, control) "
-            "each topology moved over all measured runs:", "",
-            "| topology | " + " | ".join(WORKLOADS) + " |", "|---|" + "---|" * len(WORKLOADS)]
+    kinds = sorted({k for by_w in result.traffic.values() for k in by_w})
+    out += ["## Traffic check", "", "What each topology moved over all measured runs (the tools' own counts):", "",
+            "| topology | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for t, by_w in result.traffic.items():
-        out.append(f"| {t} | " + " | ".join(fmt(by_w.get(w)) for w in WORKLOADS) + " |")
+        out.append(f"| {t} | " + " | ".join(fmt(by_w.get(k)) for k in kinds) + " |")
     for t, n in result.links.items():
         out.append(f"\n{t}: {n:,} bytes through its veths; {result.dnat.get(t, 0):,} packets through the DNAT publish.")
     if result.errors:
@@ -186,7 +185,8 @@ def plots(result, out_dir: str) -> list[str]:
         ax.set_title(f"{workload}, {DIRECTION_NAMES.get(direction, direction)}"
                      + (" (lower is better)" if lower_is_better(unit) else ""), fontsize=10)
         ax.grid(axis="y", linestyle=":", linewidth=0.5)
-        ax.legend(fontsize=7, ncol=min(len(topos), 3))
+        ax.legend(fontsize=7, ncol=min(len(topos), 4), loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(labels) > 3 else -0.1),
+                  frameon=False)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{workload}-{direction}-{metric}.png")
         fig.savefig(path, dpi=110)

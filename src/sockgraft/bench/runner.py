@@ -27,7 +27,7 @@ class Result:
     errors: list[dict] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # topology -> why not measured
     na: dict[str, dict[str, str]] = field(default_factory=dict)  # topology -> workload -> why n/a
-    traffic: dict[str, dict[str, float]] = field(default_factory=dict)  # topology -> workload -> bytes/requests moved
+    traffic: dict[str, dict[str, float]] = field(default_factory=dict)  # topology -> "workload unit" -> amount moved
     links: dict[str, int] = field(default_factory=dict)  # nat topologies: bytes through their veths
     dnat: dict[str, int] = field(default_factory=dict)  # nat topologies: packets through the DNAT publish
     topologies: dict[str, dict] = field(default_factory=dict)  # name -> {"mtu", "describe"}
@@ -202,7 +202,8 @@ def _run_all(profile: Profile, workloads, active: list[Topology], result: Result
                             continue
                         if metric.startswith("_"):
                             tr = result.traffic.setdefault(tname, {})
-                            tr[w.name] = tr.get(w.name, 0) + sum(vals)
+                            k = f"{w.name} {metric[1:]}"
+                            tr[k] = tr.get(k, 0) + sum(vals)
                         else:
                             result.records.append(record(w.name, tname, direction, params, metric, unit, vals))
                     for tname, err in broken.items():

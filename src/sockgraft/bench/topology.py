@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -34,6 +35,7 @@ LOCK_PATH = "/run/sockgraft-bench.lock"
 FORWARD_STATE = "/run/sockgraft-bench.ip_forward.json"
 SUBNET_POOL = ipaddress.ip_network("10.213.0.0/16")
 SIDES = ("host", "c1", "c2")
+_NETNS_SERIAL = itertools.count(1)
 
 
 class TopologyError(Exception):
@@ -534,7 +536,6 @@ class Graft(Topology):
         self.name = f"graft-{mode}"
         self.graft_api = mode == "api"
         self.binaries = mode != "api"
-        self.counter = 0
         self.agents: dict[str, tuple[subprocess.Popen, int]] = {}
 
     def client_port(self, side: str) -> int:
@@ -611,8 +612,7 @@ class Graft(Topology):
     def command(self, side: str, cmd: list[str], ports: list[int]) -> list[str]:
         if side == "host":
             return cmd
-        self.counter += 1
-        ns = f"{tag()}-g{self.counter}"
+        ns = f"{tag()}-g{next(_NETNS_SERIAL)}"  # one netns per process, unique across topologies
         args = [*graft_cmd(), "run", "--mode", self.mode, "-n", ns,
                 "--endpoint", "out type ipv4 addr 127.0.0.1 port dynamic", "--egress", "127.0.0.0/8=out"]
         for port in ports:

@@ -276,9 +276,10 @@ class Http(Workload):
         return profile.http_directions
 
     def start(self, servers, side, params):
-        d = tempfile.mkdtemp(prefix=f"sgb{os.getpid()}-nginx-")
-        os.chmod(d, 0o755)
+        d = os.path.join(servers.logdir, "nginx")  # removed with the server logs
         os.makedirs(os.path.join(d, "www"))
+        os.chmod(servers.logdir, 0o755)
+        os.chmod(d, 0o755)
         for n in (64, KIB, 4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB, MIB):
             with open(os.path.join(d, "www", size_label(n)), "wb") as f:
                 f.write(b"x" * n)
