@@ -301,8 +301,8 @@ class Topology:
         self.procs.append(p)
         return p
 
-    def run(self, side: str, cmd: list[str], ports: list[int] = (), timeout: float = 120) -> str:
-        """Run a client to completion; its stdout (raises on failure, with its stderr)."""
+    def run(self, side: str, cmd: list[str], ports: list[int] = (), timeout: float = 120, stderr: bool = False) -> str:
+        """Run a client to completion; its stdout (and stderr after it, with stderr=True); raises on failure."""
         p = self.popen(side, cmd, ports, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             out, err = p.communicate(timeout=timeout)
@@ -315,7 +315,7 @@ class Topology:
         if p.returncode != 0:
             last = (err or out).strip().splitlines()[-3:]
             raise TopologyError(f"{os.path.basename(cmd[0])} exited {p.returncode} in {self.name}/{side}: {' | '.join(last)}")
-        return out
+        return out + err if stderr else out
 
     def client_port(self, side: str) -> int:
         """A port a client on `side` may bind (the control-path bind benchmark)."""
@@ -552,9 +552,9 @@ class Graft(Topology):
             self.agents[side] = (p, port)
         return self.agents[side]
 
-    def run(self, side: str, cmd: list[str], ports: list[int] = (), timeout: float = 120) -> str:
+    def run(self, side: str, cmd: list[str], ports: list[int] = (), timeout: float = 120, stderr: bool = False) -> str:
         if side == "host":
-            return super().run(side, cmd, ports, timeout)
+            return super().run(side, cmd, ports, timeout, stderr)
         agent, _port = self._agent(side)
         with _alarm(int(timeout) + 30, f"waiting for the {self.name} agent"):
             agent.stdin.write(json.dumps({"cmd": cmd, "timeout": timeout}) + "\n")
@@ -566,7 +566,7 @@ class Graft(Topology):
         if reply["rc"] != 0:
             last = (reply["err"] or reply["out"]).strip().splitlines()[-3:]
             raise TopologyError(f"{os.path.basename(cmd[0])} exited {reply['rc']} in {self.name}/{side}: {' | '.join(last)}")
-        return reply["out"]
+        return reply["out"] + reply["err"] if stderr else reply["out"]
 
     def teardown(self) -> None:
         for agent, _port in self.agents.values():

@@ -305,7 +305,8 @@ class Http(Workload):
         with open(rc, "w") as f:
             f.write(f"connection = {'keep-alive' if params['conn'] == 'keepalive' else 'close'}\nprotocol = HTTP/1.1\n"
                     "logging = false\nshow-logfile = false\nparser = false\nfailures = 1000000\n")
-        out = topo.run(client_side, ["siege", "-R", rc, "-b", "-c", str(params["c"]), "-t", f"{secs}S", url], timeout=60)
+        out = topo.run(client_side, ["siege", "-R", rc, "-b", "-c", str(params["c"]), "-t", f"{secs}S", url], timeout=60,
+                       stderr=True)  # siege prints its statistics on stderr
         return parse_siege(out)
 
 
