@@ -62,3 +62,13 @@ def test_cli_bad_input_is_one_line():
     p = graft("bench", "--topologies", "nonesuch", "--no-progress", check=False)
     assert p.returncode != 0
     assert p.stderr.strip().count("\n") == 0 and "unknown topology nonesuch" in p.stderr
+
+
+def test_siege_and_new_connection_per_request():
+    prof = Profile("tiny-http", runs=1, warmup=0, seconds=1, http_sizes=(), http_close_sizes=(1024,),
+                   siege_sizes=(64,), http_directions=("h2c",))
+    res = run_bench(prof, ["native", "graft-preload"], ["http"], progress=False)
+    assert not res.errors, res.errors
+    got = {(r["topology"], r["params"]["tool"], r["params"]["conn"]) for r in res.records}
+    for topo in res.topologies:
+        assert {(topo, "wrk", "close"), (topo, "siege", "keepalive")} <= got
