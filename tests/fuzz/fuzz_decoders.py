@@ -1,5 +1,6 @@
 """Coverage-guided fuzzing (atheris) of every decoder that takes input from a container or a user:
-the fd-service protocol, endpoint specs, ingress/egress specs and sockaddr decoding.
+the fd-service protocol, endpoint specs, ingress/egress specs, sockaddr decoding and the OCI
+container state that runc sends graftd's seccomp agent.
 Any exception other than the decoder's own "bad input" error is a crash.
 
     python3 tests/fuzz/fuzz_decoders.py -max_total_time=60
@@ -10,6 +11,7 @@ import atheris
 
 with atheris.instrument_imports():
     from sockgraft import endpoint, protocol, rules
+    from sockgraft.runtime import agent
     from sockgraft.seccomp import kernel
 
 TARGETS = [
@@ -19,6 +21,7 @@ TARGETS = [
     (lambda b: rules.parse_ingress(b.decode("utf-8", "surrogateescape")), (endpoint.SpecError,)),
     (lambda b: rules.parse_egress(b.decode("utf-8", "surrogateescape")), (endpoint.SpecError,)),
     (lambda b: kernel.decode_sockaddr(b), (kernel.BadSockaddr,)),
+    (lambda b: agent.parse_message(b, []), (agent.AgentError,)),
 ]
 
 

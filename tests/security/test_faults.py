@@ -1,6 +1,7 @@
 """Fault injection: a daemon killed under load, a full disk, a read-only state dir."""
 import http.client
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -8,7 +9,7 @@ import time
 import pytest
 
 from tests.e2e.test_graftd import graftd, wait_for
-from tests.helpers import free_port, graft, stop, wait_port
+from tests.helpers import free_port, graft, graft_cmd, wait_port
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "api_http_server.py")
 
@@ -94,3 +95,53 @@ def test_disk_full_and_read_only_state_dir(small_fs, ns, monkeypatch):
     assert p.returncode == 1 and p.stderr.startswith("graft: state database") and p.stderr.count("\n") == 1, p.stderr
     p = graft("-n", ns, "show", check=False)
     assert p.returncode == 0 and p.stdout.splitlines()[:5] == shown[:5], p.stderr
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_kill_seccomp_supervisor_under_iperf3_and_http_load(tmp_path, state_dir, make_netns, procs):
+    """kill -9 of `graft run --mode seccomp` (the supervisor) while iperf3 and HTTP flow: the flows
+    go on (the data path does not cross the supervisor); the orphaned programs are ours to stop."""
+    pytest.importorskip("sockgraft.seccomp.attach")
+    import json
+
+    iperf_port, http_port = free_port(), free_port()
+    (tmp_path / "index.html").write_text("grafted\n")
+    runs = []
+    for ns, ep, pair, cmd in (  # iperf3 listens on [::] (dual-stack): an IPv6 socket on an IPv4 endpoint
+        (make_netns(), f"ep type ipv4 addr 127.0.0.1 port {iperf_port}", "[::]:5201=ep", ["iperf3", "-s", "-p", "5201"]),
+        (make_netns(), f"ep type ipv4 addr 127.0.0.1 port {http_port}", "0.0.0.0:8000=ep",
+         [sys.executable, "-m", "http.server", "-d", str(tmp_path), "8000"]),
+    ):
+        run = subprocess.Popen([*graft_cmd(), "run", "-n", ns, "--mode", "seccomp", "--endpoint", ep, "--ingress", pair,
+                                "--", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(run)
+        runs.append(run)
+    wait_port("127.0.0.1", http_port)
+    time.sleep(0.5)  # iperf3 counts a probe as a failed test: give it time to listen instead
+    apps = [c for r in runs for c in children(r.pid)]
+    try:
+        client = subprocess.Popen(["iperf3", "-J", "-c", "127.0.0.1", "-p", str(iperf_port), "-t", "4", "-i", "1"],
+                                  stdout=subprocess.PIPE, text=True)
+        keepalive = http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)
+        assert get(keepalive) == b"grafted\n"
+        time.sleep(1.5)
+        for r in runs:  # the supervisors die mid-transfer
+            r.kill()
+            r.wait()
+        out, _ = client.communicate(timeout=30)
+        intervals = [i["sum"]["bytes"] for i in json.loads(out)["intervals"]]
+        assert len(intervals) >= 4 and all(b > 0 for b in intervals), intervals  # no gap after the kill
+        for _ in range(20):  # the established connection and new ones to the grafted listener
+            assert get(keepalive) == b"grafted\n"
+            assert get(http.client.HTTPConnection("127.0.0.1", http_port, timeout=5)) == b"grafted\n"
+        keepalive.close()
+    finally:
+        for pid in apps:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
