@@ -459,6 +459,17 @@ class Supervisor:
             raise
         return h
 
+    def _replacement(self, n: K.Notif, s: socket.socket, d: Decision) -> tuple[socket.socket, int, bool, int]:
+        """The host socket that will replace the app's fd (arg 0), with what installing it needs:
+        the fd number, its close-on-exec flag and the app socket's O_NONBLOCK."""
+        appfd = n.args[0] & 0xFFFFFFFF
+        cloexec = K.fd_cloexec(n.pid, appfd)
+        nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
+        try:
+            return self._host_socket(s, d), appfd, cloexec, nonblock
+        except OSError as e:
+            raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+
     def _install(self, t: Target, n: K.Notif, h: socket.socket, appfd: int, cloexec: bool) -> None:
         try:
             K.notif_addfd(t.fd, n.id if isinstance(n, K.Notif) else n, h.fileno(), appfd, cloexec)
@@ -485,13 +496,7 @@ class Supervisor:
             if d.verdict == LOCAL or s.getsockname()[1] != 0:
                 # (a socket bound already gets the kernel's EINVAL, as natively)
                 return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
-            appfd = n.args[0] & 0xFFFFFFFF
-            cloexec = K.fd_cloexec(n.pid, appfd)
-            nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-            try:
-                h = self._host_socket(s, d)
-            except OSError as e:
-                raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+            h, appfd, cloexec, nonblock = self._replacement(n, s, d)
             with h:
                 h.setblocking(not nonblock)
                 if s.type == socket.SOCK_STREAM:
@@ -589,13 +594,7 @@ class Supervisor:
                     pass
 
     def _graft_connect(self, t: Target, n: K.Notif, s: socket.socket, d: Decision, raw: bytes) -> None:
-        appfd = n.args[0] & 0xFFFFFFFF
-        cloexec = K.fd_cloexec(n.pid, appfd)
-        nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-        try:
-            h = self._host_socket(s, d)
-        except OSError as e:
-            raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+        h, appfd, cloexec, nonblock = self._replacement(n, s, d)
         try:
             h.setblocking(False)
             err = K.raw_call("connect", h.fileno(), raw)
@@ -685,13 +684,7 @@ class Supervisor:
             if d.verdict == LOCAL or s.type != socket.SOCK_DGRAM:
                 keep = self._perform_sendto(t, n, s, data, flags, raw)
                 return
-            appfd = n.args[0] & 0xFFFFFFFF
-            cloexec = K.fd_cloexec(n.pid, appfd)
-            nonblock = fcntl.fcntl(s.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK
-            try:
-                h = self._host_socket(s, d)
-            except OSError as e:
-                raise Reply(e.errno or errno.EADDRNOTAVAIL) from None
+            h, appfd, cloexec, nonblock = self._replacement(n, s, d)
             with h:
                 h.setblocking(not nonblock)
                 sent, err = K.raw_sendto(h.fileno(), data, flags | socket.MSG_DONTWAIT, raw)
