@@ -84,6 +84,49 @@ def attach_modes() -> dict[str, type[Attach]]:
     return modes
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_debris() -> None:
+    """Remove what a `graft run` killed with SIGKILL left: its socket directory and its own netns
+    (`graft-run-PID`, once no process is left in it)."""
+    try:
+        entries = os.listdir(RUNTIME_DIR)
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        parts = entry.split("-")
+        if len(parts) >= 3 and parts[0] == "run" and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(os.path.join(RUNTIME_DIR, entry), ignore_errors=True)
+    try:
+        names = os.listdir(netns.NETNS_RUN_DIR)
+    except FileNotFoundError:
+        return
+    for name in names:
+        pid = name[len("graft-run-"):]
+        if name.startswith("graft-run-") and pid.isdigit() and not _pid_alive(int(pid)):
+            ino = netns.named_ino(name)
+            if ino is not None and not _netns_in_use(ino):
+                netns.remove(name)
+
+
+def _netns_in_use(ino: int) -> bool:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def _exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
@@ -96,6 +139,7 @@ def run(spec: RunSpec) -> int:
         raise SpecError("no command to run (graft run ... -- CMD [ARG...])")
     if shutil.which(spec.cmd[0], path=os.environ.get("PATH")) is None and not os.path.exists(spec.cmd[0]):
         raise SpecError(f"command not found: {spec.cmd[0]}")
+    sweep_debris()
     name = spec.netns or f"graft-run-{os.getpid()}"
     undo: list = []  # cleanup steps, run in reverse
     store = Store(spec.state_dir)
@@ -125,7 +169,7 @@ def run(spec: RunSpec) -> int:
             undo.append(lambda: store.set_rules(key, [str(p) for p in old.ingress], [str(r) for r in old.egress]))
 
         os.makedirs(RUNTIME_DIR, exist_ok=True)
-        workdir = tempfile.mkdtemp(prefix="run-", dir=RUNTIME_DIR)
+        workdir = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=RUNTIME_DIR)
         os.chmod(workdir, 0o755)
         undo.append(lambda: shutil.rmtree(workdir, ignore_errors=True))
         sock_path = os.path.join(workdir, "graft.sock")

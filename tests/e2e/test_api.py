@@ -268,3 +268,28 @@ def test_bad_run_input(state_dir):
                       (["run", "--", "/no/such/program"], "command not found")):
         p = graft(*args, check=False)
         assert p.returncode != 0 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_run_sweeps_what_a_killed_run_left(state_dir):
+    """A `graft run` killed with SIGKILL cannot clean up; the next one removes its debris."""
+    p = subprocess.Popen([*graft_cmd(), "run", "--", "sh", "-c", 'echo "$GRAFT_SOCKET $GRAFT_NETNS"; exec sleep 60'],
+                         stdout=subprocess.PIPE, text=True)
+    sock, name = p.stdout.readline().split()
+    app = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+    p.kill()
+    p.wait()
+    assert os.path.exists(sock) and os.path.exists(f"/run/netns/{name}")
+    try:
+        graft("run", "--", "true")
+        assert not os.path.exists(os.path.dirname(sock))
+        assert os.path.exists(f"/run/netns/{name}")  # its orphaned command still lives in it
+        os.kill(app, signal.SIGKILL)
+        time.sleep(0.2)
+        graft("run", "--", "true")
+        assert not os.path.exists(f"/run/netns/{name}")
+    finally:
+        try:
+            os.kill(app, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
