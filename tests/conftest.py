@@ -7,19 +7,10 @@ import subprocess
 
 import pytest
 
+from sockgraft.netns import pid_alive
 from tests.helpers import stop
 
 NETNS_PREFIX = "sgt"  # every netns a test creates is named sgt<PID>-<N>
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def pytest_sessionstart(session):
@@ -31,7 +22,7 @@ def pytest_sessionstart(session):
     for name in names:
         head, dash, _ = name.partition("-")
         if name.startswith(NETNS_PREFIX) and dash and head[len(NETNS_PREFIX):].isdigit():
-            if not _alive(int(head[len(NETNS_PREFIX):])):
+            if not pid_alive(int(head[len(NETNS_PREFIX):])):
                 subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 

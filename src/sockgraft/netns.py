@@ -138,6 +138,35 @@ def remove(name: str) -> None:
         pass
 
 
+# -- processes ----------------------------------------------------------------------------------
+def pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie counts as dead: it will never clean up)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def pids_in_netns(ino: int) -> list[int]:
+    """The processes whose netns has this inode."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.stat(f"/proc/{name}/ns/net").st_ino == ino:
+                    pids.append(int(name))
+            except OSError:
+                continue
+    return sorted(pids)
+
+
 # -- who is on the other end of a unix socket ------------------------------------------------------
 def peer_netns_ino(conn: socket.socket) -> int:
     """Netns inode of the process that connected `conn`, without a pid-reuse race:

@@ -84,16 +84,6 @@ def attach_modes() -> dict[str, type[Attach]]:
     return modes
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def sweep_debris() -> None:
     """Remove what a `graft run` killed with SIGKILL left: its socket directory and its own netns
     (`graft-run-PID`, once no process is left in it)."""
@@ -103,7 +93,7 @@ def sweep_debris() -> None:
         entries = []
     for entry in entries:
         parts = entry.split("-")
-        if len(parts) >= 3 and parts[0] == "run" and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) >= 3 and parts[0] == "run" and parts[1].isdigit() and not netns.pid_alive(int(parts[1])):
             shutil.rmtree(os.path.join(RUNTIME_DIR, entry), ignore_errors=True)
     try:
         names = os.listdir(netns.NETNS_RUN_DIR)
@@ -111,20 +101,10 @@ def sweep_debris() -> None:
         return
     for name in names:
         pid = name[len("graft-run-"):]
-        if name.startswith("graft-run-") and pid.isdigit() and not _pid_alive(int(pid)):
+        if name.startswith("graft-run-") and pid.isdigit() and not netns.pid_alive(int(pid)):
             ino = netns.named_ino(name)
-            if ino is not None and not _netns_in_use(ino):
+            if ino is not None and not netns.pids_in_netns(ino):
                 netns.remove(name)
-
-
-def _netns_in_use(ino: int) -> bool:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _exit_status(code: int) -> int:

@@ -15,6 +15,7 @@ import time
 
 import click
 
+from .netns import pids_in_netns
 from .run import RUNTIME_DIR
 from .store import Store, state_dir
 
@@ -66,18 +67,6 @@ def host_sockets(proc_net: str = "/proc/self/net") -> dict[int, dict]:
     except OSError:
         pass
     return out
-
-
-def pids_in_netns(ino: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.stat(f"/proc/{name}/ns/net").st_ino == ino:
-                    pids.append(int(name))
-            except OSError:
-                continue
-    return sorted(pids)
 
 
 def grafted_sockets(ino: int, host: dict[int, dict], host_ino: int) -> list[dict]:

@@ -1,7 +1,6 @@
 """The protocol extension the preload library uses: rules of the caller's environment travel on
 bind/connect requests and are evaluated by the engine against the container's own table."""
 import errno
-import socket
 
 import pytest
 

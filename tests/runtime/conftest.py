@@ -7,21 +7,11 @@ import subprocess
 
 import pytest
 
-from tests.conftest import _alive
+from sockgraft.netns import pid_alive, pids_in_netns
 from tests.runtime.common import Graftd, Scenario, build_rootfs
 
 
 _DEBRIS = re.compile(r"^graft-oci-(sgt(\d+)-\d+|[0-9a-f]{24})$")
-
-
-def _netns_in_use(ino: int) -> bool:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if os.stat(f"/proc/{pid}/ns/net").st_ino == ino:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def pytest_sessionstart(session):
@@ -32,10 +22,10 @@ def pytest_sessionstart(session):
         if not m:
             continue
         if m[2] is not None:
-            dead = not _alive(int(m[2]))
+            dead = not pid_alive(int(m[2]))
         else:
             try:
-                dead = not _netns_in_use(os.stat(f"/run/netns/{name}").st_ino)
+                dead = not pids_in_netns(os.stat(f"/run/netns/{name}").st_ino)
             except OSError:
                 continue
         if dead:

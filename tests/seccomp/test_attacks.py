@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, graft_cmd
+from tests.helpers import graft_cmd
 from tests.seccomp.util import client_egress, fd_targets, run, run_args, wait_for
 
 

@@ -2,7 +2,6 @@
 port or protocol outside its table. Each attempt is a real syscall in a real netns; the host side
 counts what arrived. Escapes must be 0."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import threading
 import pytest
 
 from sockgraft.run import attach_modes
-from tests.helpers import free_port, graft, graft_cmd, wait_port
+from tests.helpers import free_port, graft_cmd, wait_port
 
 MODES = [m for m in ("api", "preload", "seccomp") if m in attach_modes()]
 

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from tests.helpers import free_port, graft_cmd, stop
 

@@ -3,7 +3,6 @@ graftd serves OCI containers: listeners handed over a unix socket). Every connec
 its own container's endpoint, none may fail, and the supervisor must hold no more fds afterwards."""
 from __future__ import annotations
 
-import array
 import json
 import os
 import socket
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import threading
 
-import pytest
 
 from sockgraft import netns
 from sockgraft.endpoint import parse_endpoint

@@ -8,7 +8,6 @@ import platform
 import shutil
 import signal
 import tempfile
-import time
 from dataclasses import dataclass, field
 from itertools import groupby
 

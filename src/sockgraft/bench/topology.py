@@ -25,9 +25,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .. import netns as sg_netns
+from ..netns import pid_alive as alive
 
 PREFIX = "sgb"
 OWNER_ENV = "SGB_OWNER"
@@ -49,20 +50,6 @@ def tag(pid: int | None = None) -> str:
 def owner_of(name: str) -> int | None:
     m = re.match(rf"^{PREFIX}(\d+)", name)
     return int(m.group(1)) if m else None
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @contextlib.contextmanager
