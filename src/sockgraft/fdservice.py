@@ -61,8 +61,6 @@ class FdService:
         self.sel = selectors.DefaultSelector()
         self.listeners: dict[str, tuple[socket.socket, str]] = {}
         self.connections: dict[str, int] = {}
-        self._policies: dict[str, object] = {}
-        self._version = -1
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
@@ -203,18 +201,6 @@ class FdService:
                 sock.close()
 
     # -- one request -----------------------------------------------------------------------------
-    def _policy(self, key: str):
-        version = self.store.data_version()
-        if version != self._version:
-            self._policies.clear()
-            self._version = version
-        if key not in self._policies:
-            self._policies[key] = self.store.policy(key)
-        return self._policies[key]
-
-    def invalidate(self) -> None:
-        self._version = -1
-
     def _expected_ino(self, key: str) -> int | None:
         if key.startswith("netns:"):
             return int(key[6:])
@@ -234,7 +220,7 @@ class FdService:
                               errno=errno.EPERM, reason=reason, caller_netns=caller_ino)
             return _err(errno.EPERM, reason), None
         try:
-            policy = self._policy(key)
+            policy = self.store.cached_policy(key)
         except StoreError as e:
             return _err(errno.EIO, str(e)), None
         if req.rules:

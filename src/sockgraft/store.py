@@ -63,6 +63,8 @@ class Store:
         self.dir = state_dir(directory)
         self.path = os.path.join(self.dir, DB_NAME)
         self.readonly = False
+        self._policies: dict[str, Policy] = {}  # cached_policy(), valid for one data_version
+        self._policies_at: int | None = None
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self.db = self._connect(self.path)
@@ -126,6 +128,7 @@ class Store:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            self._policies.clear()  # our own commits do not change our data_version
         except sqlite3.Error as e:
             raise StoreError(f"state database {self.path}: {e}") from None
 
@@ -212,6 +215,18 @@ class Store:
             for kind, specs in (("ingress", parsed[0]), ("egress", parsed[1])):
                 for seq, spec in enumerate(specs):
                     self.db.execute("INSERT INTO rules VALUES (?, ?, ?, ?)", (key, kind, seq, str(spec)))
+
+    def cached_policy(self, key: str) -> Policy:
+        """`policy(key)`, read again only after a write by anyone: the hot path of the fd service
+        and the seccomp supervisor (a changed table takes effect at the next request)."""
+        version = self.data_version()
+        if version != self._policies_at:
+            self._policies.clear()
+            self._policies_at = version
+        pol = self._policies.get(key)
+        if pol is None:
+            pol = self._policies[key] = self.policy(key)
+        return pol
 
     def policy(self, key: str) -> Policy:
         """Everything the engine needs to decide for this container, read in one snapshot."""

@@ -121,8 +121,6 @@ class Supervisor:
         self._stop = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graft-seccomp")
         self._jobs: dict[socket.socket, tuple] = {}
-        self._policies: dict[str, object] = {}
-        self._data_version = None
         self._last_sweep = time.monotonic()
         self.stats: Counter = Counter()
         self.thread: threading.Thread | None = None
@@ -319,16 +317,6 @@ class Supervisor:
                 del self.pending[fd]
                 self._finish_connect(p, timed_out=True)
 
-    def policy(self, key: str):
-        version = self.store.data_version()
-        if version != self._data_version:
-            self._policies.clear()
-            self._data_version = version
-        pol = self._policies.get(key)
-        if pol is None:
-            pol = self._policies[key] = self.store.policy(key)
-        return pol
-
     def _send(self, t: Target, nid: int, val: int = 0, err: int = 0, cont: bool = False) -> None:
         try:
             K.notif_send(t.fd, nid, val, err, cont)
@@ -487,7 +475,7 @@ class Supervisor:
             target = self._decode(s, raw, v4_on_v6=False)
             if self._is_host(s) or target is None:
                 return self._send(t, n.id, err=K.raw_call("bind", s.fileno(), raw))
-            d = self.policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
+            d = self.store.cached_policy(t.key).bind(s.family, target[0], target[1], s.type, s.proto)
             if d.verdict == GRANT and nested():
                 d = NESTED_DECISION
             self._audit(t, "bind", d, n, addr=target[0], port=target[1])
@@ -523,7 +511,7 @@ class Supervisor:
             if target is None:  # AF_UNSPEC (dissolve the association) or malformed: the kernel says
                 return self._send(t, n.id, err=K.raw_call("connect", s.fileno(), raw))
             is_host = self._is_host(s)
-            d = self.policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
+            d = self.store.cached_policy(t.key).connect(s.family, target[0], target[1], s.type, s.proto)
             if d.verdict == GRANT and not is_host:
                 d = self._unbound_grant(t, n, s, d)
             self._audit(t, "connect", d, n, addr=target[0], port=target[1], grafted=is_host or None)
@@ -670,7 +658,7 @@ class Supervisor:
                 # (a UDP server's replies); its sendmsg() is not trapped either (docs/SECCOMP.md)
                 keep = self._perform_sendto(t, n, s, data, flags, raw)
                 return
-            d = self.policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
+            d = self.store.cached_policy(t.key).sendto(s.family, target[0], target[1], s.type, s.proto)
             if d.verdict == GRANT and not is_host:
                 d = self._unbound_grant(t, n, s, d)
             self._audit(t, "sendto", d, n, addr=target[0], port=target[1], grafted=is_host or None)
