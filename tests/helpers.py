@@ -1,6 +1,7 @@
 """Helpers for tests: free loopback ports, the `graft` command as a user runs it, waiting, stopping."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -56,3 +57,24 @@ def stop(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
+    """Poll `pred` until it returns something true; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]

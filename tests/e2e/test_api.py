@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import free_port, graft, graft_cmd, stop, wait_port
+from tests.helpers import children, free_port, graft, graft_cmd, stop, wait_port
 
 
 def script(tmp_path, name: str, body: str) -> str:
@@ -275,7 +275,7 @@ def test_run_sweeps_what_a_killed_run_left(state_dir):
     p = subprocess.Popen([*graft_cmd(), "run", "--", "sh", "-c", 'echo "$GRAFT_SOCKET $GRAFT_NETNS"; exec sleep 60'],
                          stdout=subprocess.PIPE, text=True)
     sock, name = p.stdout.readline().split()
-    app = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+    app = children(p.pid)[0]
     p.kill()
     p.wait()
     assert os.path.exists(sock) and os.path.exists(f"/run/netns/{name}")

@@ -7,7 +7,7 @@ import sys
 import time
 
 
-from tests.helpers import free_port, graft, stop
+from tests.helpers import free_port, graft, stop, wait_for
 
 ASK = ("import socket, sys, sockgraft; s = sockgraft.socket(); s.bind(sys.argv[1]); "
        "print(*s.getsockname()[:2], flush=True)")
@@ -18,13 +18,6 @@ def graftd(state_dir: str, runtime_dir: str) -> subprocess.Popen:
     cmd = [exe] if exe else [sys.executable, "-c", "from sockgraft.daemon import main; main()"]
     return subprocess.Popen([*cmd, "--state-dir", state_dir, "--runtime-dir", runtime_dir],
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: str, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def ask_inside(ns: str, sock: str, name: str) -> subprocess.CompletedProcess:
@@ -39,7 +32,7 @@ def test_serves_tables_survives_restart_and_sees_changes(tmp_path, state_dir, ns
     d = graftd(state_dir, runtime)
     procs.append(d)
     sock = os.path.join(runtime, "fd", f"{ns}.sock")
-    wait_for(sock)
+    wait_for(lambda: os.path.exists(sock), what=sock)
     p = ask_inside(ns, sock, "ep-http")
     assert p.stdout.split() == ["127.0.0.1", str(port)], p.stderr
     # a table change is picked up without a restart
@@ -74,7 +67,7 @@ def test_serves_tables_survives_restart_and_sees_changes(tmp_path, state_dir, ns
 def test_second_graftd_is_refused(tmp_path, state_dir, procs):
     d = graftd(state_dir, str(tmp_path / "run"))
     procs.append(d)
-    wait_for(os.path.join(state_dir, "graftd.lock"))
+    wait_for(lambda: os.path.exists(os.path.join(state_dir, "graftd.lock")), what="graftd.lock")
     time.sleep(0.5)
     d2 = graftd(state_dir, str(tmp_path / "run"))
     _, err = d2.communicate(timeout=20)

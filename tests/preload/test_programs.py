@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import free_port, graft, stop, wait_port
+from tests.helpers import free_port, graft, stop, wait_for, wait_port
 from tests.preload.conftest import ep
 
 PY = sys.executable
@@ -276,14 +276,14 @@ def test_config_prints_installed_paths(preload_lib):
 def test_by_hand_under_graftd(tmp_path, state_dir, ns, procs, preload_lib):
     """No `graft run`: graftd serves the table, the program is started with LD_PRELOAD and
     GRAFT_CONV_PAIRS by hand; the pairs travel on the requests (nothing is stored)."""
-    from tests.e2e.test_graftd import graftd, wait_for
+    from tests.e2e.test_graftd import graftd
 
     port = free_port()
     graft("-n", ns, "add", "ep-http", "type", "ipv4", "addr", "127.0.0.1", "port", str(port))
     runtime = str(tmp_path / "run")
     procs.append(graftd(state_dir, runtime))
     sock = os.path.join(runtime, "fd", f"{ns}.sock")
-    wait_for(sock)
+    wait_for(lambda: os.path.exists(sock), what=sock)
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "by-hand").write_text("by hand\n")
     procs.append(subprocess.Popen(

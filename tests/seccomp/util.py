@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 
 from sockgraft.seccomp.measure import graft_run_args
-from tests.helpers import graft, graft_cmd
+from tests.helpers import fd_count, graft, graft_cmd, wait_for  # noqa: F401  (the seccomp tests' helpers)
 
 
 MAX_LIFE = 300  # seconds
@@ -33,21 +32,6 @@ def client_egress(port_dynamic_name: str = "out") -> dict:
     """Endpoint + egress rule for a container client dialing host loopback."""
     return {"endpoints": [f"{port_dynamic_name} type ipv4 addr 127.0.0.1 port dynamic"],
             "egress": [f"127.0.0.0/8={port_dynamic_name}"]}
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def wait_for(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def refused(port: int, addr: str = "127.0.0.1") -> bool:

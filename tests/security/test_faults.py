@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tests.e2e.test_graftd import graftd, wait_for
-from tests.helpers import free_port, graft, graft_cmd, wait_port
+from tests.e2e.test_graftd import graftd
+from tests.helpers import children, free_port, graft, graft_cmd, wait_for, wait_port
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "api_http_server.py")
 
@@ -27,7 +27,7 @@ def test_kill_graftd_under_http_load(tmp_path, state_dir, ns, procs):
     d = graftd(state_dir, runtime)
     procs.append(d)
     sock = os.path.join(runtime, "fd", f"{ns}.sock")
-    wait_for(sock)
+    wait_for(lambda: os.path.exists(sock), what=sock)
     (tmp_path / "index.html").write_text("grafted\n")
     env = dict(os.environ, GRAFT_SOCKET=sock)
     server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, EXAMPLE, "ep-http", str(tmp_path)],
@@ -95,11 +95,6 @@ def test_disk_full_and_read_only_state_dir(small_fs, ns, monkeypatch):
     assert p.returncode == 1 and p.stderr.startswith("graft: state database") and p.stderr.count("\n") == 1, p.stderr
     p = graft("-n", ns, "show", check=False)
     assert p.returncode == 0 and p.stdout.splitlines()[:5] == shown[:5], p.stderr
-
-
-def children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
 
 
 def test_kill_seccomp_supervisor_under_iperf3_and_http_load(tmp_path, state_dir, make_netns, procs):

@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 
-from tests.helpers import free_port, graft_cmd, stop
+from tests.helpers import fd_count, free_port, graft_cmd, stop
 
 
 def run_inside_service(ns: str, port: int, procs) -> tuple[subprocess.Popen, str]:
@@ -24,10 +24,6 @@ def run_inside_service(ns: str, port: int, procs) -> tuple[subprocess.Popen, str
 def inside(ns: str, sock: str, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", textwrap.dedent(code)],
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ, GRAFT_SOCKET=sock))
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 MALFORMED = r"""
