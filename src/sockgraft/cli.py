@@ -93,13 +93,13 @@ def run(ctx, netns_name, mode, ingress, egress, endpoints, cmd) -> None:
 
 
 def _extensions() -> None:
-    """Commands contributed by the other parts of the package (bench, config, status)."""
-    for module, attr in (("sockgraft.bench.cli", "bench"), ("sockgraft.preload", "config"), ("sockgraft.status", "status")):
-        try:
-            mod = __import__(module, fromlist=[attr])
-        except ImportError:
-            continue
-        cli.add_command(getattr(mod, attr))
+    """Commands contributed by the other parts of the package."""
+    from .bench.cli import bench
+    from .preload import config
+    from .status import status
+
+    for command in (bench, config, status):
+        cli.add_command(command)
 
 
 _extensions()

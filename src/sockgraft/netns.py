@@ -5,8 +5,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import socket
-import struct
 from dataclasses import dataclass
 
 from .endpoint import SpecError
@@ -15,7 +13,6 @@ NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
 SO_PEERPIDFD = 77
 PIDFD_GET_NET_NAMESPACE = 0xFF04
-PIDFD_THREAD = os.O_EXCL
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -168,22 +165,8 @@ def pids_in_netns(ino: int) -> list[int]:
 
 
 # -- who is on the other end of a unix socket ------------------------------------------------------
-def peer_netns_ino(conn: socket.socket) -> int:
-    """Netns inode of the process that connected `conn`, without a pid-reuse race:
-    SO_PEERPIDFD gives a pidfd of that very process, and the pidfd gives its netns."""
-    pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
-    try:
-        return ino_of_pidfd(pidfd)
-    finally:
-        os.close(pidfd)
-
-
-def peer_pid(conn: socket.socket) -> int:
-    pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-    return pid
-
-
 def ino_of_pidfd(pidfd: int) -> int:
+    """Netns inode of the process behind a pidfd (e.g. from SO_PEERPIDFD: no pid-reuse race)."""
     try:
         nsfd = fcntl.ioctl(pidfd, PIDFD_GET_NET_NAMESPACE)
     except OSError as e:

@@ -78,7 +78,3 @@ def parse_egress(spec: str) -> EgressRule:
         raise SpecError(f"bad egress rule {spec!r}: {e}") from None
     return EgressRule(net, name)
 
-
-def parse_list(text: str, parser):
-    """Space-separated specs, as in GRAFT_CONV_PAIRS."""
-    return [parser(word) for word in text.split()]

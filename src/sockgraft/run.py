@@ -60,28 +60,15 @@ class Attach:
     def spawn(self, preexec) -> subprocess.Popen:
         return subprocess.Popen(self.ctx.spec.cmd, env=self.ctx.env, preexec_fn=preexec)
 
-    def started(self, proc: subprocess.Popen) -> None:
-        """After the command started."""
-
     def cleanup(self) -> None:
         """After the command ended (always called)."""
 
 
 def attach_modes() -> dict[str, type[Attach]]:
-    modes: dict[str, type[Attach]] = {"api": Attach}
-    try:
-        from .preload import PreloadAttach
+    from .preload import PreloadAttach  # (imported here: both modes build on this module)
+    from .seccomp.attach import SeccompAttach
 
-        modes["preload"] = PreloadAttach
-    except ImportError:
-        pass
-    try:
-        from .seccomp.attach import SeccompAttach
-
-        modes["seccomp"] = SeccompAttach
-    except ImportError:
-        pass
-    return modes
+    return {"api": Attach, "preload": PreloadAttach, "seccomp": SeccompAttach}
 
 
 def sweep_debris() -> None:
@@ -174,12 +161,7 @@ def run(spec: RunSpec) -> int:
         try:
             thread = service.start_thread()
             undo.append(lambda: (service.stop(), thread.join(5)))
-            attach.started(proc)
-            while True:
-                try:
-                    return _exit_status(proc.wait())
-                except InterruptedError:
-                    continue
+            return _exit_status(proc.wait())  # EINTR is retried by Python (PEP 475)
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
