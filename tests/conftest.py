@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from sockgraft.netns import pid_alive
+from sockgraft.host.netns import pid_alive
 from tests.helpers import stop
 
 NETNS_PREFIX = "sgt"  # every netns a test creates is named sgt<PID>-<N>
@@ -39,7 +39,7 @@ _counter = iter(range(1, 1 << 30))
 @pytest.fixture
 def make_netns():
     """Factory for fresh named netns (only `lo`, up); all removed at teardown."""
-    from sockgraft import netns
+    from sockgraft.host import netns
 
     made = []
 

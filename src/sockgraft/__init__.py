@@ -1,7 +1,7 @@
 """sockgraft: socket grafting for containers."""
 from socket import SOCK_DGRAM, SOCK_SEQPACKET, SOCK_STREAM  # noqa: F401  (for `sockgraft.socket(...)` callers)
 
-from .api import (  # noqa: F401
+from sockgraft.modes.api.graftsocket import (  # noqa: F401
     AF_GRAFT,
     AF_GRAFT_EPNAME_MAX,
     GraftSocket,

@@ -1,3 +1,3 @@
-from .cli import main
+from sockgraft.cmd.graft import main
 
 main()

@@ -10,9 +10,11 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from sockgraft import endpoint, protocol, rules
-    from sockgraft.runtime import agent
-    from sockgraft.seccomp import kernel
+    from sockgraft.core import endpoint
+    from sockgraft.core import protocol
+    from sockgraft.core import rules
+    from sockgraft.runtime import ociagent
+    from sockgraft.modes.seccomp import kernel
 
 TARGETS = [
     (lambda b: protocol.parse_request(b), (protocol.ProtocolError,)),

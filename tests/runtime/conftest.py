@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from sockgraft.netns import pid_alive, pids_in_netns
+from sockgraft.host.netns import pid_alive, pids_in_netns
 from tests.runtime.common import Graftd, Scenario, build_rootfs
 
 

@@ -14,7 +14,7 @@ import tomllib
 import pytest
 import yaml
 
-from sockgraft.daemon import cli as graftd_cli
+from sockgraft.cmd.graftd import cli as graftd_cli
 from sockgraft.runtime import annotations
 from sockgraft.runtime.wrapper import DEFAULT_AGENT
 

@@ -7,10 +7,10 @@ import errno
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from sockgraft.endpoint import SpecError
+from sockgraft.core.endpoint import SpecError
 from sockgraft.runtime import ociconfig
-from sockgraft.seccomp import bpf
-from sockgraft.seccomp.kernel import SYS
+from sockgraft.modes.seccomp import bpf
+from sockgraft.modes.seccomp.kernel import SYS
 
 AGENT = "/run/sockgraft/agent.sock"
 MASK64 = (1 << 64) - 1

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from sockgraft.endpoint import SpecError
+from sockgraft.core.endpoint import SpecError
 from sockgraft.runtime import annotations
-from sockgraft.runtime.agent import AgentError, parse_message, receive
+from sockgraft.runtime.ociagent import AgentError, parse_message, receive
 from sockgraft.runtime.wrapper import bundle_and_id, parse_argv
 
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from sockgraft.run import attach_modes
+from sockgraft.cmd.run import attach_modes
 from tests.helpers import free_port, graft_cmd, wait_port
 
 MODES = [m for m in ("api", "preload", "seccomp") if m in attach_modes()]

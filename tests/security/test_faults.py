@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.e2e.test_graftd import graftd
+from tests.cmd.test_graftd import graftd
 from tests.helpers import children, free_port, graft, graft_cmd, wait_for, wait_port
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "api_http_server.py")
@@ -100,7 +100,7 @@ def test_disk_full_and_read_only_state_dir(small_fs, ns, monkeypatch):
 def test_kill_seccomp_supervisor_under_iperf3_and_http_load(tmp_path, state_dir, make_netns, procs):
     """kill -9 of `graft run --mode seccomp` (the supervisor) while iperf3 and HTTP flow: the flows
     go on (the data path does not cross the supervisor); the orphaned programs are ours to stop."""
-    pytest.importorskip("sockgraft.seccomp.attach")
+    pytest.importorskip("sockgraft.modes.seccomp.attach")
     import json
 
     iperf_port, http_port = free_port(), free_port()

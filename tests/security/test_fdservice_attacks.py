@@ -96,7 +96,7 @@ def test_connection_flood_is_capped_and_service_survives(ns, state_dir, procs):
     holder, sock = run_inside_service(ns, free_port(), procs)
     before = fd_count(holder.pid)
     p = inside(ns, sock, FLOOD)
-    from sockgraft.fdservice import MAX_CONNECTIONS
+    from sockgraft.modes.api.fdservice import MAX_CONNECTIONS
 
     assert int(p.stdout) == MAX_CONNECTIONS, p.stderr
     ok = inside(ns, sock, "import sockgraft; s = sockgraft.socket(); s.bind('ep-out'); print('ok')")
@@ -106,7 +106,7 @@ def test_connection_flood_is_capped_and_service_survives(ns, state_dir, procs):
 
 DEAD_CONNECTOR = r"""
     import os, socket, sys
-    from sockgraft.protocol import Request
+    from sockgraft.core.protocol import Request
     a, b = socket.socketpair()
     pid = os.fork()
     if pid == 0:  # the child connects, hands the connection to its parent and dies
@@ -131,8 +131,8 @@ def test_connection_of_a_dead_process_is_refused(ns, state_dir, procs):
 
 NESTED = r"""
     import ctypes, os, sockgraft
-    from sockgraft import client
-    from sockgraft.protocol import Request
+    from sockgraft.modes.api import client
+    from sockgraft.core.protocol import Request
     client.ask(Request("show"))  # connect while still in the container's netns
     if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:
         raise SystemExit("unshare failed")

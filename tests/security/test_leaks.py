@@ -4,15 +4,15 @@ import select
 import subprocess
 import sys
 
-from sockgraft.daemon import Daemon
-from sockgraft.endpoint import parse_endpoint
-from sockgraft.store import Store
+from sockgraft.cmd.graftd import Daemon
+from sockgraft.core.endpoint import parse_endpoint
+from sockgraft.host.store import Store
 
 LIFECYCLES = int(os.environ.get("GRAFT_SOAK_LIFECYCLES", "10000"))
 
 CLIENT = r"""
 import socket, sys
-from sockgraft.protocol import Request
+from sockgraft.core.protocol import Request
 req = Request("named", name="ep").encode()
 for path in sys.stdin:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -11,17 +11,18 @@ import sys
 import threading
 
 
-from sockgraft import netns
-from sockgraft.endpoint import parse_endpoint
-from sockgraft.store import Store
+from sockgraft.host import netns
+from sockgraft.core.endpoint import parse_endpoint
+from sockgraft.host.store import Store
 
 CONTAINERS = int(os.environ.get("GRAFT_LOAD_CONTAINERS", "50"))
 CONNECTIONS = int(os.environ.get("GRAFT_LOAD_CONNECTIONS", "100"))
 
 CONTAINER = r"""
 import json, os, socket, sys, threading
-from sockgraft.seccomp.attach import install_in_child
-from sockgraft.seccomp.bpf import filter_program
+from sockgraft.modes.seccomp.attach import install_in_child
+from sockgraft.modes.seccomp.bpf import filter_program
+from sockgraft.core.rules import parse_egress
 agent_path, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 c = socket.socket(socket.AF_UNIX); c.connect(agent_path)  # before the filter
 fd = install_in_child(filter_program().assemble())
@@ -67,7 +68,7 @@ class Echo:
 
 
 def test_fifty_containers_through_one_supervisor(state_dir, make_netns, tmp_path):
-    from sockgraft.seccomp.supervisor import Supervisor
+    from sockgraft.modes.seccomp.supervisor import Supervisor
 
     server = Echo()
     names = [make_netns() for _ in range(CONTAINERS)]
@@ -75,7 +76,7 @@ def test_fifty_containers_through_one_supervisor(state_dir, make_netns, tmp_path
         for i, name in enumerate(names):
             store.register(name, netns.by_name(name).ino, "seccomp")
             store.add(name, parse_endpoint(f"out type ipv4 addr 127.0.1.{i + 1} port dynamic"))
-            store.set_rules(name, [], ["127.0.0.1/32=out"])
+            store.set_rules(name, [], [parse_egress("127.0.0.1/32=out")])
     sup = Supervisor(state_dir)
     sup.start_thread()
     agent = socket.socket(socket.AF_UNIX)

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from ..endpoint import SpecError
+from sockgraft.core.endpoint import SpecError
 
 
 def _split(values: tuple[str, ...]) -> list[str] | None:
@@ -37,11 +37,11 @@ def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_pl
     nginx+wrk/siege, ZeroMQ) and write a Markdown report with plots."""
     from rich.console import Console
 
-    from . import report
-    from .runner import run_bench
-    from .stats import validate
-    from .topology import TopologyError
-    from .workloads import FULL, QUICK
+    from sockgraft.bench import report
+    from sockgraft.bench.runner import run_bench
+    from sockgraft.bench.stats import validate
+    from sockgraft.bench.topology import TopologyError
+    from sockgraft.bench.workloads import FULL, QUICK
 
     if os.geteuid() != 0:
         raise SpecError("graft bench needs root (it builds namespaces, links and nft tables)")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from . import paper
-from .stats import group_key, lower_is_better, ratios
-from .workloads import WORKLOADS
+from sockgraft.bench import paper
+from sockgraft.bench.stats import group_key, lower_is_better, ratios
+from sockgraft.bench.workloads import WORKLOADS
 
 TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "docker")
 DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": "container→container"}

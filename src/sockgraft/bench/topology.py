@@ -27,8 +27,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from .. import netns as sg_netns
-from ..netns import pid_alive as alive
+from sockgraft.host import netns as sg_netns
+from sockgraft.host.netns import pid_alive as alive
 
 PREFIX = "sgb"
 OWNER_ENV = "SGB_OWNER"
@@ -306,7 +306,7 @@ class Topology:
 
     def client_port(self, side: str) -> int:
         """A port a client on `side` may bind (the control-path bind benchmark)."""
-        from .ports import free_port
+        from sockgraft.bench.ports import free_port
 
         return free_port()
 
@@ -440,7 +440,7 @@ table ip {self.table} {{
         """A host port DNATed to the container's listener (like `docker run -p HP:P`)."""
         key = (listener.port, listener.side)
         if key not in self._published:
-            from .ports import free_port
+            from sockgraft.bench.ports import free_port
 
             hp = free_port()
             cip = self.addr[listener.side]
@@ -531,10 +531,10 @@ class Graft(Topology):
     def _agent(self, side: str) -> tuple[subprocess.Popen, int]:
         """The long-lived client runner in the container of `side` (see agent.py)."""
         if side not in self.agents or self.agents[side][0].poll() is not None:
-            from .ports import free_port
+            from sockgraft.bench.ports import free_port
 
             port = free_port()
-            p = self.popen(side, [sys.executable, "-m", "sockgraft.bench.agent"], [port],
+            p = self.popen(side, [sys.executable, "-m", "sockgraft.bench.incontainer"], [port],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.agents[side] = (p, port)
         return self.agents[side]
@@ -570,9 +570,9 @@ class Graft(Topology):
                 "(ingress pair onto host 127.0.0.1:P), clients dial 127.0.0.1 (egress rule 127.0.0.0/8)")
 
     def unavailable(self) -> str | None:
-        from ..run import attach_modes
+        from sockgraft.modes.registry import MODES
 
-        if self.mode not in attach_modes():
+        if self.mode not in MODES:
             return f"graft run has no mode {self.mode!r} in this checkout"
         env = self.env()
         env["GRAFT_STATE_DIR"] = self.state_dir or tempfile.mkdtemp(prefix=tag() + "-probe")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..endpoint import Endpoint, SpecError, parse_endpoint
-from ..rules import EgressRule, IngressPair, parse_egress, parse_ingress
+from sockgraft.core.endpoint import Endpoint, SpecError, parse_endpoint
+from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_ingress
 
 ENDPOINTS = "io.sockgraft.endpoints"
 INGRESS = "io.sockgraft.ingress"

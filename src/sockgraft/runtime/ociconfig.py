@@ -13,14 +13,14 @@ import os
 import platform
 import tempfile
 
-from ..endpoint import SpecError
+from sockgraft.core.endpoint import SpecError
 
 NOTIFY = "SCMP_ACT_NOTIFY"
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 METADATA = "sockgraft"
 ENOSYS = 38
 
-# What the seccomp mode's own filter (sockgraft.seccomp.bpf.filter_program) traps, as conditions
+# What the seccomp mode's own filter (sockgraft.modes.seccomp.bpf.filter_program) traps, as conditions
 # on the syscall arguments (tests/runtime check that both agree, argument for argument):
 # - bind, connect, getsockname: always;
 # - sendto only with a destination (arg 4 != NULL): glibc's send() stays off the slow path;
@@ -117,7 +117,7 @@ def trapped() -> tuple[dict[str, dict | None], tuple[str, ...]]:
     """(trapped syscalls with their conditions, refused syscalls): the seccomp mode's own list
     when its package exports one, else the translation above."""
     try:
-        from ..seccomp import oci as seccomp_oci  # type: ignore[attr-defined]
+        from sockgraft.modes.seccomp import oci as seccomp_oci  # type: ignore[attr-defined]
 
         return dict(seccomp_oci.TRAPPED), tuple(seccomp_oci.REFUSED)
     except (ImportError, AttributeError):

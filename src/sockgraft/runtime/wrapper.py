@@ -23,14 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .. import netns
-from ..audit import Audit
-from ..endpoint import SpecError
-from ..store import Store, StoreError, state_dir
-from . import annotations, ociconfig
+from sockgraft.host import netns
+from sockgraft.host.audit import Audit
+from sockgraft.core.endpoint import SpecError
+from sockgraft.host.paths import AGENT_SOCKET, state_dir
+from sockgraft.host.store import Store, StoreError
+from sockgraft.runtime import annotations, ociconfig
 
-RUNTIME_DIR = "/run/sockgraft"
-DEFAULT_AGENT = os.path.join(RUNTIME_DIR, "agent.sock")
 # written into config.json by create: runc's `state` shows them to a later `delete`, whose command
 # line may lack the settings create had (podman's cleanup process drops --runtime-flag)
 KEY_ANNOTATION = "io.sockgraft.key"
@@ -96,7 +95,7 @@ def parse_argv(argv: list[str]) -> Invocation:
                 inv.log_format = value
         i += 1
     inv.state_dir = inv.state_dir or os.environ.get("GRAFT_STATE_DIR")
-    inv.agent = inv.agent or os.environ.get("GRAFT_AGENT_SOCKET") or DEFAULT_AGENT
+    inv.agent = inv.agent or os.environ.get("GRAFT_AGENT_SOCKET") or AGENT_SOCKET
     inv.runc = inv.runc or os.environ.get("GRAFT_RUNC")
     return inv
 
@@ -222,12 +221,8 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
             if others:  # containers of one pod share its netns, and so its table
                 _join(store, c.key, spec, others[0])
             else:
-                if store.container(c.key) is not None:
-                    store.forget(c.key)  # a stale table of an earlier netns with the same name or inode
-                store.register(c.key, c.ino, MODE)
-                for ep in spec.endpoints:
-                    store.add(c.key, ep, c.ino)
-                store.set_rules(c.key, [str(p) for p in spec.ingress], [str(r) for r in spec.egress], c.ino)
+                # fresh: a stale table of an earlier netns with the same name or inode goes
+                store.install(c.key, c.ino, MODE, spec.endpoints, spec.ingress, spec.egress, fresh=True)
         untrapped = ociconfig.merge_seccomp(config, inv.agent)
         if untrapped:
             log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")

@@ -1,0 +1,246 @@
+"""The decision core: every attach mode asks this, and nothing else, what to graft.
+
+Pure code, no syscalls. Given a container's policy (its endpoint table, ingress pairs and egress
+rules) and one operation record (`Op`), `Policy.decide` returns a Decision: graft onto a host
+address, stay inside the container's own netns, or deny with an errno. The modes only gather the
+facts of the operation (they read the socket and the caller) and carry the decision out.
+
+The rules every mode shares, decided here once:
+- `named`/`dial` (graft API): the endpoint by name; `dial` needs a fixed port or a unix path.
+- `bind`: the first ingress pair that matches the container-side address grafts it. A dual-stack
+  IPv6 wildcard bind (`[::]:P`, V6ONLY off) is the program's IPv4 listener too: IPv4 pairs for P
+  match it; a V6ONLY socket is matched by IPv6 pairs only.
+- `connect`/`sendto` of a socket that has no address yet: the longest matching egress prefix names
+  the source endpoint. A socket bound or connected inside the container stays there.
+- `connect`/`sendto` on a socket that is grafted already (a host socket): allowed only to a
+  destination an egress rule names; anything else is denied (a host socket cannot reach the
+  container's own netns, and must not reach the rest of the host).
+- A caller outside the container's netns (a netns nested in it, or any other) is never granted:
+  what a rule would graft is denied with EPERM; what no rule matches stays where it is.
+- Interface ioctls and SO_BINDTODEVICE on a grafted socket are denied.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+
+from sockgraft.core.endpoint import Endpoint
+from sockgraft.core.rules import EgressRule, IngressPair
+
+GRANT, LOCAL, DENY = "grant", "local", "deny"
+VERBS = ("named", "dial", "bind", "connect", "sendto", "ioctl", "bindtodevice")
+
+IP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+IP_TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM)
+IP_PROTOS = {socket.SOCK_STREAM: (0, socket.IPPROTO_TCP), socket.SOCK_DGRAM: (0, socket.IPPROTO_UDP)}
+UNIX_TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_SEQPACKET)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One operation, as the mode saw it. Only the fields of its verb matter."""
+
+    verb: str  # one of VERBS
+    family: int = 0  # the socket's family (named: 0 = the endpoint's own)
+    addr: str | None = None  # bind: the container-side address; connect/sendto: the destination
+    port: int = 0
+    type: int = socket.SOCK_STREAM
+    proto: int = 0
+    name: str | None = None  # named/dial: the endpoint
+    bound: bool = False  # the socket has an address (or a peer) in the container already
+    grafted: bool = False  # the socket is a host socket already
+    v6only: bool = False  # IPV6_V6ONLY on an IPv6 socket
+    foreign: bool = False  # the caller is not in the container's netns
+    supported: bool = True  # ioctl: one the mode can perform for a native socket
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: str  # GRANT | LOCAL | DENY
+    endpoint: Endpoint | None = None
+    family: int = 0  # family of the host socket to create
+    host: tuple | str | None = None  # host sockaddr to bind (source address for egress)
+    errno: int = 0
+    reason: str = ""
+
+    @property
+    def granted(self) -> bool:
+        return self.verdict == GRANT
+
+
+def _deny(code: int, reason: str) -> Decision:
+    return Decision(DENY, errno=code, reason=reason)
+
+
+_LOCAL = Decision(LOCAL, reason="no pair or rule matches: stays in the container")
+_LOCAL_BOUND = Decision(LOCAL, reason="socket already bound in the container: egress rules are for unbound sockets")
+_LOCAL_NATIVE = Decision(LOCAL, reason="a socket of the container: performed in its own netns")
+
+
+@functools.lru_cache(maxsize=4096)
+def _ip(addr: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    # a v4-mapped destination is an IPv4 destination for matching purposes
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _dual_stack(op: Op) -> bool:
+    """A bind that listens on every IPv4 address too: `[::]:P` with V6ONLY off."""
+    return op.family == socket.AF_INET6 and not op.v6only and op.addr is not None and _ip(op.addr).is_unspecified \
+        and _ip(op.addr).version == 6
+
+
+@dataclass
+class Policy:
+    """One container's table and rules; the engine's whole input besides the operation."""
+
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)
+    ingress: list[IngressPair] = field(default_factory=list)
+    egress: list[EgressRule] = field(default_factory=list)
+
+    def with_caller_rules(self, ingress=(), egress=(), bbconn=()) -> "Policy":
+        """This table with a caller's own rules (the preload library's environment) in place of
+        the stored rules of the same kind: what may be granted stays this table's endpoints.
+        GRAFT_BBCONN=NAME sends every destination of the endpoint's family through it."""
+        out = list(egress)
+        for name in bbconn:
+            ep = self.endpoints.get(name)
+            families = [ep.type] if ep is not None else ["ipv4", "ipv6"]  # unknown: the engine says so
+            if ep is None or ep.type != "unix":
+                out += [EgressRule(ipaddress.ip_network("0.0.0.0/0" if f == "ipv4" else "::/0"), name) for f in families]
+        return Policy(self.endpoints, list(ingress) or self.ingress, out or self.egress)
+
+    def decide(self, op: Op) -> Decision:
+        """The one entry point: what to do with `op`."""
+        if op.verb in ("ioctl", "bindtodevice"):
+            return self._sidedoor(op)
+        if op.grafted and op.verb in ("connect", "sendto"):
+            return self._on_grafted(op)
+        d = self._match(op)
+        if d.verdict == GRANT and op.foreign:
+            return _deny(errno.EPERM, "caller outside the container's netns: never grafted")
+        return d
+
+    def _match(self, op: Op) -> Decision:
+        if op.verb == "named":
+            return self._by_name(op.name, op.family, op.type, op.proto)
+        if op.verb == "dial":
+            d = self._by_name(op.name, 0, op.type, op.proto)
+            if d.granted and d.endpoint.dynamic:
+                return _deny(errno.EINVAL, f"endpoint {op.name} has a dynamic port: nothing to dial")
+            return d
+        if op.verb == "bind":
+            return self._bind(op)
+        if op.verb in ("connect", "sendto"):
+            d = self._egress(op)
+            if d.verdict == GRANT and op.bound:
+                return _LOCAL_BOUND  # bound or connected in the container: it stays there
+            return d
+        return _deny(errno.EINVAL, f"unknown operation {op.verb!r}")
+
+    # -- socket type checks ------------------------------------------------------------------
+    @staticmethod
+    def _check_type(ep: Endpoint, sotype: int, proto: int) -> Decision | None:
+        if ep.type == "unix":
+            if sotype not in UNIX_TYPES or proto not in (0,):
+                return _deny(errno.EPROTOTYPE, f"endpoint {ep.name} is a unix endpoint: no such socket type")
+            return None
+        if sotype not in IP_TYPES:
+            return _deny(errno.EACCES, f"endpoint {ep.name}: only stream and datagram sockets are grafted")
+        if proto not in IP_PROTOS[sotype]:
+            return _deny(errno.EPROTONOSUPPORT, f"endpoint {ep.name}: protocol {proto} is not grafted")
+        return None
+
+    @staticmethod
+    def _host_for(ep: Endpoint, family: int) -> tuple[int, tuple | str] | Decision:
+        """Host socket family and bind address for a socket of `family` grafted onto `ep`."""
+        if ep.type == "unix":
+            if family not in (socket.AF_UNIX, 0):
+                return _deny(errno.EAFNOSUPPORT, f"endpoint {ep.name} is a unix endpoint")
+            return socket.AF_UNIX, ep.sockaddr()
+        addr, port = ep.sockaddr()
+        if family in (0, ep.family):
+            return ep.family, (addr, port)
+        if family == socket.AF_INET6 and ep.type == "ipv4":
+            # an IPv6 socket on an IPv4 endpoint: bind the v4-mapped address (dual-stack socket)
+            return socket.AF_INET6, (f"::ffff:{addr}", port)
+        return _deny(errno.EAFNOSUPPORT, f"endpoint {ep.name} is {ep.type}: wrong address family")
+
+    def _grant(self, ep: Endpoint, family: int, sotype: int, proto: int, why: str) -> Decision:
+        bad = self._check_type(ep, sotype, proto)
+        if bad:
+            return bad
+        host = self._host_for(ep, family)
+        if isinstance(host, Decision):
+            return host
+        return Decision(GRANT, ep, host[0], host[1], reason=why)
+
+    # -- the operations ----------------------------------------------------------------------
+    def _by_name(self, name: str | None, family: int, sotype: int, proto: int) -> Decision:
+        ep = self.endpoints.get(name or "")
+        if ep is None:
+            return _deny(errno.EADDRNOTAVAIL, f"no endpoint {name!r} in this container's table")
+        return self._grant(ep, family, sotype, proto, f"endpoint {name}")
+
+    def _bind(self, op: Op) -> Decision:
+        if op.family not in IP_FAMILIES:
+            return _LOCAL
+        ip = _ip(op.addr)
+        dual = _dual_stack(op)
+        for pair in self.ingress:
+            if pair.matches(ip, op.port) or (dual and pair.addr.version == 4 and pair.port_lo <= op.port <= pair.port_hi):
+                ep = self.endpoints.get(pair.endpoint)
+                if ep is None:
+                    return _deny(errno.EADDRNOTAVAIL, f"ingress pair {pair} names an endpoint not in the table")
+                why = f"ingress {pair}" + (" (dual-stack [::] bind)" if dual and pair.addr.version == 4 else "")
+                return self._grant(ep, op.family, op.type, op.proto, why)
+        return _LOCAL
+
+    def _rule_for(self, addr: str) -> EgressRule | None:
+        """The longest egress prefix that holds `addr`."""
+        ip = _ip(addr)
+        best: EgressRule | None = None
+        for rule in self.egress:
+            if rule.network.version == ip.version and ip in rule.network:
+                if best is None or rule.network.prefixlen > best.network.prefixlen:
+                    best = rule
+        return best
+
+    def _egress(self, op: Op) -> Decision:
+        """The source endpoint an unbound socket leaves by. The destination is not rewritten."""
+        if op.family not in IP_FAMILIES:
+            return _LOCAL
+        best = self._rule_for(op.addr)
+        if best is None:
+            return _LOCAL
+        ep = self.endpoints.get(best.endpoint)
+        if ep is None:
+            return _deny(errno.EADDRNOTAVAIL, f"egress rule {best} names an endpoint not in the table")
+        if ep.type == "unix":
+            return _deny(errno.EAFNOSUPPORT, f"egress rule {best} names a unix endpoint")
+        if _ip(op.addr).version != (4 if ep.type == "ipv4" else 6):
+            return _deny(errno.EAFNOSUPPORT, f"egress rule {best}: endpoint {ep.name} is {ep.type}")
+        return self._grant(ep, op.family, op.type, op.proto, f"egress {best}")
+
+    def _on_grafted(self, op: Op) -> Decision:
+        """connect/sendto on a host socket: only to what an egress rule names."""
+        if op.foreign:
+            return _deny(errno.EPERM, "caller outside the container's netns: never grafted")
+        best = self._rule_for(op.addr) if op.family in IP_FAMILIES else None
+        if best is None or best.endpoint not in self.endpoints:
+            return _deny(errno.EPERM, f"grafted socket: no egress rule names {op.addr} port {op.port}")
+        return Decision(GRANT, self.endpoints[best.endpoint], op.family, reason=f"egress {best} (grafted socket)")
+
+    @staticmethod
+    def _sidedoor(op: Op) -> Decision:
+        if op.grafted:
+            if op.verb == "ioctl":
+                return _deny(errno.EPERM, "interface and namespace ioctls are refused on grafted sockets")
+            return _deny(errno.EPERM, "binding a grafted socket to a device is refused")
+        if not op.supported:
+            return _deny(errno.EPERM, "socket ioctl not supported under seccomp mode (use netlink)")
+        return _LOCAL_NATIVE
+

@@ -1,0 +1,124 @@
+"""Host-netns sockets for granted decisions. Called by the fd service and the seccomp supervisor,
+both of which run in the host's netns, so a plain socket() here is a host socket."""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from sockgraft.core.engine import Decision
+from sockgraft.core.tables import COPIED_OPTIONS, IPPROTO_IP, IPPROTO_IPV6, IPPROTO_TCP, SockOpt
+
+
+def _unlink_stale_unix(path: str) -> None:
+    """Remove a socket file nobody listens on any more (a dead server's), never anything else."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def open_bound(d: Decision, sotype: int, proto: int = 0, flags: frozenset = frozenset()) -> socket.socket:
+    """A host socket bound to the granted address. A port is always allocated at bind (never
+    IP_BIND_ADDRESS_NO_PORT), so the receiver cannot bind it again elsewhere."""
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC, proto)
+    try:
+        if "reuseaddr" in flags:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if "reuseport" in flags:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if d.family == socket.AF_INET6:
+            v6only = "v6only" in flags and not d.host[0].startswith("::ffff:")
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        if d.family == socket.AF_UNIX and isinstance(d.host, str) and not d.host.startswith("\0"):
+            _unlink_stale_unix(d.host)
+        s.bind(d.host)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def open_dialed(d: Decision, sotype: int, proto: int = 0) -> tuple[socket.socket, int]:
+    """A host socket whose non-blocking connect to the granted address has started.
+    Returns the socket and 0 or EINPROGRESS; the caller completes the connect."""
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    try:
+        code = s.connect_ex(d.host)
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            raise OSError(code, os.strerror(code))
+        return s, code
+    except BaseException:
+        s.close()
+        raise
+
+
+def socket_flags(s: socket.socket) -> frozenset:
+    """The bind flags of a socket (core.tables.SOCKET_FLAGS) as the fd-service protocol carries them."""
+    flags = set()
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR):
+        flags.add("reuseaddr")
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+        flags.add("reuseport")
+    if s.family == socket.AF_INET6 and s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        flags.add("v6only")
+    return frozenset(flags)
+
+
+_DEFAULTS: dict[tuple[int, int], dict] = {}
+
+
+def _applicable(family: int, sotype: int):
+    for o in COPIED_OPTIONS:
+        if o.level == IPPROTO_TCP and sotype != socket.SOCK_STREAM:
+            continue
+        if o.level == IPPROTO_IP and family != socket.AF_INET:
+            continue
+        if o.level == IPPROTO_IPV6 and family != socket.AF_INET6:
+            continue
+        yield o
+
+
+def _defaults(family: int, sotype: int) -> dict[SockOpt, bytes]:
+    """Option values of a fresh socket of this kind (read once)."""
+    key = (family, sotype)
+    if key not in _DEFAULTS:
+        values = {}
+        with socket.socket(family, sotype) as fresh:
+            for o in _applicable(family, sotype):
+                try:
+                    values[o] = fresh.getsockopt(o.level, o.number, o.size)
+                except OSError:
+                    pass
+        _DEFAULTS[key] = values
+    return _DEFAULTS[key]
+
+
+def copy_options(src: socket.socket, dst: socket.socket) -> None:
+    """The options the application set on `src` (those that differ from a fresh socket's) onto its
+    host socket `dst`, best effort: the same list (core.tables) in every mode."""
+    if src.family not in (socket.AF_INET, socket.AF_INET6) or dst.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    defaults = _defaults(src.family, src.type)
+    for o in _applicable(src.family, src.type):
+        if o.level in (IPPROTO_IP, IPPROTO_IPV6) and src.family != dst.family:
+            continue
+        try:
+            value = src.getsockopt(o.level, o.number, o.size)
+            if value != defaults.get(o):
+                if o.halved:
+                    value = (int.from_bytes(value[:4], "little") // 2).to_bytes(4, "little")
+                dst.setsockopt(o.level, o.number, value)
+        except OSError:
+            continue

@@ -1,0 +1,238 @@
+"""The fd service: hands grafted host-netns sockets to processes inside a container.
+
+One listening SOCK_SEQPACKET socket per container. The caller's netns is read from the connection
+itself (SO_PEERPIDFD, then the pidfd's netns), never from a pid, and must be the container's;
+decisions come from the engine with that container's policy; granted sockets are created and bound
+here, in the host netns, and passed with SCM_RIGHTS.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import selectors
+import socket
+import threading
+from dataclasses import dataclass
+
+from sockgraft.host import hostsock
+from sockgraft.host import netns
+from sockgraft.host.audit import Audit
+from sockgraft.core.engine import DENY, GRANT, Op
+from sockgraft.core.protocol import MAX_MESSAGE, ProtocolError, Reply, Request, parse_request
+from sockgraft.host.store import Store, StoreError
+
+MODE = "api"
+MAX_CONNECTIONS = 256  # per container: a flood of idle connections must not exhaust the service's fds
+
+
+@dataclass
+class _Conn:
+    key: str
+    pidfd: int | None  # the connecting process, pinned: its netns is read at every request
+
+
+def _err(code: int, message: str) -> Reply:
+    return Reply("err", errno=code, message=message.replace("\n", " "))
+
+
+class FdService:
+    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, mode: str = MODE):
+        self.store = Store(state_dir)
+        self.audit = audit or Audit(state_dir)
+        self.audit.deferred = True  # reply first, log when idle
+        self.mode = mode
+        self.sel = selectors.DefaultSelector()
+        self.listeners: dict[str, tuple[socket.socket, str]] = {}
+        self.connections: dict[str, int] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+
+    # -- listening sockets -----------------------------------------------------------------------
+    def listen(self, key: str, path: str) -> None:
+        if key in self.listeners:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        s.bind(path)
+        os.chmod(path, 0o666)  # who may ask is decided by the caller's netns, not by file mode
+        s.listen(128)
+        self.listeners[key] = (s, path)
+        self.sel.register(s, selectors.EVENT_READ, ("listen", key))
+
+    def unlisten(self, key: str) -> None:
+        s, path = self.listeners.pop(key, (None, None))
+        if s is None:
+            return
+        self.sel.unregister(s)
+        s.close()
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    # -- the loop --------------------------------------------------------------------------------
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.wake()
+
+    def poll(self, timeout: float | None = None) -> None:
+        for key, _ in self.sel.select(timeout):
+            tag = key.data
+            if tag is None:
+                try:
+                    os.read(self._wake_r, 4096)
+                except BlockingIOError:
+                    pass
+            elif tag[0] == "listen":
+                self._accept(key.fileobj, tag[1])
+            else:
+                self._serve(key.fileobj, tag[1])
+        self.audit.flush()
+
+    def serve_forever(self, tick=None, interval: float = 0.5) -> None:
+        while not self._stopping:
+            self.poll(interval)
+            if tick:
+                tick()
+
+    def start_thread(self) -> threading.Thread:
+        t = threading.Thread(target=self.serve_forever, name="graft-fd-service", daemon=True)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        for key in list(self.listeners):
+            self.unlisten(key)
+        for key in list(self.sel.get_map().values()):
+            if isinstance(key.data, tuple) and key.data[0] == "conn":
+                self._drop(key.fileobj)
+        self.sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.store.close()
+        self.audit.close()
+
+    def _accept(self, lsock: socket.socket, key: str) -> None:
+        try:
+            conn, _ = lsock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:  # EMFILE/ENFILE: refuse this one, keep serving the others
+            self.audit.record("fail", container=key, mode=self.mode, op="accept", errno=e.errno, reason=e.strerror)
+            return
+        if self.connections.get(key, 0) >= MAX_CONNECTIONS:
+            self.audit.record("deny", container=key, mode=self.mode, op="accept", errno=errno.EMFILE,
+                              reason=f"more than {MAX_CONNECTIONS} open connections")
+            conn.close()
+            return
+        self.connections[key] = self.connections.get(key, 0) + 1
+        conn.setblocking(False)
+        try:
+            pidfd = conn.getsockopt(socket.SOL_SOCKET, netns.SO_PEERPIDFD)
+        except OSError:
+            pidfd = None  # the caller is unidentifiable: every request will be denied
+        self.sel.register(conn, selectors.EVENT_READ, ("conn", _Conn(key, pidfd)))
+
+    def _drop(self, conn: socket.socket) -> None:
+        c = self.sel.unregister(conn).data[1]
+        self.connections[c.key] -= 1
+        if c.pidfd is not None:
+            os.close(c.pidfd)
+        conn.close()
+
+    def _serve(self, conn: socket.socket, c: _Conn) -> None:
+        try:
+            data, ancdata, msg_flags, _ = conn.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return self._drop(conn)
+        for level, kind, payload in ancdata:  # nobody sends us fds: close any, never keep them
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                for i in range(0, len(payload) - len(payload) % 4, 4):
+                    os.close(int.from_bytes(payload[i:i + 4], "little"))
+        if not data:
+            return self._drop(conn)
+        if msg_flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            reply, sock = _err(errno.EMSGSIZE, "request too long"), None
+        else:
+            try:  # the caller's netns now, not when it connected: it may have moved since
+                ino = netns.ino_of_pidfd(c.pidfd) if c.pidfd is not None else None
+            except OSError:
+                ino = None
+            reply, sock = self.handle(c.key, ino, data)
+        try:
+            if sock is not None:
+                socket.send_fds(conn, [reply.encode()], [sock.fileno()])
+            else:
+                conn.send(reply.encode())
+        except OSError:
+            self._drop(conn)
+        finally:
+            if sock is not None:
+                sock.close()
+
+    # -- one request -----------------------------------------------------------------------------
+    def handle(self, key: str, caller_ino: int | None, data: bytes) -> tuple[Reply, socket.socket | None]:
+        """Answer one request of a caller whose netns inode is `caller_ino`."""
+        try:
+            req = parse_request(data)
+        except ProtocolError as e:
+            self.audit.record("deny", container=key, mode=self.mode, op="parse", errno=errno.EINVAL, reason=str(e))
+            return _err(errno.EINVAL, str(e)), None
+        foreign = caller_ino is None or caller_ino != netns.key_ino(key)
+        if foreign and req.verb in ("show", "resolve"):
+            reason = f"caller is not inside container {key}"
+            self.audit.record("deny", container=key, mode=self.mode, op=req.verb, endpoint=req.name,
+                              errno=errno.EPERM, reason=reason, caller_netns=caller_ino)
+            return _err(errno.EPERM, reason), None
+        try:
+            policy = self.store.cached_policy(key)
+        except StoreError as e:
+            return _err(errno.EIO, str(e)), None
+        if req.has_rules:
+            policy = policy.with_caller_rules(req.ingress, req.egress, req.bbconn)
+        if req.verb == "show":
+            return Reply("ok", lines=tuple(ep.line() for ep in policy.endpoints.values())), None
+        if req.verb == "resolve":
+            ep = policy.endpoints.get(req.name)
+            if ep is None:
+                return _err(errno.EADDRNOTAVAIL, f"no endpoint {req.name!r} in this container's table"), None
+            return Reply("ok", lines=(ep.line(),)), None
+        decision = policy.decide(Op(req.verb, req.family, req.addr, req.port, req.type, req.proto, req.name,
+                                    v6only="v6only" in req.flags, foreign=foreign))
+        where = {"addr": req.addr, "port": req.port} if req.addr else {}
+        if foreign:
+            where["caller_netns"] = caller_ino
+        if decision.verdict != GRANT:
+            self.audit.decision(key, self.mode, req.verb, decision, **where)
+            if decision.verdict == DENY:
+                return _err(decision.errno, decision.reason), None
+            return Reply("local"), None
+        try:
+            if req.verb == "dial":
+                sock, _ = hostsock.open_dialed(decision, req.type, req.proto)
+            else:
+                sock = hostsock.open_bound(decision, req.type, req.proto, req.flags)
+        except OSError as e:
+            code = e.errno or errno.EIO
+            self.audit.record("fail", container=key, mode=self.mode, op=req.verb, endpoint=decision.endpoint.name,
+                              errno=code, reason=os.strerror(code), **where)
+            return _err(code, f"{decision.endpoint.name}: {os.strerror(code)}"), None
+        if decision.family == socket.AF_UNIX:
+            self.audit.decision(key, self.mode, req.verb, decision, host=decision.endpoint.path, **where)
+            return Reply("ok", family=socket.AF_UNIX, addr=decision.endpoint.path), sock
+        addr, port = sock.getsockname()[:2]
+        self.audit.decision(key, self.mode, req.verb, decision, host=[addr, port], **where)
+        return Reply("ok", family=decision.family, addr=addr, port=port), sock

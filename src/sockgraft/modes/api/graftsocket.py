@@ -1,0 +1,144 @@
+"""The graft API: sockets bound by endpoint name, mirroring the original C API.
+
+    s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+    s.bind("ep-http")          # now an ordinary socket in the host netns, bound to ep-http
+    s.listen()
+
+Before bind() the object holds a placeholder socket inside the container; bind(NAME) replaces its
+file descriptor, in place, with the host socket the fd service hands over.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket as _socket
+
+from sockgraft.host.hostsock import copy_options, socket_flags
+from sockgraft.modes.api.client import ask
+from sockgraft.core.endpoint import Endpoint, parse_endpoint
+from sockgraft.core.protocol import Request
+
+AF_GRAFT = 0x4752  # above AF_MAX: without grafting, the kernel refuses it (EAFNOSUPPORT)
+AF_GRAFT_EPNAME_MAX = 16
+
+
+class GraftSocket(_socket.socket):
+    """A socket.socket that grafts itself onto an endpoint when bound or connected by name."""
+
+    def __init__(self, family: int = AF_GRAFT, type: int = _socket.SOCK_STREAM, proto: int = 0, fileno=None):
+        if family == AF_GRAFT:
+            family = _socket.AF_INET  # placeholder until bind(NAME)
+        super().__init__(family, type, proto, fileno)
+        self.endpoint: str | None = None
+
+    def _adopt(self, fd: int, name: str) -> None:
+        """The host socket `fd` takes this socket's fd number, with the options set on it so far."""
+        timeout = self.gettimeout()
+        try:
+            with _socket.socket(fileno=os.dup(fd)) as host:
+                copy_options(self, host)
+        except OSError:
+            pass
+        number = self.detach()
+        try:
+            os.dup2(fd, number, inheritable=False)
+        finally:
+            os.close(fd)
+        _socket.socket.__init__(self, fileno=number)
+        self.settimeout(timeout)
+        self.endpoint = name
+
+    def bind(self, address) -> None:
+        if isinstance(address, str) and self.family != _socket.AF_UNIX:
+            _reply, fd = ask(Request("named", name=address, type=self.type, proto=self.proto, flags=socket_flags(self)))
+            self._adopt(fd, address)
+        else:
+            super().bind(address)
+
+    def connect(self, address) -> None:
+        if isinstance(address, str) and self.family != _socket.AF_UNIX:
+            self._dial(address)
+            if self.gettimeout() != 0.0:
+                _wait_connected(self)
+        else:
+            super().connect(address)
+
+    def _dial(self, name: str) -> None:
+        _reply, fd = ask(Request("dial", name=name, type=self.type, proto=self.proto))
+        self._adopt(fd, name)
+
+
+def _wait_connected(s: _socket.socket) -> None:
+    import select
+
+    p = select.poll()
+    p.register(s, select.POLLOUT)
+    timeout = s.gettimeout()
+    if not p.poll(None if timeout is None else int(timeout * 1000)):
+        raise TimeoutError("timed out")
+    code = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+    if code:
+        raise OSError(code, os.strerror(code))
+
+
+def socket(family: int = AF_GRAFT, type: int = _socket.SOCK_STREAM, proto: int = 0) -> GraftSocket:
+    return GraftSocket(family, type, proto)
+
+
+def resolve(name: str) -> Endpoint:
+    """The host endpoint a name stands for in this container's table."""
+    reply, _ = ask(Request("resolve", name=name))
+    return parse_endpoint(reply.lines[0])
+
+
+def create_server(endpoint: str, *, type: int = _socket.SOCK_STREAM, backlog: int | None = None,
+                  reuse_port: bool = False) -> GraftSocket:
+    s = socket(AF_GRAFT, type)
+    try:
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
+        s.bind(endpoint)
+        if type == _socket.SOCK_STREAM:
+            s.listen(backlog) if backlog is not None else s.listen()
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source: str | None = None) -> _socket.socket:
+    """Like socket.create_connection; `source` names the (usually dynamic) endpoint to leave by.
+    Without a source the connection stays inside the container's netns."""
+    if source is None:
+        return _socket.create_connection(address, timeout)
+    s = socket(AF_GRAFT, _socket.SOCK_STREAM)
+    try:
+        s.bind(source)
+        if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
+            s.settimeout(timeout)
+        s.connect(address)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+async def start_server(client_connected_cb, endpoint: str, **kwargs) -> asyncio.Server:
+    sock = create_server(endpoint)
+    sock.setblocking(False)
+    return await asyncio.start_server(client_connected_cb, sock=sock, **kwargs)
+
+
+async def open_connection(host: str, port: int, *, source: str | None = None, **kwargs):
+    if source is None:
+        return await asyncio.open_connection(host, port, **kwargs)
+    sock = socket(AF_GRAFT, _socket.SOCK_STREAM)
+    try:
+        sock.bind(source)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, **kwargs)

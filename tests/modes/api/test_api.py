@@ -1,0 +1,295 @@
+"""Attach mode `api`: programs written for the graft API, in a fresh netns with only `lo`."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from tests.helpers import children, free_port, graft, graft_cmd, stop, wait_port
+
+
+def script(tmp_path, name: str, body: str) -> str:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def graft_run(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([*graft_cmd(), "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+SERVER = """
+    import sys, sockgraft
+    s = sockgraft.create_server(sys.argv[1])
+    print("serving", *s.getsockname()[:2], flush=True)
+    while True:
+        c, peer = s.accept()
+        c.sendall(f"hello {peer[0] if isinstance(peer, tuple) else 'unix'}\\n".encode())
+        c.close()
+"""
+
+
+def test_server_inside_is_reached_on_endpoint(tmp_path, state_dir, ns, procs):
+    port = free_port()
+    srv = script(tmp_path, "srv.py", SERVER)
+    p = graft_run("-n", ns, "--endpoint", f"ep-http type ipv4 addr 127.0.0.1 port {port}", "--", sys.executable, srv, "ep-http")
+    procs.append(p)
+    assert p.stdout.readline().split() == ["serving", "127.0.0.1", str(port)]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        assert c.recv(100) == b"hello 127.0.0.1\n"
+    # the container's own netns has no such listener: grafted, not local
+    inside = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Htln"], capture_output=True, text=True)
+    assert str(port) not in inside.stdout
+
+
+CLIENT = """
+    import sys, sockgraft
+    c = sockgraft.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5, source=sys.argv[3])
+    print(c.recv(100).decode().strip(), c.getsockname()[0], flush=True)
+"""
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_client_inside_leaves_by_dynamic_endpoint(tmp_path, state_dir, ns, family):
+    host, src = ("127.0.0.1", "127.0.0.2") if family == "ipv4" else ("::1", "::1")
+    fam = socket.AF_INET if family == "ipv4" else socket.AF_INET6
+    with socket.socket(fam, socket.SOCK_STREAM) as server:
+        server.bind((host, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        cli = script(tmp_path, "cli.py", CLIENT)
+        p = graft_run("-n", ns, "--endpoint", f"ep-out type {family} addr {src} port dynamic",
+                      "--", sys.executable, cli, host, str(port), "ep-out")
+        server.settimeout(10)
+        conn, peer = server.accept()
+        assert peer[0] == src  # the server sees the endpoint's source address
+        conn.sendall(b"hi")
+        conn.close()
+        out, err = p.communicate(timeout=10)
+        assert p.returncode == 0, err
+        assert out.split() == ["hi", src]
+
+
+def test_ipv6_server(tmp_path, state_dir, ns, procs):
+    port = free_port("::1")
+    p = graft_run("-n", ns, "--endpoint", f"ep6 type ipv6 addr ::1 port {port}", "--",
+                  sys.executable, script(tmp_path, "srv.py", SERVER), "ep6")
+    procs.append(p)
+    assert p.stdout.readline().split() == ["serving", "::1", str(port)]
+    with socket.create_connection(("::1", port), timeout=5) as c:
+        assert c.recv(100) == b"hello ::1\n"
+
+
+def test_unix_endpoint_server_and_client(tmp_path, state_dir, ns, procs):
+    path = str(tmp_path / "ep.sock")
+    p = graft_run("-n", ns, "--endpoint", f"sock type unix path {path}", "--",
+                  sys.executable, script(tmp_path, "srv.py", SERVER), "sock")
+    procs.append(p)
+    assert p.stdout.readline().split()[0] == "serving"
+    with socket.socket(socket.AF_UNIX) as c:
+        c.connect(path)
+        assert c.recv(100).startswith(b"hello")
+    stop(p)
+    # and the other way round: a host server on a unix path, dialled by name from inside
+    with socket.socket(socket.AF_UNIX) as server:
+        os.unlink(path) if os.path.exists(path) else None
+        server.bind(path)
+        server.listen()
+        dial = script(tmp_path, "dial.py", """
+            import sockgraft
+            s = sockgraft.socket()
+            s.connect("sock")
+            print(s.family, s.recv(10).decode(), flush=True)
+        """)
+        p = graft_run("-n", ns, "--endpoint", f"sock type unix path {path}", "--", sys.executable, dial)
+        server.settimeout(10)
+        conn, _ = server.accept()
+        conn.sendall(b"unix-ok")
+        conn.close()
+        out, err = p.communicate(timeout=10)
+        assert out.split() == [str(int(socket.AF_UNIX)), "unix-ok"], err
+
+
+def test_two_containers_same_name_different_host_endpoints(tmp_path, state_dir, make_netns, procs):
+    a, b = make_netns(), make_netns()
+    pa, pb = free_port(), free_port("127.0.0.2")
+    srv = script(tmp_path, "srv.py", SERVER)
+    for name, addr, port in ((a, "127.0.0.1", pa), (b, "127.0.0.2", pb)):
+        p = graft_run("-n", name, "--endpoint", f"ep-http type ipv4 addr {addr} port {port}", "--", sys.executable, srv, "ep-http")
+        procs.append(p)
+        assert p.stdout.readline().split() == ["serving", addr, str(port)]
+
+
+ASK = """
+    import errno, os, sys, sockgraft
+    try:
+        sockgraft.socket().bind(sys.argv[1])
+        print("granted", flush=True)
+    except OSError as e:
+        print("denied", errno.errorcode[e.errno], e.strerror, flush=True)
+"""
+
+
+def test_unknown_and_foreign_endpoints_are_denied(tmp_path, state_dir, make_netns, procs):
+    a, b = make_netns(), make_netns()
+    port = free_port()
+    ask = script(tmp_path, "ask.py", ASK)
+    # a's run holds its fd service; b asks for a's endpoint name through its own service: not in b's table
+    graft("-n", a, "add", "only-a", "type", "ipv4", "addr", "127.0.0.1", "port", str(port))
+    out = graft("run", "-n", b, "--", sys.executable, ask, "only-a").stdout
+    assert out.startswith("denied EADDRNOTAVAIL") and "only-a" in out
+    # b connects to a's own fd-service socket: the service sees b's netns and refuses everything
+    hold = graft_run("-n", a, "--", "sh", "-c", 'echo "$GRAFT_SOCKET"; sleep 60')
+    procs.append(hold)
+    a_socket = hold.stdout.readline().strip()
+    out = subprocess.run(["ip", "netns", "exec", b, sys.executable, ask, "only-a"], capture_output=True, text=True,
+                         env=dict(os.environ, GRAFT_SOCKET=a_socket)).stdout
+    assert out.startswith("denied EPERM") and "not inside container" in out
+    # and a process of the host netns is refused the same way
+    out = subprocess.run([sys.executable, ask, "only-a"], capture_output=True, text=True,
+                         env=dict(os.environ, GRAFT_SOCKET=a_socket)).stdout
+    assert out.startswith("denied EPERM")
+    audit = [json.loads(line) for line in open(os.path.join(state_dir, "audit.log"))]
+    assert any(r["event"] == "deny" and r["errno"] == 1 for r in audit)
+
+
+REBIND = """
+    import errno, socket, sys, sockgraft
+    IP_BIND_ADDRESS_NO_PORT = 24
+    results = []
+    for name in sys.argv[1:]:
+        s = sockgraft.socket(type=socket.SOCK_STREAM if "udp" not in name else socket.SOCK_DGRAM)
+        s.bind(name)
+        first = s.getsockname()
+        for trick in ("plain", "no_port"):
+            if trick == "no_port":
+                s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            for target in (("127.0.0.3", 29999), ("127.0.0.1", 0), ("0.0.0.0", 0)):
+                try:
+                    s.bind(target)
+                    results.append(f"ESCAPE {name} {trick} {target} -> {s.getsockname()}")
+                except OSError as e:
+                    results.append(errno.errorcode[e.errno])
+        assert s.getsockname() == first
+    print(" ".join(results), flush=True)
+"""
+
+
+def test_handed_out_sockets_cannot_be_rebound(tmp_path, state_dir, ns):
+    port = free_port()
+    p = graft("run", "-n", ns,
+              "--endpoint", f"ep-http type ipv4 addr 127.0.0.1 port {port}",
+              "--endpoint", "ep-out type ipv4 addr 127.0.0.1 port dynamic",
+              "--endpoint", "ep-udp type ipv4 addr 127.0.0.1 port dynamic",
+              "--", sys.executable, script(tmp_path, "rebind.py", REBIND), "ep-http", "ep-out", "ep-udp")
+    words = p.stdout.split()
+    assert len(words) == 18 and "ESCAPE" not in p.stdout, p.stdout
+    assert set(words) == {"EINVAL"}
+
+
+ASYNC = """
+    import asyncio, sys, select, sockgraft
+    async def main():
+        async def handle(r, w):
+            w.write(b"async " + await r.readline()); await w.drain(); w.close()
+        server = await sockgraft.start_server(handle, "ep-http")
+        r, w = await sockgraft.open_connection(sys.argv[1], int(sys.argv[2]), source="ep-out")
+        w.write(b"ping\\n"); await w.drain()
+        print((await r.readline()).decode().strip(), flush=True)
+        server.close()
+        # select and epoll on a grafted listening socket
+        s = sockgraft.create_server("ep-http2")
+        ep = select.epoll(); ep.register(s.fileno(), select.EPOLLIN)
+        print("epoll-ready", flush=True)
+        print("events", len(ep.poll(10)), flush=True)
+    asyncio.run(main())
+"""
+
+
+def test_asyncio_select_epoll(tmp_path, state_dir, ns):
+    port, port2 = free_port(), free_port()
+    p = graft_run("-n", ns,
+                  "--endpoint", f"ep-http type ipv4 addr 127.0.0.1 port {port}",
+                  "--endpoint", f"ep-http2 type ipv4 addr 127.0.0.1 port {port2}",
+                  "--endpoint", "ep-out type ipv4 addr 127.0.0.1 port dynamic",
+                  "--", sys.executable, script(tmp_path, "a.py", ASYNC), "127.0.0.1", str(port))
+    assert p.stdout.readline().strip() == "async ping"
+    assert p.stdout.readline().strip() == "epoll-ready"
+    try:
+        wait_port("127.0.0.1", port2)
+    finally:
+        events = p.stdout.readline().strip()  # the script gives up by itself after 10 s
+    assert p.wait(10) == 0 and events == "events 1", p.stderr.read()
+
+
+def test_run_passes_exit_status_and_cleans_up(state_dir):
+    p = graft("run", "--", "sh", "-c", 'echo "$GRAFT_NETNS"; exit 7', check=False)
+    assert p.returncode == 7
+    made = p.stdout.strip()
+    assert made.startswith("graft-run-") and not os.path.exists(f"/run/netns/{made}")
+    assert graft("run", "--", "sh", "-c", "kill -KILL $$", check=False).returncode == 128 + 9
+    p = graft("run", "--", "ip", "-o", "link", "show")
+    assert [line.split()[1] for line in p.stdout.splitlines()] == ["lo:"]  # only lo inside
+
+
+def test_run_cleans_up_after_sigterm(tmp_path, state_dir, make_netns):
+    name = f"{make_netns()}x"  # a netns graft run must create (and so remove)
+    port = free_port()
+    p = graft_run("-n", name, "--endpoint", f"ep-http type ipv4 addr 127.0.0.1 port {port}", "--",
+                  sys.executable, script(tmp_path, "srv.py", SERVER), "ep-http")
+    try:
+        assert p.stdout.readline().startswith("serving")
+        assert os.path.exists(f"/run/netns/{name}")
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 128 + signal.SIGTERM
+    finally:
+        stop(p)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    assert not os.path.exists(f"/run/netns/{name}")
+    assert graft("-j", "show", "-h", check=False).returncode == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1)
+    from sockgraft.host.store import Store
+
+    with Store(state_dir) as s:
+        assert s.container(name) is None
+
+
+def test_bad_run_input(state_dir):
+    for args, msg in ((["run", "--mode", "warp", "--", "true"], "Invalid value"),
+                      (["run", "--ingress", "nonsense", "--", "true"], "bad ingress pair"),
+                      (["run", "--egress", "10.0.0.0/33=x", "--", "true"], "bad egress rule"),
+                      (["run", "--endpoint", "x type ipv4", "--", "true"], "takes exactly"),
+                      (["run", "--", "/no/such/program"], "command not found")):
+        p = graft(*args, check=False)
+        assert p.returncode != 0 and msg in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_run_sweeps_what_a_killed_run_left(state_dir):
+    """A `graft run` killed with SIGKILL cannot clean up; the next one removes its debris."""
+    p = subprocess.Popen([*graft_cmd(), "run", "--", "sh", "-c", 'echo "$GRAFT_SOCKET $GRAFT_NETNS"; exec sleep 60'],
+                         stdout=subprocess.PIPE, text=True)
+    sock, name = p.stdout.readline().split()
+    app = children(p.pid)[0]
+    p.kill()
+    p.wait()
+    assert os.path.exists(sock) and os.path.exists(f"/run/netns/{name}")
+    try:
+        graft("run", "--", "true")
+        assert not os.path.exists(os.path.dirname(sock))
+        assert os.path.exists(f"/run/netns/{name}")  # its orphaned command still lives in it
+        os.kill(app, signal.SIGKILL)
+        time.sleep(0.2)
+        graft("run", "--", "true")
+        assert not os.path.exists(f"/run/netns/{name}")
+    finally:
+        try:
+            os.kill(app, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
