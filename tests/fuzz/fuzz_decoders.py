@@ -23,7 +23,7 @@ TARGETS = [
     (lambda b: rules.parse_ingress(b.decode("utf-8", "surrogateescape")), (endpoint.SpecError,)),
     (lambda b: rules.parse_egress(b.decode("utf-8", "surrogateescape")), (endpoint.SpecError,)),
     (lambda b: kernel.decode_sockaddr(b), (kernel.BadSockaddr,)),
-    (lambda b: agent.parse_message(b, []), (agent.AgentError,)),
+    (lambda b: ociagent.parse_message(b, []), (ociagent.AgentError,)),
 ]
 
 

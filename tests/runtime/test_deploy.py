@@ -16,7 +16,7 @@ import yaml
 
 from sockgraft.cmd.graftd import cli as graftd_cli
 from sockgraft.runtime import annotations
-from sockgraft.runtime.wrapper import DEFAULT_AGENT
+from sockgraft.host.paths import AGENT_SOCKET
 
 DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy")
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -103,7 +103,7 @@ def test_daemonset_runs_graftd_where_the_runtime_looks():
         assert volumes[name]["hostPath"]["path"] == path
     # graftd accepts these arguments, and its agent socket is the runtime's default listenerPath
     ctx = graftd_cli.make_context("graftd", list(c["args"]))
-    assert os.path.join(ctx.params["runtime_dir"], "agent.sock") == DEFAULT_AGENT
+    assert os.path.join(ctx.params["runtime_dir"], "agent.sock") == AGENT_SOCKET
     assert ctx.params["runtime_dir"] in mounts and ctx.params["state_dir"] in mounts
     port = int(ctx.params["metrics"].rsplit(":", 1)[1])
     assert c["livenessProbe"]["httpGet"]["port"] == port
@@ -115,7 +115,7 @@ def test_docker_daemon_json():
     rt = cfg["runtimes"]["graft"]
     assert rt["path"] == "/usr/local/bin/graft-runtime" and os.access(rt["path"], os.X_OK)
     args = rt["runtimeArgs"]
-    assert args[args.index("--graft-agent") + 1] == DEFAULT_AGENT
+    assert args[args.index("--graft-agent") + 1] == AGENT_SOCKET
 
 
 def test_systemd_unit():
@@ -126,7 +126,7 @@ def test_systemd_unit():
     exec_start = unit["Service"]["ExecStart"].split()
     assert exec_start[0] == "/usr/local/bin/graftd" and os.access(exec_start[0], os.X_OK)
     ctx = graftd_cli.make_context("graftd", exec_start[1:])
-    assert os.path.join(ctx.params["runtime_dir"], "agent.sock") == DEFAULT_AGENT
+    assert os.path.join(ctx.params["runtime_dir"], "agent.sock") == AGENT_SOCKET
     assert ctx.params["metrics"].startswith("127.0.0.1:")
     if shutil.which("systemd-analyze"):
         p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)

@@ -10,10 +10,10 @@ import threading
 
 import pytest
 
-from sockgraft.cmd.run import attach_modes
+from sockgraft.modes.registry import MODES as ATTACH_MODES
 from tests.helpers import free_port, graft_cmd, wait_port
 
-MODES = [m for m in ("api", "preload", "seccomp") if m in attach_modes()]
+MODES = [m for m in ("api", "preload", "seccomp") if m in ATTACH_MODES]
 
 ATTACKER = r"""
 import errno, json, socket, sys

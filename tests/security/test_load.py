@@ -14,6 +14,7 @@ import threading
 from sockgraft.host import netns
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.host.store import Store
+from sockgraft.core.rules import parse_egress
 
 CONTAINERS = int(os.environ.get("GRAFT_LOAD_CONTAINERS", "50"))
 CONNECTIONS = int(os.environ.get("GRAFT_LOAD_CONNECTIONS", "100"))
@@ -22,7 +23,6 @@ CONTAINER = r"""
 import json, os, socket, sys, threading
 from sockgraft.modes.seccomp.attach import install_in_child
 from sockgraft.modes.seccomp.bpf import filter_program
-from sockgraft.core.rules import parse_egress
 agent_path, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 c = socket.socket(socket.AF_UNIX); c.connect(agent_path)  # before the filter
 fd = install_in_child(filter_program().assemble())

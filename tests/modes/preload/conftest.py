@@ -9,7 +9,7 @@ import pytest
 
 from tests.helpers import graft_cmd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 CSRC = os.path.join(ROOT, "csrc")
 C_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c")
 

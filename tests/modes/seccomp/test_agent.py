@@ -12,13 +12,13 @@ from sockgraft.host import netns
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.modes.seccomp.supervisor import Supervisor
 from sockgraft.host.store import Store
+from sockgraft.core.rules import parse_ingress
 from tests.helpers import free_port, wait_port
 
 HELPER = r"""
 import array, os, socket, sys
 from sockgraft.modes.seccomp.attach import install_in_child
 from sockgraft.modes.seccomp.bpf import filter_program
-from sockgraft.core.rules import parse_ingress
 c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])  # before the filter: connect is trapped
 fd = install_in_child(filter_program().assemble())
 c.sendmsg([b"listener"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])

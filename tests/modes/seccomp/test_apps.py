@@ -91,8 +91,9 @@ def test_go_server_and_client(state_dir, make_netns, procs, gonet):
 def test_go_udp_echo_and_connected_client(state_dir, make_netns, procs, gonet):
     srv_ns, cli_ns = make_netns(), make_netns()
     port = free_port(sotype=socket.SOCK_DGRAM)
+    # a grafted UDP server answers only destinations an egress rule names: its clients' loopback
     p = start(procs, srv_ns, [gonet, "udpecho", ":9000"], endpoints=[f"u type ipv4 addr 127.0.0.1 port {port}"],
-              ingress=["0.0.0.0:9000=u", "[::]:9000=u"])
+              ingress=["0.0.0.0:9000=u", "[::]:9000=u"], egress=["127.0.0.0/8=u"])
     wait_for(lambda: p.stdout.readline().startswith("listening"), what="udp server")
     r = run(cli_ns, [gonet, "udpdial", f"127.0.0.1:{port}"], **client_egress())  # connected UDP
     assert r.stdout.strip() == "echo ping-go"
