@@ -1,1 +1,1 @@
-
+"""The commands: `graft` (graft.py, run.py, status.py, config.py) and `graftd` (graftd.py)."""
