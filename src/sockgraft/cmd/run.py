@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import tempfile
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.host import netns
+from sockgraft.host.children import exit_status, forwarding_signals
 from sockgraft.host.paths import RUNTIME_DIR
 from sockgraft.host.store import Store
 from sockgraft.modes.api.fdservice import FdService
 from sockgraft.modes.base import RunContext, RunSpec
 from sockgraft.modes.registry import MODES
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def sweep_debris() -> None:
@@ -42,10 +41,6 @@ def sweep_debris() -> None:
             ino = netns.named_ino(name)
             if ino is not None and not netns.pids_in_netns(ino):
                 netns.remove(name)
-
-
-def _exit_status(code: int) -> int:
-    return 128 - code if code < 0 else code
 
 
 def run(spec: RunSpec) -> int:
@@ -88,17 +83,11 @@ def run(spec: RunSpec) -> int:
             netns.enter(container.path)
             attach.preexec()
 
-        old_handlers = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
         proc = attach.spawn(preexec)
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, lambda s, _f: proc.send_signal(s))
-        try:
+        with forwarding_signals(proc):
             thread = service.start_thread()
             undo.append(lambda: (service.stop(), thread.join(5)))
-            return _exit_status(proc.wait())  # EINTR is retried by Python (PEP 475)
-        finally:
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            return exit_status(proc.wait())  # EINTR is retried by Python (PEP 475)
     finally:
         errors = []
         for step in reversed(undo):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.core.endpoint import SpecError
+from sockgraft.host.children import wait_forwarding
 from sockgraft.host.paths import AGENT_SOCKET, state_dir
 from sockgraft.host.store import Store, StoreError
 from sockgraft.runtime import annotations, ociconfig
@@ -329,15 +329,7 @@ def _audit(state: str, event: str, **fields) -> None:
 
 def _run_child(argv: list[str]) -> int:
     """runc as a child, with the signals a foreground `runc run` would get passed on to it."""
-    proc = subprocess.Popen(argv)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, lambda s, _f: proc.send_signal(s))
-    while True:
-        try:
-            code = proc.wait()
-            return 128 - code if code < 0 else code
-        except InterruptedError:
-            continue
+    return wait_forwarding(subprocess.Popen(argv))
 
 
 def main(argv: list[str] | None = None) -> None:

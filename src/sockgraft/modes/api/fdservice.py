@@ -18,7 +18,7 @@ from sockgraft.host import hostsock
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.core.engine import DENY, GRANT, Op
-from sockgraft.core.protocol import MAX_MESSAGE, ProtocolError, Reply, Request, parse_request
+from sockgraft.core.protocol import MAX_MESSAGE, ProtocolError, Reply, parse_request
 from sockgraft.host.store import Store, StoreError
 
 MODE = "api"
