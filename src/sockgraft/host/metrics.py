@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -47,9 +46,6 @@ class Metrics:
     def observe(self, mode: str, seconds: float) -> None:
         self.latency.labels(mode).observe(seconds)
 
-    def timer(self, mode: str):
-        return _Timer(self, mode)
-
     def count_containers(self, fn) -> None:
         """`fn()` -> {mode: count}, called at each scrape."""
         self._containers = fn
@@ -68,18 +64,6 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-class _Timer:
-    def __init__(self, metrics: Metrics, mode: str):
-        self.metrics, self.mode = metrics, mode
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.metrics.observe(self.mode, time.perf_counter() - self.t0)
 
 
 class _ContainersCollector:
@@ -111,9 +95,9 @@ class MetricsAudit(Audit):
         with self._lock:
             super().record(event, **fields)
 
-    def flush(self) -> None:
+    def flush(self, force: bool = False) -> None:
         with self._lock:
-            super().flush()
+            super().flush(force)
 
     def decision(self, container: str, mode: str, op: str, decision, **fields) -> None:
         self.metrics.decision(mode, op, decision.verdict)
