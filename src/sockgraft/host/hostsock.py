@@ -50,6 +50,32 @@ def open_bound(d: Decision, sotype: int, proto: int = 0, flags: frozenset = froz
         raise
 
 
+IP_BIND_ADDRESS_NO_PORT = 24
+
+
+def open_connecting(d: Decision, sotype: int, proto: int, dest: tuple | bytes,
+                    connect=None) -> tuple[socket.socket, int]:
+    """An egress grant carried out the way the kernel does a plain connect(): the source address
+    bound with IP_BIND_ADDRESS_NO_PORT (the port is chosen at connect time, per 4-tuple, reusing
+    TIME_WAIT), then a non-blocking connect to the destination the engine judged. Returns the socket
+    and 0 or EINPROGRESS. The socket leaves here connected or connecting: it cannot be bound again
+    (EINVAL) nor re-aimed (EISCONN/EALREADY). `connect(fd, dest) -> errno` performs the connect
+    when `dest` is a raw sockaddr (the seccomp supervisor's copied bytes)."""
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if d.family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(d.host)
+        code = connect(s.fileno(), dest) if connect is not None else s.connect_ex(dest)
+        if code not in (0, errno.EINPROGRESS):
+            raise OSError(code, os.strerror(code))
+        return s, code
+    except BaseException:
+        s.close()
+        raise
+
+
 def open_dialed(d: Decision, sotype: int, proto: int = 0) -> tuple[socket.socket, int]:
     """A host socket whose non-blocking connect to the granted address has started.
     Returns the socket and 0 or EINPROGRESS; the caller completes the connect."""
