@@ -219,3 +219,37 @@ def test_unix_endpoint():
     assert (d.family, d.host) == (socket.AF_UNIX, "/tmp/x.sock")
     assert p.named("u", V4, S).errno == errno.EAFNOSUPPORT
     assert policy(["a type unix path @abs"]).named("a").host == "\0abs"
+
+
+# -- the prefilter: a client may skip asking only where the engine would say "local" ------------
+EPS = [HTTP, OUT, OUT6, "web6 type ipv6 addr ::1 port 8443"]
+_ports = st.integers(0, 65535)
+_pairs = st.one_of(
+    st.builds(lambda a, lo, n, e: f"{a}:{lo}-{min(65535, lo + n)}={e}",
+              st.sampled_from(["0.0.0.0", "127.0.0.1", "10.1.2.3"]), _ports, st.integers(0, 3), st.sampled_from(["ep-http", "ep-out", "nope"])),
+    st.builds(lambda a, lo, e: f"[{a}]:{lo}={e}", st.sampled_from(["::", "::1"]), _ports, st.sampled_from(["web6", "ep-out6"])))
+_rules = st.one_of(
+    st.builds(lambda n, e: f"{n}={e}", st.sampled_from(["0.0.0.0/0", "127.0.0.0/8", "127.0.0.2/32", "10.0.0.0/8"]),
+              st.sampled_from(["ep-out", "ep-http", "nope"])),
+    st.builds(lambda n, e: f"{n}={e}", st.sampled_from(["::/0", "::1/128", "fd00::/8"]), st.sampled_from(["ep-out6", "ep-out"])))
+_addrs4 = st.sampled_from(["0.0.0.0", "127.0.0.1", "127.0.0.2", "127.0.0.3", "10.1.2.3", "10.9.9.9", "192.0.2.1"])
+_addrs6 = st.sampled_from(["::", "::1", "fd00::5", "2001:db8::1", "::ffff:127.0.0.1", "::ffff:10.1.2.3"])
+
+
+@given(st.lists(_pairs, max_size=4), st.lists(_rules, max_size=4), st.sampled_from(["bind", "connect", "sendto"]),
+       st.booleans(), _addrs4, _addrs6, _ports, st.booleans(), st.booleans(), st.sampled_from([S, D]))
+def test_prefilter_never_skips_what_the_engine_would_graft(pairs, rules, verb, v6, a4, a6, port, v6only, bound, t):
+    pol = policy(EPS, pairs, rules).pol
+    op = Op(verb, V6 if v6 else V4, a6 if v6 else a4, port, t, v6only=v6only, bound=bound)
+    if pol.decide(op).verdict != LOCAL:
+        assert pol.prefilter().might_graft(op), (pairs, rules, op)
+
+
+def test_prefilter_skips_what_no_rule_can_match():
+    pf = policy(EPS, ["0.0.0.0:80=ep-http"], ["127.0.0.2/32=ep-out"]).pol.prefilter()
+    assert not pf.might_graft(Op("bind", V4, "0.0.0.0", 81))
+    assert not pf.might_graft(Op("bind", V6, "::", 80, v6only=True))
+    assert pf.might_graft(Op("bind", V6, "::", 80))  # dual-stack
+    assert not pf.might_graft(Op("connect", V4, "127.0.0.3", 80))
+    assert pf.might_graft(Op("connect", V6, "::ffff:127.0.0.2", 80))
+    assert pf.lines() == ("bind 4 0.0.0.0 80 80", "egress 4 127.0.0.2 32")

@@ -93,6 +93,37 @@ def _dual_stack(op: Op) -> bool:
         and _ip(op.addr).version == 6
 
 
+@dataclass(frozen=True)
+class Prefilter:
+    """What a client side may know of a policy to skip asking when nothing can match: the ingress
+    pairs' (version, address, ports) and the egress prefixes, flattened. It decides only "might a
+    rule apply?" — a superset of what the engine grants; the engine still decides every match.
+    The preload library mirrors `might_graft` in C from `lines()` (a test holds the two equal)."""
+
+    binds: tuple[tuple[int, str, int, int], ...] = ()  # (4|6, address, port_lo, port_hi)
+    egress: tuple[tuple[int, str, int], ...] = ()  # (4|6, network address, prefix length)
+
+    def might_graft(self, op: Op) -> bool:
+        if op.grafted:
+            return True
+        if op.family not in IP_FAMILIES or op.verb not in ("bind", "connect", "sendto"):
+            return op.verb in ("named", "dial")
+        ip = _ip(op.addr)
+        if op.verb == "bind":
+            dual = _dual_stack(op)
+            for version, addr, lo, hi in self.binds:
+                if lo <= op.port <= hi and ((version == ip.version and (addr in ("0.0.0.0", "::") or
+                                                                        _ip(addr) == ip)) or (dual and version == 4)):
+                    return True
+            return False
+        return any(version == ip.version and ip in ipaddress.ip_network(f"{net}/{plen}")
+                   for version, net, plen in self.egress)
+
+    def lines(self) -> tuple[str, ...]:
+        return tuple([f"bind {v} {a} {lo} {hi}" for v, a, lo, hi in self.binds] +
+                     [f"egress {v} {n} {plen}" for v, n, plen in self.egress])
+
+
 @dataclass
 class Policy:
     """One container's table and rules; the engine's whole input besides the operation."""
@@ -112,6 +143,11 @@ class Policy:
             if ep is None or ep.type != "unix":
                 out += [EgressRule(ipaddress.ip_network("0.0.0.0/0" if f == "ipv4" else "::/0"), name) for f in families]
         return Policy(self.endpoints, list(ingress) or self.ingress, out or self.egress)
+
+    def prefilter(self) -> Prefilter:
+        return Prefilter(tuple((p.addr.version, str(p.addr), p.port_lo, p.port_hi) for p in self.ingress),
+                         tuple((r.network.version, str(r.network.network_address), r.network.prefixlen)
+                               for r in self.egress))
 
     def decide(self, op: Op) -> Decision:
         """The one entry point: what to do with `op`."""
