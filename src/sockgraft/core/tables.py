@@ -5,11 +5,17 @@
   Python side through `host.hostsock.copy_options`, the preload library through `csrc/options.h`,
   which `python3 -m sockgraft.core.tables --c-options` writes and a test keeps equal).
 - SOCKET_FLAGS: the flags of a bind the fd-service protocol carries, read from the socket.
+- TRAPPED / REFUSED: the syscalls seccomp mode sends to its supervisor (with the argument
+  conditions under which it does) and those it refuses outright. The seccomp mode's BPF filter
+  (`modes.seccomp.bpf`) and the OCI profile merged into a bundle's config.json
+  (`runtime.ociconfig`) are both derived from this one list.
 """
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 SOL_SOCKET, IPPROTO_IP, IPPROTO_TCP, IPPROTO_IPV6 = 1, 0, 6, 41
 LEVEL_NAMES = {SOL_SOCKET: "SOL_SOCKET", IPPROTO_IP: "IPPROTO_IP", IPPROTO_TCP: "IPPROTO_TCP", IPPROTO_IPV6: "IPPROTO_IPV6"}
@@ -46,6 +52,32 @@ COPIED_OPTIONS: tuple[SockOpt, ...] = (
 )
 
 SOCKET_FLAGS = ("reuseaddr", "reuseport", "v6only")
+
+# -- the syscalls seccomp mode traps -----------------------------------------------------------
+# A condition is None (always trapped) or {arg index: POINTER | [(mask, value), ...]}:
+# - POINTER: the 64-bit argument is not NULL;
+# - cubes: the argument's low 32 bits (the kernel's `int`/`unsigned int` arguments) masked with
+#   `mask` equal `value`, for one of the cubes.
+# All indexes of a condition must hold. Why each one is trapped:
+# - bind, connect: the decisions (ingress pairs, egress rules);
+# - getsockname: a grafted socket shows the application the address it bound;
+# - sendto only with a destination (arg 4 != NULL): glibc's send() stays off the slow path;
+# - ioctl with a socket ioctl number 0x89xx (interface, route and SIOCGSKNS ioctls);
+# - setsockopt(SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX).
+# Refused with ENOSYS: io_uring_setup (its socket/connect operations would bypass seccomp).
+SO_BINDTODEVICE, SO_BINDTOIFINDEX = 25, 62
+POINTER = "nonnull"
+LOW32 = 0xFFFFFFFF
+TRAPPED: Mapping[str, Mapping | None] = MappingProxyType({
+    "bind": None,
+    "connect": None,
+    "getsockname": None,
+    "sendto": MappingProxyType({4: POINTER}),
+    "ioctl": MappingProxyType({1: ((0xFFFFFF00, 0x8900),)}),
+    "setsockopt": MappingProxyType({1: ((LOW32, SOL_SOCKET),),
+                                    2: ((LOW32, SO_BINDTODEVICE), (LOW32, SO_BINDTOIFINDEX))}),
+})
+REFUSED: tuple[str, ...] = ("io_uring_setup",)
 
 
 def c_options() -> str:

@@ -14,38 +14,19 @@ import platform
 import tempfile
 
 from sockgraft.core.endpoint import SpecError
+from sockgraft.core.tables import POINTER, REFUSED, TRAPPED
 
 NOTIFY = "SCMP_ACT_NOTIFY"
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
 METADATA = "sockgraft"
 ENOSYS = 38
 
-# What the seccomp mode's own filter (sockgraft.modes.seccomp.bpf.filter_program) traps, as conditions
-# on the syscall arguments (tests/runtime check that both agree, argument for argument):
-# - bind, connect, getsockname: always;
-# - sendto only with a destination (arg 4 != NULL): glibc's send() stays off the slow path;
-# - ioctl with a socket ioctl number 0x89xx (interface, route and SIOCGSKNS ioctls);
-# - setsockopt(SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX).
-# Refused: io_uring_setup (ENOSYS: its socket/connect bypass seccomp). Architectures: the native
-# one only (the supervisor decodes x86_64 syscalls; like the seccomp mode, others are killed).
-#
-# A condition is {arg index: [(mask, value), ...]}: the argument's low 32 bits (the kernel's `int`
-# and `unsigned int` arguments) masked with `mask` equal one of the values; all indexes must match.
-# `POINTER` marks a 64-bit "not NULL" condition. libseccomp lets an unconditional allow rule win
+# The trapped syscalls and their argument conditions are core.tables.TRAPPED/REFUSED, the list the
+# seccomp mode's own BPF filter is built from too. libseccomp lets an unconditional allow rule win
 # over a conditional notify rule, so when the profile's default action is not "allow" the
 # complement of each condition becomes explicit allow rules, built from masked comparisons only.
-SOL_SOCKET, SO_BINDTODEVICE, SO_BINDTOIFINDEX = 1, 25, 62
-POINTER = "nonnull"
-LOW32 = 0xFFFFFFFF
-TRAPPED: dict[str, dict | None] = {
-    "bind": None,
-    "connect": None,
-    "getsockname": None,
-    "sendto": {4: POINTER},
-    "ioctl": {1: [(0xFFFFFF00, 0x8900)]},
-    "setsockopt": {1: [(LOW32, SOL_SOCKET)], 2: [(LOW32, SO_BINDTODEVICE), (LOW32, SO_BINDTOIFINDEX)]},
-}
-REFUSED: tuple[str, ...] = ("io_uring_setup",)
+# Architectures: the native one only (the supervisor decodes x86_64 syscalls; like the seccomp
+# mode, others are killed).
 
 _ARCHES = {"x86_64": ["SCMP_ARCH_X86_64"], "aarch64": ["SCMP_ARCH_AARCH64"]}
 
@@ -94,7 +75,7 @@ def _product(parts: list[list[dict]]) -> list[list[dict]]:
     return rules
 
 
-def trap_rules(name: str, condition: dict | None, with_complement: bool) -> list[dict]:
+def trap_rules(name: str, condition, with_complement: bool) -> list[dict]:
     """OCI rules for one trapped syscall: notify where the condition holds and, if asked, allow
     everywhere else."""
     if condition is None:
@@ -111,17 +92,6 @@ def trap_rules(name: str, condition: dict | None, with_complement: bool) -> list
                 rules.append({"names": [name], "action": "SCMP_ACT_ALLOW",
                               "args": [_arg(j, c) for j, c in zip(idx[:k] + [i], combo)]})
     return rules
-
-
-def trapped() -> tuple[dict[str, dict | None], tuple[str, ...]]:
-    """(trapped syscalls with their conditions, refused syscalls): the seccomp mode's own list
-    when its package exports one, else the translation above."""
-    try:
-        from sockgraft.modes.seccomp import oci as seccomp_oci  # type: ignore[attr-defined]
-
-        return dict(seccomp_oci.TRAPPED), tuple(seccomp_oci.REFUSED)
-    except (ImportError, AttributeError):
-        return TRAPPED, REFUSED
 
 
 def _allowed_unconditionally(profile: dict, name: str) -> bool:
@@ -149,7 +119,7 @@ def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA) ->
     syscalls = profile.get("syscalls") or []
     if any(r.get("action") == NOTIFY for r in syscalls):
         raise SpecError("config.json already has SCMP_ACT_NOTIFY rules for another agent")
-    trap, refuse = trapped()
+    trap, refuse = TRAPPED, REFUSED
     untrapped = [n for n in trap if not _allowed_unconditionally(profile, n)]
     take = {n for n in trap if n not in untrapped} | {n for n in refuse if _allowed_unconditionally(profile, n)}
     default_allows = profile.get("defaultAction") in ALLOWING

@@ -1,12 +1,13 @@
 """The classic-BPF seccomp program of seccomp mode, built by a tiny assembler with labels.
 
-What the filter does (x86_64 only; any other audit arch kills the process, x32 numbers fail):
-- bind, connect, getsockname: notify the supervisor.
-- sendto: notify only with a destination (arg4 != 0), so glibc's send() costs nothing.
-- ioctl: notify for socket ioctls 0x89xx (SIOC*IF*, SIOCGSKNS, routes, device-private).
-- setsockopt(SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX): notify.
-- io_uring_setup: ENOSYS (its socket/connect ops would bypass seccomp).
-- everything else: allowed.
+The program is derived from the one trapped-syscall list, `core.tables.TRAPPED`/`REFUSED` (the
+OCI profile of `runtime.ociconfig` is derived from the same list):
+- any other audit arch than x86_64 kills the process; x32 syscall numbers fail with ENOSYS;
+- a trapped syscall notifies the supervisor where its argument condition holds (bind, connect,
+  getsockname always; sendto with a destination; socket ioctls 0x89xx; setsockopt(SOL_SOCKET,
+  SO_BINDTODEVICE | SO_BINDTOIFINDEX)) and is allowed elsewhere;
+- a refused syscall (io_uring_setup) fails with ENOSYS;
+- everything else is allowed.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import errno
 import struct
 from dataclasses import dataclass
 
-from sockgraft.modes.seccomp.kernel import AUDIT_ARCH_X86_64, SO_BINDTODEVICE, SO_BINDTOIFINDEX, SYS, X32_SYSCALL_BIT
+from sockgraft.core.tables import LOW32, POINTER, REFUSED, TRAPPED
+from sockgraft.modes.seccomp.kernel import AUDIT_ARCH_X86_64, SYS, X32_SYSCALL_BIT
 
 # classic BPF opcodes
 LD_W_ABS = 0x20
@@ -96,25 +98,40 @@ class Program:
         return out
 
 
+def _condition(p: Program, name: str, condition) -> None:
+    """Notify where `condition` holds (every argument index; one cube of each), else allow."""
+    idx = sorted(condition)
+    for k, i in enumerate(idx):
+        held = f"{name}.{k + 1}" if k + 1 < len(idx) else "notify"  # this index holds: the next one
+        p.label(f"{name}.{k}")
+        if condition[i] == POINTER:  # 64 bits: either half not zero
+            p.ld(off_arg(i)).jeq(0, 0, held)
+            p.ld(off_arg(i, high=True)).jeq(0, "allow", held)
+            continue
+        cubes = list(condition[i])
+        loaded = False  # the accumulator holds the argument's low 32 bits unmasked
+        for c, (mask, value) in enumerate(cubes):
+            if not loaded:
+                p.ld(off_arg(i))
+                loaded = True
+            if mask != LOW32:
+                p.and_(mask)
+                loaded = False
+            p.jeq(value, held, "allow" if c == len(cubes) - 1 else 0)
+
+
 def filter_program() -> Program:
     p = Program()
     p.ld(OFF_ARCH).jeq(AUDIT_ARCH_X86_64, 0, "kill")
     p.ld(OFF_NR).jge(X32_SYSCALL_BIT, "enosys")
-    for name in ("bind", "connect", "getsockname"):
-        p.jeq(SYS[name], "notify")
-    p.jeq(SYS["sendto"], "sendto")
-    p.jeq(SYS["ioctl"], "ioctl")
-    p.jeq(SYS["setsockopt"], "setsockopt")
-    p.jeq(SYS["io_uring_setup"], "enosys")
+    for name, condition in TRAPPED.items():
+        p.jeq(SYS[name], "notify" if condition is None else f"{name}.0")
+    for name in REFUSED:
+        p.jeq(SYS[name], "enosys")
     p.ret(RET_ALLOW)
-    # sendto: a destination pointer (arg4, 64 bits) makes it a decision
-    p.label("sendto").ld(off_arg(4)).jeq(0, 0, "notify")
-    p.ld(off_arg(4, high=True)).jeq(0, "allow", "notify")
-    # ioctl: the socket ioctl space 0x89xx (the kernel truncates cmd to 32 bits)
-    p.label("ioctl").ld(off_arg(1)).and_(0xFFFFFF00).jeq(0x8900, "notify", "allow")
-    # setsockopt(SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX)
-    p.label("setsockopt").ld(off_arg(1)).jeq(1, 0, "allow")
-    p.ld(off_arg(2)).jeq(SO_BINDTODEVICE, "notify").jeq(SO_BINDTOIFINDEX, "notify", "allow")
+    for name, condition in TRAPPED.items():
+        if condition is not None:
+            _condition(p, name, condition)
     p.label("allow").ret(RET_ALLOW)  # classic BPF jumps only forward: shared exits come last
     p.label("notify").ret(RET_USER_NOTIF)
     p.label("enosys").ret(RET_ERRNO | errno.ENOSYS)

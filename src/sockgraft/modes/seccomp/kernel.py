@@ -1,7 +1,7 @@
 """Kernel interface of seccomp user notification, in ctypes and struct (x86_64, Linux >= 6.9).
 
 Pure packing/unpacking lives here next to the few raw syscalls Python 3.11 lacks
-(seccomp, pidfd_getfd, process_vm_readv/writev). Numbers were checked on this machine
+(seccomp, pidfd_getfd, process_vm_readv). Numbers were checked on this machine
 (see KERNEL-NOTES.md): RECV 0xC0502100, SEND 0xC0182101, ID_VALID 0x40082102, ADDFD 0x40182103.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ X32_SYSCALL_BIT = 0x40000000
 
 SYS = {  # x86_64 syscall numbers
     "ioctl": 16, "connect": 42, "sendto": 44, "bind": 49, "getsockname": 51, "getpeername": 52,
-    "setsockopt": 54, "seccomp": 317, "process_vm_readv": 310, "process_vm_writev": 311,
+    "setsockopt": 54, "seccomp": 317, "process_vm_readv": 310,
     "io_uring_setup": 425, "pidfd_open": 434, "pidfd_getfd": 438,
 }
 NR_NAME = {v: k for k, v in SYS.items()}
@@ -51,8 +51,6 @@ IFREQ_SET = frozenset((0x8914, 0x8916, 0x8918, 0x891A, 0x891C, 0x891E, 0x8922, 0
 IOCTL_OUT = {0x8904: 4, 0x8905: 4, 0x8906: 16, 0x8907: 16}  # SIOCGPGRP, SIOCATMARK, SIOCGSTAMP(NS)
 IFCONF = struct.Struct("=ixxxxQ")  # int ifc_len; union { char *buf; ... }
 CAP_NET_ADMIN = 12
-SO_BINDTODEVICE = 25
-SO_BINDTOIFINDEX = 62
 SO_NETNS_COOKIE = 71
 
 NOTIF_SIZE = 80
@@ -179,18 +177,6 @@ def read_mem(pid: int, addr: int, size: int) -> bytes:
     return buf.raw
 
 
-def write_mem(pid: int, addr: int, data: bytes) -> None:
-    if not data:
-        return
-    buf = ctypes.create_string_buffer(data, len(data))
-    local = _IOVec(ctypes.addressof(buf), len(data))
-    remote = _IOVec(addr, len(data))
-    n = _syscall(SYS["process_vm_writev"], ctypes.c_int(pid), ctypes.byref(local), ctypes.c_ulong(1),
-                 ctypes.byref(remote), ctypes.c_ulong(1), ctypes.c_ulong(0))
-    if n != len(data):
-        raise OSError(errno.EFAULT, "short write to target memory")
-
-
 def fd_cloexec(tid: int, fd: int) -> bool:
     """Whether the target's fd has close-on-exec (a per-fd flag a dup cannot show)."""
     try:
@@ -232,15 +218,6 @@ def ifconf(fd: int, length: int, want_data: bool) -> tuple[int, bytes]:
         raise OSError(err, os.strerror(err))
     got = IFCONF.unpack(req.raw)[0]
     return got, buf.raw[:got] if want_data else b""
-
-
-def socket_netns_ino(fd: int) -> int:
-    """Inode of the netns a socket lives in (SIOCGSKNS)."""
-    nsfd = fcntl.ioctl(fd, SIOCGSKNS)
-    try:
-        return os.fstat(nsfd).st_ino
-    finally:
-        os.close(nsfd)
 
 
 # -- raw socket calls on raw sockaddr bytes (no re-encoding of what was judged) ------------------
