@@ -1,0 +1,391 @@
+/* The wrapped socket calls. This file holds NO policy: it notices the calls whose outcome depends
+ * on an address (bind, connect, sendto/sendmsg/sendmmsg with a destination, AF_GRAFT sockets),
+ * forwards the container-side address to the fd service (service.c) and carries out the answer:
+ *   ok + fd   the host socket it received replaces the application's fd (dup3), keeping the fd's
+ *             O_NONBLOCK/FD_CLOEXEC and the socket options the application set before;
+ *   local     the real libc call runs, inside the container's own netns;
+ *   err N     the call fails with errno N.
+ * dup, dup2, dup3, fcntl(F_DUPFD*), close, close_range and closefrom keep the fd table in step. */
+#include "internal.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SIN6_LEN_RFC2133
+#define SIN6_LEN_RFC2133 24 /* sockaddr_in6 without sin6_scope_id: the kernel accepts it */
+#endif
+
+/* The text form of an inet sockaddr: family, address and port, or -1 if it is not one. The lengths
+ * are the kernel's: 16 bytes and more for AF_INET, 24 (SIN6_LEN_RFC2133) and more for AF_INET6
+ * (sockgraft.modes.seccomp.kernel.decode_sockaddr accepts the same; test_sockaddr.py). */
+static int inet_words(const struct sockaddr *sa, socklen_t len, int *fam, char *addr, int *port)
+{
+	if (!sa || len < (socklen_t)sizeof(sa_family_t))
+		return -1;
+	if (sa->sa_family == AF_INET && len >= (socklen_t)sizeof(struct sockaddr_in)) {
+		struct sockaddr_in in;
+		memcpy(&in, sa, sizeof(in));
+		inet_ntop(AF_INET, &in.sin_addr, addr, INET6_ADDRSTRLEN);
+		*fam = AF_INET;
+		*port = ntohs(in.sin_port);
+		return 0;
+	}
+	if (sa->sa_family == AF_INET6 && len >= (socklen_t)SIN6_LEN_RFC2133) {
+		struct sockaddr_in6 in6 = { 0 }; /* the scope id is optional: 24 bytes are enough */
+		memcpy(&in6, sa, len < (socklen_t)sizeof(in6) ? len : sizeof(in6));
+		inet_ntop(AF_INET6, &in6.sin6_addr, addr, INET6_ADDRSTRLEN);
+		*fam = AF_INET6;
+		*port = ntohs(in6.sin6_port);
+		return 0;
+	}
+	return -1;
+}
+
+/* The endpoint name in a sockaddr_gr, or -1 with errno EINVAL. */
+static int gr_name(const struct sockaddr *sa, socklen_t len, char name[AF_GRAFT_EPNAME_MAX])
+{
+	size_t off = offsetof(struct sockaddr_gr, sgr_epname);
+	if (len <= (socklen_t)off) {
+		errno = EINVAL;
+		return -1;
+	}
+	size_t avail = (size_t)len - off;
+	if (avail > AF_GRAFT_EPNAME_MAX)
+		avail = AF_GRAFT_EPNAME_MAX;
+	const char *p = (const char *)sa + off;
+	size_t n = strnlen(p, avail);
+	if (n == 0 || n >= AF_GRAFT_EPNAME_MAX) {
+		errno = EINVAL;
+		return -1;
+	}
+	for (size_t i = 0; i < n; i++)
+		if (p[i] <= ' ' || p[i] > '~') {
+			errno = EINVAL;
+			return -1;
+		}
+	memcpy(name, p, n);
+	name[n] = 0;
+	return 0;
+}
+
+/* An unbound socket is about to reach `sa` (connect, sendto, sendmsg): the egress decision.
+ * Returns 0 to go on with the real call, -1 with errno to fail it. */
+static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len)
+{
+	char addr[INET6_ADDRSTRLEN], head[160];
+	int fam, port, newfd;
+	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st->family != AF_GRAFT && st->family != fam))
+		return 0; /* not an address we can decide on: the kernel answers */
+	if (wire_connect(head, sizeof(head), fam, addr, port, st->type, st->proto) < 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	switch (decide(head, &g_tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", &newfd)) {
+	case D_LOCAL:
+		st_mark_decided(fd);
+		return 0;
+	case D_GRANT:
+		return st_install(fd, newfd, st);
+	default:
+		return -1;
+	}
+}
+
+/* -- the wrapped calls ------------------------------------------------------------------------ */
+EXPORT int socket(int family, int type, int proto)
+{
+	ENSURE();
+	if (!g_enabled || (family != AF_INET && family != AF_INET6 && family != AF_GRAFT))
+		return real_socket(family, type, proto);
+	int fd = real_socket(family == AF_GRAFT ? AF_INET : family, type, proto);
+	if (fd < 0)
+		return fd;
+	struct gs st = { .family = family, .type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC), .proto = proto };
+	st.ino = fd_ino(fd);
+	st_put(fd, &st);
+	return fd;
+}
+
+EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
+{
+	ENSURE();
+	struct gs st;
+	if (!sa || len < (socklen_t)sizeof(sa_family_t) || !st_fresh(fd, &st))
+		return real_bind(fd, sa, len);
+	char head[200], addr[INET6_ADDRSTRLEN];
+	int fam, port, newfd, r;
+	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {
+		char name[AF_GRAFT_EPNAME_MAX];
+		if (gr_name(sa, len, name) != 0)
+			return -1;
+		if (wire_named(head, sizeof(head), name, 0, st.type, st.proto, socket_flags(fd, AF_INET)) < 0)
+			r = D_ERR, errno = EINVAL;
+		else
+			r = ask(head, &newfd, NULL, 0);
+		if (r != D_GRANT) {
+			if (r == D_LOCAL)
+				errno = EADDRNOTAVAIL; /* the service never answers `local` to a name */
+			return -1;
+		}
+		memcpy(st.epname, name, sizeof(name));
+		st.bound_len = 0;
+		return st_install(fd, newfd, &st);
+	}
+	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st.family != AF_GRAFT && st.family != fam))
+		return real_bind(fd, sa, len);
+	/* flags include v6only: a dual-stack [::] bind is matched by IPv4 pairs, a V6ONLY one is not */
+	if (wire_bind(head, sizeof(head), fam, addr, port, st.type, st.proto, socket_flags(fd, fam)) < 0) {
+		errno = EINVAL;
+		return -1;
+	}
+	switch (decide(head, &g_tail_bind, "GRAFT_CONV_PAIRS", &newfd)) {
+	case D_LOCAL:
+		r = real_bind(fd, sa, len);
+		if (r == 0)
+			st_mark_decided(fd);
+		return r;
+	case D_GRANT:
+		st.bound_len = len < (socklen_t)sizeof(st.bound) ? len : (socklen_t)sizeof(st.bound);
+		memcpy(&st.bound, sa, st.bound_len);
+		return st_install(fd, newfd, &st);
+	default:
+		return -1;
+	}
+}
+
+/* A blocking connect by name: wait for the host socket's connect to complete. */
+static int finish_dial(int fd)
+{
+	int fl = real_fcntl(fd, F_GETFL);
+	struct pollfd p = { .fd = fd, .events = POLLOUT };
+	if (fl >= 0 && (fl & O_NONBLOCK)) {
+		if (poll(&p, 1, 0) == 0) {
+			errno = EINPROGRESS;
+			return -1;
+		}
+	} else {
+		int n;
+		do
+			n = poll(&p, 1, -1);
+		while (n < 0 && errno == EINTR);
+	}
+	int err = 0;
+	socklen_t l = sizeof(err);
+	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) == 0 && err) {
+		errno = err;
+		return -1;
+	}
+	return 0;
+}
+
+EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
+{
+	ENSURE();
+	struct gs st;
+	if (!sa || len < (socklen_t)sizeof(sa_family_t) || !st_fresh(fd, &st))
+		return real_connect(fd, sa, len);
+	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {
+		char name[AF_GRAFT_EPNAME_MAX], head[160];
+		int newfd;
+		if (gr_name(sa, len, name) != 0)
+			return -1;
+		int r = D_ERR;
+		if (wire_dial(head, sizeof(head), name, st.type, st.proto) < 0)
+			errno = EINVAL;
+		else
+			r = ask(head, &newfd, NULL, 0);
+		if (r != D_GRANT) {
+			if (r == D_LOCAL)
+				errno = EADDRNOTAVAIL;
+			return -1;
+		}
+		memcpy(st.epname, name, sizeof(name));
+		st.dialed = 1;
+		if (st_install(fd, newfd, &st) != 0)
+			return -1;
+		return finish_dial(fd);
+	}
+	if (egress(fd, &st, sa, len) != 0)
+		return -1;
+	int r = real_connect(fd, sa, len);
+	if (r == 0 || errno == EINPROGRESS)
+		st_mark_decided(fd);
+	return r;
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa, socklen_t len)
+{
+	ENSURE();
+	struct gs st;
+	if (sa && len >= (socklen_t)sizeof(sa_family_t) && st_fresh(fd, &st) && egress(fd, &st, sa, len) != 0)
+		return -1;
+	return real_sendto(fd, buf, n, flags, sa, len);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+	ENSURE();
+	struct gs st;
+	if (msg && msg->msg_name && msg->msg_namelen >= sizeof(sa_family_t) && st_fresh(fd, &st) &&
+	    egress(fd, &st, msg->msg_name, msg->msg_namelen) != 0)
+		return -1;
+	return real_sendmsg(fd, msg, flags);
+}
+
+EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
+{
+	ENSURE();
+	struct gs st;
+	if (vec && vlen && vec[0].msg_hdr.msg_name && vec[0].msg_hdr.msg_namelen >= sizeof(sa_family_t) &&
+	    st_fresh(fd, &st) && egress(fd, &st, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen) != 0)
+		return -1;
+	return real_sendmmsg(fd, vec, vlen, flags);
+}
+
+/* Copy a name into the caller's buffer the way the kernel does: truncate, report the full size. */
+static int give_name(const void *name, socklen_t n, struct sockaddr *sa, socklen_t *len)
+{
+	socklen_t k = *len < n ? *len : n;
+	memcpy(sa, name, k);
+	*len = n;
+	return 0;
+}
+
+static int graft_name(const char *epname, struct sockaddr *sa, socklen_t *len)
+{
+	struct sockaddr_gr gr;
+	memset(&gr, 0, sizeof(gr));
+	gr.sgr_family = AF_GRAFT;
+	memcpy(gr.sgr_epname, epname, AF_GRAFT_EPNAME_MAX);
+	return give_name(&gr, sizeof(gr), sa, len);
+}
+
+EXPORT int getsockname(int fd, struct sockaddr *sa, socklen_t *len)
+{
+	ENSURE();
+	struct gs st;
+	if (g_transparent || !g_enabled || !sa || !len || !st_get(fd, &st) || !st.grafted || fd_ino(fd) != st.ino)
+		return real_getsockname(fd, sa, len);
+	if (st.family == AF_GRAFT && st.epname[0])
+		return graft_name(st.epname, sa, len);
+	if (!st.bound_len) /* grafted by an egress rule: the application bound nothing */
+		return real_getsockname(fd, sa, len);
+	/* the application's address; a port 0 it asked for is the port the host allocated */
+	struct sockaddr_storage host, app = st.bound;
+	socklen_t hl = sizeof(host);
+	if (real_getsockname(fd, (struct sockaddr *)&host, &hl) == 0) {
+		if (app.ss_family == AF_INET && ((struct sockaddr_in *)&app)->sin_port == 0)
+			((struct sockaddr_in *)&app)->sin_port = host.ss_family == AF_INET ? ((struct sockaddr_in *)&host)->sin_port : ((struct sockaddr_in6 *)&host)->sin6_port;
+		if (app.ss_family == AF_INET6 && ((struct sockaddr_in6 *)&app)->sin6_port == 0)
+			((struct sockaddr_in6 *)&app)->sin6_port = host.ss_family == AF_INET ? ((struct sockaddr_in *)&host)->sin_port : ((struct sockaddr_in6 *)&host)->sin6_port;
+	}
+	return give_name(&app, st.bound_len, sa, len);
+}
+
+EXPORT int getpeername(int fd, struct sockaddr *sa, socklen_t *len)
+{
+	ENSURE();
+	struct gs st;
+	if (g_transparent || !g_enabled || !sa || !len || !st_get(fd, &st) || !st.dialed || fd_ino(fd) != st.ino)
+		return real_getpeername(fd, sa, len);
+	struct sockaddr_storage peer;
+	socklen_t pl = sizeof(peer);
+	if (real_getpeername(fd, (struct sockaddr *)&peer, &pl) != 0)
+		return -1; /* not connected (yet): the kernel's answer */
+	return graft_name(st.epname, sa, len);
+}
+
+EXPORT int close(int fd)
+{
+	ENSURE();
+	if (g_have_table)
+		st_del(fd);
+	return real_close(fd);
+}
+
+EXPORT int dup(int fd)
+{
+	ENSURE();
+	int r = real_dup(fd);
+	if (r >= 0 && g_have_table)
+		st_copy(fd, r);
+	return r;
+}
+
+EXPORT int dup2(int fd, int to)
+{
+	ENSURE();
+	int r = real_dup2(fd, to);
+	if (r >= 0 && g_have_table)
+		st_copy(fd, r);
+	return r;
+}
+
+EXPORT int dup3(int fd, int to, int flags)
+{
+	ENSURE();
+	int r = real_dup3(fd, to, flags);
+	if (r >= 0 && g_have_table)
+		st_copy(fd, r);
+	return r;
+}
+
+static int fcntl_common(int (*real)(int, int, ...), int fd, int cmd, va_list ap)
+{
+	void *arg = va_arg(ap, void *);
+	int r = real(fd, cmd, arg);
+	if (r >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC) && g_have_table)
+		st_copy(fd, r);
+	return r;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+	ENSURE();
+	va_list ap;
+	va_start(ap, cmd);
+	int r = fcntl_common(real_fcntl, fd, cmd, ap);
+	va_end(ap);
+	return r;
+}
+
+EXPORT int fcntl64(int fd, int cmd, ...)
+{
+	ENSURE();
+	va_list ap;
+	va_start(ap, cmd);
+	int r = fcntl_common(real_fcntl64, fd, cmd, ap);
+	va_end(ap);
+	return r;
+}
+
+EXPORT int close_range(unsigned int first, unsigned int last, int flags)
+{
+	ENSURE();
+	if (!(flags & CLOSE_RANGE_CLOEXEC) && first <= last)
+		st_forget_range(first, last);
+	if (real_close_range)
+		return real_close_range(first, last, flags);
+	return (int)syscall(SYS_close_range, first, last, flags);
+}
+
+EXPORT void closefrom(int lowfd)
+{
+	ENSURE();
+	if (lowfd >= 0)
+		st_forget_range((unsigned int)lowfd, ~0u);
+	if (real_closefrom)
+		real_closefrom(lowfd);
+	else
+		syscall(SYS_close_range, (unsigned int)(lowfd < 0 ? 0 : lowfd), ~0u, 0);
+}
+

@@ -1,0 +1,101 @@
+/* internal.h: what the files of libgraft-hijack.so share (private; graft.h is the public API).
+ *
+ *   env.c      configuration from the environment, the real libc functions, init, fork handlers
+ *   fdtable.c  per-fd state, and installing a granted host socket in place of the application's fd
+ *   options.c  socket options copied onto the host socket (list: options.h, generated from Python)
+ *   service.c  the fd-service client (one connection per process) and the request wire encoding
+ *   hooks.c    the wrapped socket calls: socket, bind, connect, send*, getsockname, close, dup...
+ *   gai.c      getaddrinfo("graft:NAME")
+ */
+#ifndef GRAFT_INTERNAL_H
+#define GRAFT_INTERNAL_H
+
+#define _GNU_SOURCE
+#include <netdb.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+
+#include "graft.h"
+
+#define EXPORT __attribute__((visibility("default")))
+#define MAX_MESSAGE 4096 /* sockgraft.core.protocol.MAX_MESSAGE */
+
+/* -- env.c ------------------------------------------------------------------------------------ */
+extern int (*real_socket)(int, int, int);
+extern int (*real_bind)(int, const struct sockaddr *, socklen_t);
+extern int (*real_connect)(int, const struct sockaddr *, socklen_t);
+extern ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+extern ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
+extern int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
+extern int (*real_getsockname)(int, struct sockaddr *, socklen_t *);
+extern int (*real_getpeername)(int, struct sockaddr *, socklen_t *);
+extern int (*real_close)(int);
+extern int (*real_dup)(int);
+extern int (*real_dup2)(int, int);
+extern int (*real_dup3)(int, int, int);
+extern int (*real_fcntl)(int, int, ...);
+extern int (*real_fcntl64)(int, int, ...);
+extern int (*real_close_range)(unsigned int, unsigned int, int);
+extern void (*real_closefrom)(int);
+extern int (*real_getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
+
+extern int g_enabled;       /* GRAFT_SOCKET set and GRAFT != disable */
+extern int g_transparent;   /* GRAFT_NAME_TRANSPARENT: getsockname reports the host's view */
+extern int g_debug;         /* GRAFT_DEBUG: report every denial on stderr */
+extern int g_trace;         /* GRAFT_TRACE: report every request on stderr, before it is sent */
+extern char *g_service;     /* $GRAFT_SOCKET */
+extern char *g_tail_bind;   /* " in:PAIR ..." from GRAFT_CONV_PAIRS */
+extern char *g_tail_connect; /* " out:RULE ... bbconn:NAME" from GRAFT_EGRESS, GRAFT_BBCONN */
+
+void graft_init(void);
+#define ENSURE() graft_init()
+void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* -- fdtable.c -------------------------------------------------------------------------------- */
+struct gs {
+	ino_t ino;         /* the socket this entry describes; another inode on the fd: stale */
+	int family;        /* what the application asked for: AF_INET, AF_INET6 or AF_GRAFT */
+	int type;          /* SOCK_STREAM, SOCK_DGRAM... without SOCK_NONBLOCK/SOCK_CLOEXEC */
+	int proto;
+	int decided;       /* bound, connected, or already decided: nothing more to ask */
+	int grafted;       /* the fd holds a host socket */
+	int dialed;        /* connected by endpoint name (AF_GRAFT) */
+	char epname[AF_GRAFT_EPNAME_MAX]; /* bound or dialed by this name (AF_GRAFT) */
+	socklen_t bound_len; /* what the application bound (getsockname's default answer) */
+	struct sockaddr_storage bound;
+};
+
+extern int g_have_table; /* an entry was ever made: close/dup must keep the table in step */
+ino_t fd_ino(int fd);
+int st_get(int fd, struct gs *out);
+void st_put(int fd, const struct gs *in);
+void st_del(int fd);
+void st_copy(int from, int to);
+void st_forget_range(unsigned int first, unsigned int last);
+int st_fresh(int fd, struct gs *st);
+void st_mark_decided(int fd);
+int st_install(int fd, int newfd, struct gs *st);
+void table_lock(void);
+void table_unlock(void);
+
+/* -- options.c -------------------------------------------------------------------------------- */
+void copy_options(int from, int to, const struct gs *st);
+enum { FL_REUSEADDR = 1, FL_REUSEPORT = 2, FL_V6ONLY = 4 };
+unsigned socket_flags(int fd, int family);
+
+/* -- service.c -------------------------------------------------------------------------------- */
+enum { D_LOCAL, D_GRANT, D_ERR };
+/* The requests of sockgraft.core.protocol, encoded into buf; the length, or -1 if it does not fit. */
+int wire_bind(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, unsigned flags);
+int wire_connect(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto);
+int wire_named(char *buf, size_t cap, const char *name, int family, int type, int proto, unsigned flags);
+int wire_dial(char *buf, size_t cap, const char *name, int type, int proto);
+int wire_resolve(char *buf, size_t cap, const char *name);
+int ask(const char *req, int *newfd, char *out, size_t outcap);
+int decide(const char *head, char **tailp, const char *vars, int *newfd);
+void service_lock(void);
+void service_unlock(void);
+
+#endif

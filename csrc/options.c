@@ -1,0 +1,77 @@
+/* Socket options: those the application set before its socket was grafted are copied onto the
+ * host socket; the flags a bind request carries are read from the socket. The list is
+ * options.h, written by `python3 -m sockgraft.core.tables --c-options` (core/tables.py:
+ * COPIED_OPTIONS, the same list the Python modes copy; tests/core/test_tables.py keeps them equal). */
+#include "internal.h"
+
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <string.h>
+
+#include "options.h"
+
+#define N_OPTIONS (sizeof(graft_copied_options) / sizeof(*graft_copied_options))
+
+/* An option of `level` applies to a host socket of family `dom` and type `type`. */
+static int applies(int level, int dom, int app_family, int type)
+{
+	switch (level) {
+	case SOL_SOCKET:
+		return 1;
+	case IPPROTO_TCP:
+		return type == SOCK_STREAM && (dom == AF_INET || dom == AF_INET6);
+	case IPPROTO_IP:
+		return dom == AF_INET && app_family == AF_INET;
+	case IPPROTO_IPV6:
+		return dom == AF_INET6 && app_family == AF_INET6;
+	}
+	return 0;
+}
+
+/* Each option the application set on `from` (its value differs from a fresh socket's) is set on
+ * `to`. Buffer sizes read back doubled (`halved`): set half. Failures are ignored (best effort). */
+void copy_options(int from, int to, const struct gs *st)
+{
+	int fam = st->family == AF_GRAFT ? AF_INET : st->family;
+	int fresh_fd = real_socket(fam, st->type | SOCK_CLOEXEC, st->proto);
+	if (fresh_fd < 0)
+		return;
+	int dom = 0;
+	socklen_t l = sizeof(dom);
+	getsockopt(to, SOL_SOCKET, SO_DOMAIN, &dom, &l);
+	for (size_t i = 0; i < N_OPTIONS; i++) {
+		const struct graft_opt *o = &graft_copied_options[i];
+		if (!applies(o->level, dom, fam, st->type))
+			continue;
+		char a[32], b[32];
+		socklen_t la = (socklen_t)o->size, lb = (socklen_t)o->size;
+		if (getsockopt(from, o->level, o->name, a, &la) != 0)
+			continue;
+		if (getsockopt(fresh_fd, o->level, o->name, b, &lb) != 0 || (la == lb && memcmp(a, b, la) == 0))
+			continue;
+		if (o->halved && la == sizeof(int)) {
+			int v;
+			memcpy(&v, a, sizeof(v));
+			v /= 2;
+			memcpy(a, &v, sizeof(v));
+		}
+		setsockopt(to, o->level, o->name, a, la);
+	}
+	real_close(fresh_fd);
+}
+
+unsigned socket_flags(int fd, int family)
+{
+	unsigned f = 0;
+	int v = 0;
+	socklen_t l = sizeof(v);
+	if (getsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &v, &l) == 0 && v)
+		f |= FL_REUSEADDR;
+	l = sizeof(v);
+	if (getsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &v, &l) == 0 && v)
+		f |= FL_REUSEPORT;
+	l = sizeof(v);
+	if (family == AF_INET6 && getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, &l) == 0 && v)
+		f |= FL_V6ONLY;
+	return f;
+}

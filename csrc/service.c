@@ -1,0 +1,234 @@
+/* The fd-service client and the request wire encoding (sockgraft/core/protocol.py is the one
+ * definition; tests/modes/preload/test_wire.py compares what this file sends with
+ * `Request(...).encode()` byte for byte, through GRAFT_TRACE).
+ *
+ * One connection per process, made on first use and again after fork (the child's inherited copy
+ * is closed), after the service closed it, or when the application closed or replaced its fd
+ * number (recognised by its inode: never write to an fd that is not ours). Requests of all
+ * threads go over it one at a time, under conn_lock. */
+#include "internal.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+/* -- the wire encoding ------------------------------------------------------------------------ */
+/* FLAGS: `-` or a comma list, sorted: reuseaddr, reuseport, v6only. */
+static const char *flags_word(unsigned f, char *buf, size_t cap)
+{
+	snprintf(buf, cap, "%s%s%s", (f & FL_REUSEADDR) ? "reuseaddr," : "", (f & FL_REUSEPORT) ? "reuseport," : "",
+		 (f & FL_V6ONLY) ? "v6only," : "");
+	size_t n = strlen(buf);
+	if (n)
+		buf[n - 1] = 0;
+	else
+		snprintf(buf, cap, "-");
+	return buf;
+}
+
+static int fits(int n, size_t cap)
+{
+	return n >= 0 && (size_t)n < cap ? n : -1;
+}
+
+int wire_bind(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, unsigned flags)
+{
+	char fl[40];
+	return fits(snprintf(buf, cap, "bind %d %s %d %d %d %s", family, addr, port, type, proto,
+			     flags_word(flags, fl, sizeof(fl))), cap);
+}
+
+int wire_connect(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto)
+{
+	return fits(snprintf(buf, cap, "connect %d %s %d %d %d", family, addr, port, type, proto), cap);
+}
+
+int wire_named(char *buf, size_t cap, const char *name, int family, int type, int proto, unsigned flags)
+{
+	char fl[40];
+	return fits(snprintf(buf, cap, "named %s %d %d %d %s", name, family, type, proto, flags_word(flags, fl, sizeof(fl))), cap);
+}
+
+int wire_dial(char *buf, size_t cap, const char *name, int type, int proto)
+{
+	return fits(snprintf(buf, cap, "dial %s %d %d", name, type, proto), cap);
+}
+
+int wire_resolve(char *buf, size_t cap, const char *name)
+{
+	return fits(snprintf(buf, cap, "resolve %s", name), cap);
+}
+
+/* -- the connection --------------------------------------------------------------------------- */
+static __thread char last_error[300]; /* the service's message of the last `err` reply */
+static pthread_mutex_t conn_lock = PTHREAD_MUTEX_INITIALIZER;
+static int conn_fd = -1;
+static ino_t conn_ino;
+static pid_t conn_pid;
+
+void service_lock(void) { pthread_mutex_lock(&conn_lock); }
+void service_unlock(void) { pthread_mutex_unlock(&conn_lock); }
+
+static void conn_forget(void) /* under conn_lock */
+{
+	if (conn_fd >= 0 && fd_ino(conn_fd) == conn_ino)
+		real_close(conn_fd); /* ours (after fork: the inherited copy, the parent keeps its own) */
+	conn_fd = -1;
+}
+
+static int conn_get(void) /* under conn_lock; the fd or -errno */
+{
+	if (conn_fd >= 0 && conn_pid == getpid() && fd_ino(conn_fd) == conn_ino)
+		return conn_fd;
+	conn_forget();
+	int s = real_socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		return -errno;
+	struct sockaddr_un sun = { .sun_family = AF_UNIX };
+	memcpy(sun.sun_path, g_service, strlen(g_service) + 1);
+	if (real_connect(s, (struct sockaddr *)&sun, sizeof(sun)) != 0) {
+		int err = errno;
+		static int told; /* said once: a program that retries must not flood its stderr */
+		if (g_debug || !__atomic_exchange_n(&told, 1, __ATOMIC_RELAXED))
+			say("graft: fd service %s: %s (the socket call fails)", g_service, strerror(err));
+		real_close(s);
+		return -err;
+	}
+	conn_fd = s;
+	conn_ino = fd_ino(s);
+	conn_pid = getpid();
+	return s;
+}
+
+/* One request and its reply on the connection; the reply length, or -errno. */
+static ssize_t exchange(int s, const char *req, char *buf, int *newfd)
+{
+	if (real_sendto(s, req, strlen(req), MSG_NOSIGNAL, NULL, 0) < 0)
+		return -errno;
+	union {
+		char b[CMSG_SPACE(sizeof(int) * 8)];
+		struct cmsghdr align;
+	} cbuf;
+	struct iovec iov = { buf, MAX_MESSAGE };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf.b, .msg_controllen = sizeof(cbuf.b) };
+	ssize_t n;
+	do
+		n = recvmsg(s, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return -errno;
+	buf[n] = 0;
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t i = 0; i < k; i++) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (*newfd < 0)
+				*newfd = fd;
+			else
+				real_close(fd);
+		}
+	}
+	return n ? n : -ECONNRESET;
+}
+
+/* Send one request; return D_GRANT with *newfd, D_LOCAL, or D_ERR with errno set.
+ * For `resolve`, the reply text is copied into out (NUL-terminated). */
+int ask(const char *req, int *newfd, char *out, size_t outcap)
+{
+	int saved = errno, err = 0;
+	char buf[MAX_MESSAGE + 1];
+	ssize_t n = -EIO;
+	*newfd = -1;
+	if (g_trace)
+		say("graft: request: %s", req);
+	service_lock();
+	for (int attempt = 0; attempt < 2; attempt++) { /* a closed connection: once more, anew */
+		int s = conn_get();
+		if (s < 0) {
+			n = s;
+			break;
+		}
+		n = exchange(s, req, buf, newfd);
+		if (n > 0 || (n != -EPIPE && n != -ECONNRESET && n != -ENOTCONN && n != -EBADF))
+			break;
+		conn_forget();
+	}
+	if (n < 0)
+		conn_forget();
+	service_unlock();
+	if (n < 0) {
+		err = (int)-n;
+		goto fail;
+	}
+	if (strcmp(buf, "local") == 0) {
+		if (*newfd >= 0)
+			real_close(*newfd);
+		*newfd = -1;
+		errno = saved;
+		return D_LOCAL;
+	}
+	if (strncmp(buf, "err ", 4) == 0) {
+		char *end;
+		long code = strtol(buf + 4, &end, 10);
+		err = (code > 0 && code < 4096) ? (int)code : EIO;
+		snprintf(last_error, sizeof(last_error), "%s", *end ? end + 1 : strerror(err));
+		if (g_debug)
+			say("graft: %s: %s", req, last_error);
+		goto fail;
+	}
+	if (strncmp(buf, "ok", 2) == 0 && (buf[2] == 0 || buf[2] == ' ' || buf[2] == '\n')) {
+		if (out && outcap) {
+			snprintf(out, outcap, "%s", buf);
+			if (*newfd >= 0)
+				real_close(*newfd);
+			*newfd = -1;
+			errno = saved;
+			return D_GRANT;
+		}
+		if (*newfd >= 0) {
+			errno = saved;
+			return D_GRANT;
+		}
+	}
+	err = EIO;
+fail:
+	if (*newfd >= 0)
+		real_close(*newfd);
+	*newfd = -1;
+	errno = err;
+	return D_ERR;
+}
+
+/* Ask `head` with the environment's rules (*tailp) appended. Rules the service refuses as
+ * malformed (or too long to send) are the user's to fix: say so once, on one line, and go on
+ * without them (the container's stored rules apply) rather than fail every call of the program. */
+int decide(const char *head, char **tailp, const char *vars, int *newfd)
+{
+	char req[MAX_MESSAGE + 1];
+	char *tail = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
+	if (!tail)
+		return ask(head, newfd, NULL, 0);
+	int n = snprintf(req, sizeof(req), "%s%s", head, tail);
+	if (n < 0 || n > MAX_MESSAGE) {
+		if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
+			say("graft: %s ignored: longer than a request may be (%d bytes)", vars, MAX_MESSAGE);
+		return ask(head, newfd, NULL, 0);
+	}
+	int r = ask(req, newfd, NULL, 0);
+	if (r != D_ERR || errno != EINVAL)
+		return r;
+	char why[sizeof(last_error)];
+	snprintf(why, sizeof(why), "%s", last_error);
+	int r2 = ask(head, newfd, NULL, 0);
+	if (r2 == D_ERR && errno == EINVAL) /* the request itself is bad, not the rules */
+		return r2;
+	if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
+		say("graft: %s ignored: %s", vars, why);
+	return r2;
+}
