@@ -35,6 +35,7 @@ Replies::
 """
 from __future__ import annotations
 
+import errno
 import socket
 from dataclasses import dataclass, field
 
@@ -190,19 +191,30 @@ class Reply:
 
 
 def parse_reply(data: bytes) -> Reply:
+    """Decode one reply of the fd service. Anything but a well-formed reply raises ProtocolError (and
+    nothing else): an `err` reply whose errno is not a number is kept, with errno EIO."""
     text = data.decode("ascii", "replace")
     if text == "local":
         return Reply("local")
     if text.startswith("err "):
         code, _, message = text[4:].partition(" ")
-        return Reply("err", errno=int(code) if code.isdigit() else 5, message=message)
+        return Reply("err", errno=int(code) if code.isdigit() and len(code) <= 4 else errno.EIO, message=message)
     head, _, rest = text.partition("\n")
     words = head.split(" ")
     if words[0] != "ok":
         raise ProtocolError(f"bad reply {text[:64]!r}")
     if len(words) == 1:
         return Reply("ok", lines=tuple(rest.split("\n")) if rest else ())
-    family = int(words[1])
+    family = _int(words[1], 0, 65535, "family in reply")
     if family == socket.AF_UNIX:
-        return Reply("ok", family=family, addr=head.split(" ", 2)[2])
-    return Reply("ok", family=family, addr=words[2], port=int(words[3]))
+        path = head.split(" ", 2)[2] if len(words) >= 3 else ""
+        if not path:
+            raise ProtocolError(f"reply without a path {text[:64]!r}")
+        return Reply("ok", family=family, addr=path)
+    if family not in (socket.AF_INET, socket.AF_INET6) or len(words) != 4:
+        raise ProtocolError(f"bad reply {text[:64]!r}")
+    try:
+        parse_ip(words[2], 4 if family == socket.AF_INET else 6)
+    except SpecError as e:
+        raise ProtocolError(f"bad address in reply: {e}") from None
+    return Reply("ok", family=family, addr=words[2], port=_int(words[3], 0, 65535, "port in reply"))
