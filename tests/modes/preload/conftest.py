@@ -25,7 +25,7 @@ def preload_lib() -> str:
 
 @pytest.fixture(scope="session")
 def cc(preload_lib, tmp_path_factory):
-    """Compile tests/preload/c/NAME.c against `graft config include-dir`; returns the binary."""
+    """Compile tests/modes/preload/c/NAME.c against `graft config include-dir`; returns the binary."""
     out = tmp_path_factory.mktemp("cbin")
     inc = subprocess.run([*graft_cmd(), "config", "include-dir"], check=True, capture_output=True, text=True).stdout.strip()
 
