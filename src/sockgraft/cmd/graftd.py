@@ -29,19 +29,6 @@ from sockgraft.host.store import Store, StoreError
 STATUS_NAME = "graftd.json"
 
 
-def _timed(fn, metrics: Metrics, mode: str):
-    """`fn`, its time observed in the latency histogram of `mode`."""
-
-    def timed(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            metrics.observe(mode, time.perf_counter() - t0)
-
-    return timed
-
-
 class Daemon:
     def __init__(self, state: str | None, runtime_dir: str, agent_socket: str | None = None, metrics: str | None = None):
         self.state = state_dir(state)
@@ -59,8 +46,8 @@ class Daemon:
         os.write(self._lock, f"{os.getpid()}\n".encode())
         self.metrics = Metrics()
         self.audit = MetricsAudit(self.state, self.metrics, echo=True)
-        self.service = FdService(self.state, audit=self.audit, mode="api")
-        self.service.handle = _timed(self.service.handle, self.metrics, "api")
+        self.service = FdService(self.state, audit=self.audit, mode="api",
+                                 on_request=lambda seconds: self.metrics.observe("api", seconds))
         self._version = None
         self.supervisor = None
         self.agent = None

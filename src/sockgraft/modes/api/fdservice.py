@@ -12,6 +12,7 @@ import os
 import selectors
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 from sockgraft.host import hostsock
@@ -36,7 +37,10 @@ def _err(code: int, message: str) -> Reply:
 
 
 class FdService:
-    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, mode: str = MODE):
+    def __init__(self, state_dir: str | None = None, audit: Audit | None = None, mode: str = MODE,
+                 on_request=None):
+        """`on_request(seconds)`, if given, is called with the time each request took to answer."""
+        self.on_request = on_request
         self.store = Store(state_dir)
         self.audit = audit or Audit(state_dir)
         self.audit.deferred = True  # reply first, log when idle
@@ -171,7 +175,12 @@ class FdService:
                 ino = netns.ino_of_pidfd(c.pidfd) if c.pidfd is not None else None
             except OSError:
                 ino = None
-            reply, sock = self.handle(c.key, ino, data)
+            if self.on_request is None:
+                reply, sock = self.handle(c.key, ino, data)
+            else:
+                t0 = time.perf_counter()
+                reply, sock = self.handle(c.key, ino, data)
+                self.on_request(time.perf_counter() - t0)
         try:
             if sock is not None:
                 socket.send_fds(conn, [reply.encode()], [sock.fileno()])
