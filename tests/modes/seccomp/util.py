@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 
-from sockgraft.bench.seccompcost import graft_run_args
 from tests.helpers import fd_count, graft, graft_cmd, wait_for  # noqa: F401  (the seccomp tests' helpers)
 
 
@@ -12,7 +11,12 @@ MAX_LIFE = 300  # seconds
 
 
 def run_args(ns: str, cmd: list[str], endpoints=(), ingress=(), egress=()) -> list[str]:
-    return graft_run_args(ns, cmd, endpoints, ingress, egress)
+    """`graft run --mode seccomp` arguments (after the program name)."""
+    args = ["run", "-n", ns, "--mode", "seccomp"]
+    for opt, values in (("--endpoint", endpoints), ("--ingress", ingress), ("--egress", egress)):
+        for v in values:
+            args += [opt, v]
+    return [*args, "--", *cmd]
 
 
 def start(procs: list, ns: str, cmd: list[str], **kw) -> subprocess.Popen:
