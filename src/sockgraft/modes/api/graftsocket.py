@@ -5,7 +5,10 @@
     s.listen()
 
 Before bind() the object holds a placeholder socket inside the container; bind(NAME) replaces its
-file descriptor, in place, with the host socket the fd service hands over.
+file descriptor, in place, with the host socket the fd service hands over, carrying over the socket
+options set on the placeholder (core.tables.COPIED_OPTIONS). A socket made as AF_INET/AF_INET6
+asks for its own family: AF_INET6 on an ipv4 endpoint is bound to the v4-mapped address. Binds and
+connects to addresses (tuples) are the plain socket calls: the api mode has no transparent path.
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ class GraftSocket(_socket.socket):
     """A socket.socket that grafts itself onto an endpoint when bound or connected by name."""
 
     def __init__(self, family: int = AF_GRAFT, type: int = _socket.SOCK_STREAM, proto: int = 0, fileno=None):
+        # the family a bind by name asks for: 0 (AF_GRAFT) is the endpoint's own; an AF_INET6
+        # socket bound onto an ipv4 endpoint gets the v4-mapped address (a dual-stack socket)
+        self._named_family = 0 if family == AF_GRAFT else family
         if family == AF_GRAFT:
             family = _socket.AF_INET  # placeholder until bind(NAME)
         super().__init__(family, type, proto, fileno)
@@ -50,7 +56,8 @@ class GraftSocket(_socket.socket):
 
     def bind(self, address) -> None:
         if isinstance(address, str) and self.family != _socket.AF_UNIX:
-            _reply, fd = ask(Request("named", name=address, type=self.type, proto=self.proto, flags=socket_flags(self)))
+            _reply, fd = ask(Request("named", name=address, family=self._named_family, type=self.type,
+                                     proto=self.proto, flags=socket_flags(self)))
             self._adopt(fd, address)
         else:
             super().bind(address)
