@@ -4,7 +4,7 @@
 `graft run --mode preload` sets LD_PRELOAD and exports the run's rules in the variables the library
 reads (GRAFT_CONV_PAIRS for --ingress, GRAFT_EGRESS for --egress). `graft config include-dir` and
 `graft config preload-lib` print where `make -C csrc install` (run by scripts/setup) put graft.h
-and the library. `python3 csrc/measure.py` prints the numbers of docs/PRELOAD.md.
+and the library. `python3 csrc/preload_overhead.py` prints the numbers of docs/PRELOAD.md.
 """
 from __future__ import annotations
 

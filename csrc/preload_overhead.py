@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Preload mode's numbers (docs/PRELOAD.md), measured by commands, never asserted by a test.
 
-    python3 csrc/measure.py [--seconds 5] [--rounds 3] [--binds 2000]
+    python3 csrc/preload_overhead.py [--seconds 5] [--rounds 3] [--binds 2000]
 
 1. iperf3 single stream, native loopback vs grafted (iperf3 -s under `graft run --mode preload`,
    client on the host), alternated in one run; the median of each and their ratio.
@@ -34,7 +34,7 @@ def wait_listening(p: subprocess.Popen) -> None:
     for line in p.stdout:
         if "Server listening" in line:
             return
-    raise SystemExit(f"measure: iperf3 server did not start: {p.stderr.read().strip()}")
+    raise SystemExit(f"preload_overhead: iperf3 server did not start: {p.stderr.read().strip()}")
 
 
 def iperf3(port: int, seconds: float, pin: list[str]) -> float:
@@ -42,7 +42,7 @@ def iperf3(port: int, seconds: float, pin: list[str]) -> float:
                          capture_output=True, text=True, timeout=seconds + 30)
     data = json.loads(out.stdout)
     if "error" in data:
-        raise SystemExit(f"measure: iperf3: {data['error']}")
+        raise SystemExit(f"preload_overhead: iperf3: {data['error']}")
     return data["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--pin", metavar="C,S", help="iperf3 -A: client on CPU C, server on CPU S (less noise)")
     opts = ap.parse_args()
     subprocess.run(["make", "-s", "-C", HERE, "install"], check=True)
-    netns = f"graft-measure-{os.getpid()}"
+    netns = f"graft-preload-overhead-{os.getpid()}"
     procs: list[subprocess.Popen] = []
     try:
         native_port, graft_port = free_port(), free_port()
@@ -109,7 +109,7 @@ def main() -> int:
                                       "--ingress", "0.0.0.0:8000=ep-dyn"], [exe, str(opts.binds), addr, port])
                 out, err = p.communicate(timeout=600)
                 if p.returncode:
-                    raise SystemExit(f"measure: bench_bind: {err.strip()}")
+                    raise SystemExit(f"preload_overhead: bench_bind: {err.strip()}")
                 rows.append((label, float(out)))
             print(f"socket()+bind()+close(), mean of {opts.binds} (µs per socket):")
             for label, us in rows:
