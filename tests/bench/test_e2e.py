@@ -9,7 +9,7 @@ import pytest
 
 from sockgraft.bench.runner import run_bench
 from sockgraft.bench.stats import validate
-from sockgraft.bench.topology import owned_processes
+from sockgraft.bench.debris import owned_processes
 from sockgraft.bench.workloads import Profile
 from tests.helpers import graft
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sockgraft.bench.topology import TopologyError
+from sockgraft.bench.topologies import TopologyError
 from sockgraft.bench.workloads import parse_siege, parse_sockperf, parse_wrk, size_label
 
 SOCKPERF = """sockperf: [Valid Duration] RunTime=0.550 sec; SentMessages=32178; ReceivedMessages=32178

@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
-
 import pytest
 
-from sockgraft.bench import topology as T
-from sockgraft.bench.workloads import Iperf3, Profile, Servers
+from sockgraft.bench import debris, sysctl
+from sockgraft.bench import topologies as T
+from sockgraft.bench.debris import owned_processes
+from sockgraft.bench.workloads import Iperf3, Servers
+from tests.helpers import wait_for
 
 
 def _leftovers(owner: int) -> dict:
@@ -27,26 +28,21 @@ def _leftovers(owner: int) -> dict:
     tables = [t["table"]["name"] for t in json.loads(subprocess.run(["nft", "-j", "list", "tables"], capture_output=True,
                                                                     text=True).stdout)["nftables"]
               if "table" in t and t["table"]["name"].startswith(tagname)]
-    return {"links": links, "netns": netns, "nft": tables, "processes": T.owned_processes(owner)}
+    return {"links": links, "netns": netns, "nft": tables, "processes": owned_processes(owner)}
 
 
 EMPTY = {"links": [], "netns": [], "nft": [], "processes": []}
 
 
-def _forward_owners() -> list[int]:
-    try:
-        with open(T.FORWARD_STATE) as f:
-            return json.load(f)["owners"]
-    except FileNotFoundError:
-        return []
+_forward_owners = sysctl.forward_owners
 
 
 def test_nat_builds_routes_and_tears_down():
-    before = T._read_forward()
+    before = sysctl.read_forward()
     n = T.Nat()
     try:
         n.setup()
-        assert T._read_forward() == "1"
+        assert sysctl.read_forward() == "1"
         assert os.getpid() in _forward_owners()
         assert _leftovers(os.getpid())["nft"] == [n.table]
         # destinations resolve via our bridge / the container's eth0, never a default route
@@ -63,7 +59,7 @@ def test_nat_builds_routes_and_tears_down():
     assert _leftovers(os.getpid()) == EMPTY
     assert os.getpid() not in _forward_owners()
     if not _forward_owners():  # no other bench running: the value found before is back
-        assert T._read_forward() == before
+        assert sysctl.read_forward() == before
 
 
 def test_nat_mtu_variant():
@@ -80,31 +76,36 @@ def test_nat_mtu_variant():
 
 def test_native_refuses_non_loopback():
     with pytest.raises(T.TopologyError):
-        T.Topology().check_route("c1", "192.0.2.1")
-    T.Topology().check_route("c1", "127.0.0.1")
+        T.Native().check_route("c1", "192.0.2.1")
+    T.Native().check_route("c1", "127.0.0.1")
+
+
+def test_base_topology_is_abstract():
+    with pytest.raises(TypeError):
+        T.Topology()
+    assert [t.name for t in T.all_topologies(None)] == ["native", "nat", "nat-mtu65520", "graft-api", "graft-preload",
+                                                        "graft-seccomp", "docker"]
 
 
 def test_graft_servers_and_agents_stop(tmp_path):
     g = T.Graft("api", str(tmp_path / "state"))
-    prof = Profile("t", runs=1, seconds=1)
     s = Servers(g)
     try:
         Iperf3().start(s, "host", {"proto": "tcp", "streams": 1})  # a real server on the host side
         out = g.run("c1", [sys.executable, "-c", "import socket; print([n for _, n in socket.if_nameindex()])"])
         assert out.strip() == "['lo']"  # the container has only lo
         assert g.client_port("c1") > 0
-        assert len(T.owned_processes(os.getpid())) >= 2
+        assert len(owned_processes(os.getpid())) >= 2
     finally:
         s.stop()
         g.teardown()
-    time.sleep(0.2)
-    assert _leftovers(os.getpid()) == EMPTY
-    del prof
+    wait_for(lambda: _leftovers(os.getpid()) == EMPTY, what="nothing left of the graft topology")
 
 
 KILLED_RUN = r"""
 import subprocess, sys, time, os
-from sockgraft.bench.topology import Nat, OWNER_ENV
+from sockgraft.bench.debris import OWNER_ENV
+from sockgraft.bench.topologies import Nat
 n = Nat()
 n.setup()
 n.popen("c1", ["sleep", "300"])
@@ -125,9 +126,10 @@ def test_sweep_removes_debris_of_a_killed_run():
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
-    time.sleep(0.3)
-    assert _leftovers(p.pid)["links"]  # still there: killed runs do not clean up
-    swept = T.sweep()
+    # its container process dies with it (parent-death signal); the rest stays: killed runs do not clean up
+    wait_for(lambda: len(_leftovers(p.pid)["processes"]) == 1, what="the parent-death signal")
+    assert _leftovers(p.pid)["links"]
+    swept = debris.sweep()
     assert f"sgb{p.pid}nbr" in swept["links"]
     assert _leftovers(p.pid) == EMPTY
     assert p.pid not in _forward_owners()
@@ -141,7 +143,7 @@ def test_interrupted_bench_tears_everything_down(sig, tmp_path):
                           "--runs", "50", "--no-progress", "--out", str(tmp_path / "out")],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        T.wait_until(lambda: len(_leftovers(p.pid)["processes"]) >= 2 or p.poll() is not None, 60, "bench servers")
+        wait_for(lambda: len(_leftovers(p.pid)["processes"]) >= 2 or p.poll() is not None, 60, "bench servers")
         assert p.poll() is None, p.stderr.read()
         assert _leftovers(p.pid)["links"]
         p.send_signal(sig)

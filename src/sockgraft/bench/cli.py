@@ -40,7 +40,7 @@ def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_pl
     from sockgraft.bench import report
     from sockgraft.bench.runner import run_bench
     from sockgraft.bench.stats import validate
-    from sockgraft.bench.topology import TopologyError
+    from sockgraft.bench.topologies import TopologyError
     from sockgraft.bench.workloads import FULL, QUICK
 
     if os.geteuid() != 0:

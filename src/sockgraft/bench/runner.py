@@ -11,8 +11,9 @@ import tempfile
 from dataclasses import dataclass, field
 from itertools import groupby
 
+from sockgraft.bench.debris import sweep, tag
 from sockgraft.bench.stats import record, schedule
-from sockgraft.bench.topology import Topology, TopologyError, all_topologies, sweep, tag
+from sockgraft.bench.topologies import Topology, TopologyError, all_topologies
 from sockgraft.bench.workloads import DIRECTIONS, WORKLOADS, Profile, Servers
 
 PINNING = ("sockperf 'pinned': server on CPU 0, client on CPU 1 (taskset); 'unpinned': scheduler's choice. "

@@ -8,7 +8,11 @@
    server, grafted vs the same client natively on the host;
 3. iperf3 throughput, grafted client (container -> host server) and grafted server vs native.
 
-Everything runs on loopback and in a netns this script creates and removes.
+A measurement of the bench, apart from `graft bench` because it is about the seccomp supervisor
+itself (per-call cost, CPU pinning), not about a topology; docs/SECCOMP.md cites its results.
+Everything runs on loopback and in a netns it creates and removes; like every bench object, the
+netns and the state dir carry the name prefix of sockgraft.bench.debris, so what a killed run
+left is swept by the next `graft bench`. Needs root.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+
+from sockgraft.bench.debris import tag
+from sockgraft.bench.ports import free_port
+from sockgraft.bench.topologies.graft import graft_cmd
 
 LOOP = r"""
 import socket, sys, time
@@ -90,18 +96,11 @@ def graft_run_args(ns: str, cmd: list[str], endpoints=(), ingress=(), egress=())
     return [*args, "--", *cmd]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Bench:
     def __init__(self, netns_name: str, state_dir: str):
         self.ns = netns_name
         self.env = dict(os.environ, GRAFT_STATE_DIR=state_dir)
-        self.graft = shutil.which("graft") or sys.executable
-        self.graft_cmd = [self.graft] if shutil.which("graft") else [sys.executable, "-m", "sockgraft"]
+        self.graft_cmd = graft_cmd()
 
     def grafted(self, cmd: list[str], pin: str | None = None, endpoints=(), ingress=(), egress=(),
                 background: bool = False):
@@ -147,9 +146,10 @@ class Bench:
 
         out = {}
         hport = free_port()
-        srv = subprocess.Popen(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(hport)], stdout=subprocess.DEVNULL)
+        srv = subprocess.Popen(["iperf3", "-s", "--forceflush", "-B", "127.0.0.1", "-p", str(hport)],
+                               stdout=subprocess.PIPE, text=True)
         try:
-            time.sleep(0.5)
+            _wait_listening(srv)
             client = ["iperf3", "-c", "127.0.0.1", "-p", str(hport), "-t", str(seconds), "-J"]
             out["client_native_gbps"] = gbps(self.native(client))
             out["client_seccomp_gbps"] = gbps(self.grafted(client, **self.EGRESS))
@@ -160,14 +160,21 @@ class Bench:
         srv = self.grafted(["iperf3", "-s", "--forceflush", "-B", "0.0.0.0", "-p", "5201"], background=True,
                            endpoints=[f"perf type ipv4 addr 127.0.0.1 port {gport}"], ingress=["0.0.0.0:5201=perf"])
         try:
-            while "Server listening" not in srv.stdout.readline():
-                pass
+            _wait_listening(srv)
             out["server_seccomp_gbps"] = gbps(self.native(["iperf3", "-c", "127.0.0.1", "-p", str(gport),
                                                              "-t", str(seconds), "-J"]))
         finally:
             srv.terminate()
             srv.wait(10)
         return out
+
+
+def _wait_listening(server: subprocess.Popen) -> None:
+    """Until an `iperf3 -s --forceflush` says it listens (a probe connection would count as a test)."""
+    for line in server.stdout:
+        if "Server listening" in line:
+            return
+    raise RuntimeError(f"the iperf3 server exited ({server.wait()}) before listening")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from sockgraft.host import netns
 
-    name = f"sgmeasure-{os.getpid()}"
-    state = tempfile.mkdtemp(prefix="sgmeasure-")
+    if os.geteuid() != 0:
+        print("seccompcost: needs root (it creates a network namespace)", file=sys.stderr)
+        return 1
+    name = f"{tag()}-cost"
+    state = tempfile.mkdtemp(prefix=f"{tag()}-cost-")
     netns.create(name)
     try:
         b = Bench(name, state)
         result = {"notification": b.notification_cost(args.calls), "short_connections": b.connection_rate(args.seconds),
                   "iperf3": b.iperf3(args.seconds)}
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, RuntimeError, ValueError) as e:
+        detail = getattr(e, "stderr", None) or ""
+        print(f"seccompcost: {e}" + (f": {detail.strip().splitlines()[-1]}" if detail.strip() else ""), file=sys.stderr)
+        return 1
     finally:
         netns.remove(name)
         shutil.rmtree(state, ignore_errors=True)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from sockgraft.bench.ports import free_port
-from sockgraft.bench.topology import Listener, Topology, TopologyError
+from sockgraft.bench.topologies import Listener, Topology, TopologyError
 
 DIRECTIONS = {"c2h": ("c1", "host"), "h2c": ("host", "c1"), "c2c": ("c2", "c1"), "in-c1": ("c1", "c1")}
 KIB = 1024
