@@ -240,3 +240,21 @@ def test_start_refused_when_an_interface_appeared(tmp_path, rootfs, graftd):
     finally:
         runtime(graftd, root, "delete", "--force", cid)
     assert not os.path.exists(f"/run/netns/graft-oci-{cid}")
+
+
+def test_dual_stack_server_with_an_ipv4_annotation(tmp_path, rootfs, graftd):
+    """busybox httpd binds [::]:8080 dual-stack; annotations hold only an IPv4 pair, which grafts it
+    (the engine counts a V6ONLY-off [::] bind as the program's IPv4 listener)."""
+    root = str(tmp_path / "runc-root")
+    port = free_port()
+    bundle = make_bundle(tmp_path, rootfs, ["httpd", "-f", "-p", "8080", "-h", "/www"], {
+        "io.sockgraft.endpoints": f"ep type ipv4 addr 127.0.0.1 port {port}",
+        "io.sockgraft.ingress": "0.0.0.0:8080=ep"})
+    cid = container_id()
+    runtime(graftd, root, "run", "-d", "-b", bundle, cid)
+    try:
+        assert http_get(port) == PAGE
+        e = graftd.wait_event(lambda e: e["event"] == "grant" and e["op"] == "bind" and e["container"] == f"graft-oci-{cid}")
+        assert e["addr"] == "::" and e["port"] == 8080 and "dual-stack" in e["reason"]
+    finally:
+        runtime(graftd, root, "delete", "--force", cid, check=False)

@@ -149,9 +149,10 @@ def test_iperf3_both_directions(state_dir, make_netns, procs):
     srv_ns, cli_ns = make_netns(), make_netns()
     port = free_port()
     # server in a container, client on the host, both directions
-    _iperf_ready(start(procs, srv_ns, ["iperf3", "-s", "--forceflush", "-B", "0.0.0.0", "-p", "5201"],
-                       endpoints=[f"perf type ipv4 addr 127.0.0.1 port {port}"], ingress=["0.0.0.0:5201=perf"]))
+    srv = start(procs, srv_ns, ["iperf3", "-s", "--forceflush", "-B", "0.0.0.0", "-p", "5201"],
+                endpoints=[f"perf type ipv4 addr 127.0.0.1 port {port}"], ingress=["0.0.0.0:5201=perf"])
     for extra in ([], ["-R"]):
+        _iperf_ready(srv)  # iperf3 closes its listener after each test and opens it again
         r = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", "1", "-J", *extra],
                            capture_output=True, text=True, timeout=30)
         assert _iperf_bytes(r.stdout) > 0
@@ -159,8 +160,8 @@ def test_iperf3_both_directions(state_dir, make_netns, procs):
     hport = free_port()
     host_srv = subprocess.Popen(["timeout", "300", "iperf3", "-s", "--forceflush", "-B", "127.0.0.1", "-p", str(hport)], stdout=subprocess.PIPE, text=True)
     procs.append(host_srv)
-    _iperf_ready(host_srv)
     for extra in ([], ["-R"]):
+        _iperf_ready(host_srv)
         r = run(cli_ns, ["iperf3", "-c", "127.0.0.1", "-p", str(hport), "-t", "1", "-J", *extra], **client_egress())
         assert _iperf_bytes(r.stdout) > 0
 
