@@ -28,7 +28,7 @@ int (*real_close_range)(unsigned int, unsigned int, int);
 void (*real_closefrom)(int);
 int (*real_getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
 
-int g_enabled, g_transparent, g_debug, g_trace;
+int g_enabled, g_transparent, g_debug, g_trace, g_prefilter = 1;
 char *g_service, *g_tail_bind, *g_tail_connect;
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -90,6 +90,7 @@ static void add_words(char **out, const char *name, const char *prefix)
  * connection is made anew on its first request (service.c compares the pid). */
 static void fork_prepare(void)
 {
+	prefilter_lock();
 	service_lock();
 	table_lock();
 }
@@ -98,6 +99,7 @@ static void fork_after(void)
 {
 	table_unlock();
 	service_unlock();
+	prefilter_unlock();
 }
 
 static void *next(const char *name)
@@ -131,6 +133,8 @@ static void init(void)
 	g_transparent = flag("GRAFT_NAME_TRANSPARENT");
 	g_debug = flag("GRAFT_DEBUG");
 	g_trace = flag("GRAFT_TRACE");
+	const char *pf = getenv("GRAFT_PREFILTER");
+	g_prefilter = !(pf && strcmp(pf, "0") == 0);
 	if (g && strcmp(g, "disable") == 0)
 		return;
 	if (!sock || !*sock) {

@@ -7,6 +7,7 @@
  *   err N     the call fails with errno N.
  * dup, dup2, dup3, fcntl(F_DUPFD*), close, close_range and closefrom keep the fd table in step. */
 #include "internal.h"
+#include "prefilter.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -77,15 +78,23 @@ static int gr_name(const struct sockaddr *sa, socklen_t len, char name[AF_GRAFT_
 	return 0;
 }
 
-/* An unbound socket is about to reach `sa` (connect, sendto, sendmsg): the egress decision.
- * Returns 0 to go on with the real call, -1 with errno to fail it. */
-static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len)
+/* An unbound socket is about to reach `sa`: the egress decision. `verb` is PF_CONNECT (the service
+ * hands over a socket connected or connecting to `sa`: the caller only waits for it) or PF_SENDTO
+ * (a socket bound to the source endpoint with a port of its own: the caller then sends).
+ * Returns 0 to go on with the real call, 1 when the grafted socket is in place, -1 with errno. */
+static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len, int verb)
 {
 	char addr[INET6_ADDRSTRLEN], head[160];
 	int fam, port, newfd;
 	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st->family != AF_GRAFT && st->family != fam))
 		return 0; /* not an address we can decide on: the kernel answers */
-	if (wire_connect(head, sizeof(head), fam, addr, port, st->type, st->proto) < 0) {
+	if (!might_graft(verb, fam, addr, port, 0)) {
+		st_mark_decided(fd); /* no rule can apply: no round trip */
+		return 0;
+	}
+	int n = verb == PF_CONNECT ? wire_connect(head, sizeof(head), fam, addr, port, st->type, st->proto)
+				   : wire_sendto(head, sizeof(head), fam, addr, port, st->type, st->proto);
+	if (n < 0) {
 		errno = EINVAL;
 		return -1;
 	}
@@ -94,7 +103,7 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 		st_mark_decided(fd);
 		return 0;
 	case D_GRANT:
-		return st_install(fd, newfd, st);
+		return st_install(fd, newfd, st) == 0 ? 1 : -1;
 	default:
 		return -1;
 	}
@@ -113,6 +122,13 @@ EXPORT int socket(int family, int type, int proto)
 	st.ino = fd_ino(fd);
 	st_put(fd, &st);
 	return fd;
+}
+
+static int v6only(int fd)
+{
+	int v = 0;
+	socklen_t l = sizeof(v);
+	return getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, &l) == 0 && v;
 }
 
 EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
@@ -142,6 +158,12 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	}
 	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st.family != AF_GRAFT && st.family != fam))
 		return real_bind(fd, sa, len);
+	if (!might_graft(PF_BIND, fam, addr, port, fam == AF_INET6 && strcmp(addr, "::") == 0 && v6only(fd))) {
+		r = real_bind(fd, sa, len); /* no pair can match: no round trip */
+		if (r == 0)
+			st_mark_decided(fd);
+		return r;
+	}
 	/* flags include v6only: a dual-stack [::] bind is matched by IPv4 pairs, a V6ONLY one is not */
 	if (wire_bind(head, sizeof(head), fam, addr, port, st.type, st.proto, socket_flags(fd, fam)) < 0) {
 		errno = EINVAL;
@@ -162,8 +184,12 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	}
 }
 
-/* A blocking connect by name: wait for the host socket's connect to complete. */
-static int finish_dial(int fd)
+/* The grafted socket on fd is connected or connecting: the caller's connect() semantics.
+ * Non-blocking: 0 if the connect completed already (or its error), else -1/EINPROGRESS. Blocking:
+ * wait within SO_SNDTIMEO (expired: EINPROGRESS, as the kernel says), then SO_ERROR (ECONNREFUSED,
+ * ETIMEDOUT...). A signal interrupting the wait: -1/EINTR (SA_RESTART or not); a connect() again is
+ * the kernel's own on the connecting host socket. */
+static int finish_connect(int fd)
 {
 	int fl = real_fcntl(fd, F_GETFL);
 	struct pollfd p = { .fd = fd, .events = POLLOUT };
@@ -173,10 +199,18 @@ static int finish_dial(int fd)
 			return -1;
 		}
 	} else {
-		int n;
-		do
-			n = poll(&p, 1, -1);
-		while (n < 0 && errno == EINTR);
+		struct timeval tv = { 0 };
+		socklen_t tl = sizeof(tv);
+		int ms = -1;
+		if (getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 && (tv.tv_sec || tv.tv_usec))
+			ms = tv.tv_sec > 2000000 ? 2000000000 : (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+		int n = poll(&p, 1, ms);
+		if (n == 0) {
+			errno = EINPROGRESS;
+			return -1;
+		}
+		if (n < 0)
+			return -1;
 	}
 	int err = 0;
 	socklen_t l = sizeof(err);
@@ -212,10 +246,13 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 		st.dialed = 1;
 		if (st_install(fd, newfd, &st) != 0)
 			return -1;
-		return finish_dial(fd);
+		return finish_connect(fd);
 	}
-	if (egress(fd, &st, sa, len) != 0)
+	int g = egress(fd, &st, sa, len, PF_CONNECT);
+	if (g < 0)
 		return -1;
+	if (g > 0)
+		return finish_connect(fd);
 	int r = real_connect(fd, sa, len);
 	if (r == 0 || errno == EINPROGRESS)
 		st_mark_decided(fd);
@@ -226,7 +263,7 @@ EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct
 {
 	ENSURE();
 	struct gs st;
-	if (sa && len >= (socklen_t)sizeof(sa_family_t) && st_fresh(fd, &st) && egress(fd, &st, sa, len) != 0)
+	if (sa && len >= (socklen_t)sizeof(sa_family_t) && st_fresh(fd, &st) && egress(fd, &st, sa, len, PF_SENDTO) < 0)
 		return -1;
 	return real_sendto(fd, buf, n, flags, sa, len);
 }
@@ -236,7 +273,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 	ENSURE();
 	struct gs st;
 	if (msg && msg->msg_name && msg->msg_namelen >= sizeof(sa_family_t) && st_fresh(fd, &st) &&
-	    egress(fd, &st, msg->msg_name, msg->msg_namelen) != 0)
+	    egress(fd, &st, msg->msg_name, msg->msg_namelen, PF_SENDTO) < 0)
 		return -1;
 	return real_sendmsg(fd, msg, flags);
 }
@@ -246,7 +283,7 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
 	ENSURE();
 	struct gs st;
 	if (vec && vlen && vec[0].msg_hdr.msg_name && vec[0].msg_hdr.msg_namelen >= sizeof(sa_family_t) &&
-	    st_fresh(fd, &st) && egress(fd, &st, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen) != 0)
+	    st_fresh(fd, &st) && egress(fd, &st, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, PF_SENDTO) < 0)
 		return -1;
 	return real_sendmmsg(fd, vec, vlen, flags);
 }

@@ -6,6 +6,7 @@
  *   service.c  the fd-service client (one connection per process) and the request wire encoding
  *   hooks.c    the wrapped socket calls: socket, bind, connect, send*, getsockname, close, dup...
  *   gai.c      getaddrinfo("graft:NAME")
+ *   prefilter.c  Prefilter.might_graft of the Python engine, in C (pure; the cache is service.c's)
  */
 #ifndef GRAFT_INTERNAL_H
 #define GRAFT_INTERNAL_H
@@ -45,6 +46,7 @@ extern int g_enabled;       /* GRAFT_SOCKET set and GRAFT != disable */
 extern int g_transparent;   /* GRAFT_NAME_TRANSPARENT: getsockname reports the host's view */
 extern int g_debug;         /* GRAFT_DEBUG: report every denial on stderr */
 extern int g_trace;         /* GRAFT_TRACE: report every request on stderr, before it is sent */
+extern int g_prefilter;     /* GRAFT_PREFILTER (default 1; 0: ask about every operation) */
 extern char *g_service;     /* $GRAFT_SOCKET */
 extern char *g_tail_bind;   /* " in:PAIR ..." from GRAFT_CONV_PAIRS */
 extern char *g_tail_connect; /* " out:RULE ... bbconn:NAME" from GRAFT_EGRESS, GRAFT_BBCONN */
@@ -90,6 +92,7 @@ enum { D_LOCAL, D_GRANT, D_ERR };
 /* The requests of sockgraft.core.protocol, encoded into buf; the length, or -1 if it does not fit. */
 int wire_bind(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, unsigned flags);
 int wire_connect(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto);
+int wire_sendto(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto);
 int wire_named(char *buf, size_t cap, const char *name, int family, int type, int proto, unsigned flags);
 int wire_dial(char *buf, size_t cap, const char *name, int type, int proto);
 int wire_resolve(char *buf, size_t cap, const char *name);
@@ -97,5 +100,9 @@ int ask(const char *req, int *newfd, char *out, size_t outcap);
 int decide(const char *head, char **tailp, const char *vars, int *newfd);
 void service_lock(void);
 void service_unlock(void);
+/* 0 when no rule of this process's policy can apply (prefilter.h: PF_BIND, PF_CONNECT, PF_SENDTO) */
+int might_graft(int verb, int family, const char *addr, int port, int v6only);
+void prefilter_lock(void);
+void prefilter_unlock(void);
 
 #endif

@@ -13,7 +13,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
+
+#include "prefilter.h"
 
 /* -- the wire encoding ------------------------------------------------------------------------ */
 /* FLAGS: `-` or a comma list, sorted: reuseaddr, reuseport, v6only. */
@@ -44,6 +47,11 @@ int wire_bind(char *buf, size_t cap, int family, const char *addr, int port, int
 int wire_connect(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto)
 {
 	return fits(snprintf(buf, cap, "connect %d %s %d %d %d", family, addr, port, type, proto), cap);
+}
+
+int wire_sendto(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto)
+{
+	return fits(snprintf(buf, cap, "sendto %d %s %d %d %d", family, addr, port, type, proto), cap);
 }
 
 int wire_named(char *buf, size_t cap, const char *name, int family, int type, int proto, unsigned flags)
@@ -232,3 +240,72 @@ int decide(const char *head, char **tailp, const char *vars, int *newfd)
 		say("graft: %s ignored: %s", vars, why);
 	return r2;
 }
+
+/* -- the prefilter ---------------------------------------------------------------------------- */
+/* The flat rules of this process's effective policy (`prefilter` + its environment's rules),
+ * fetched on first use, again in a forked child, and when older than PF_MAX_AGE. While no table
+ * can be had (the service refuses, is unreachable, the table does not fit in a reply) every
+ * operation is asked about, and the fetch is tried again at most once per PF_MAX_AGE. */
+#define PF_MAX_AGE_NS 1000000000LL
+
+static pthread_mutex_t pf_lock = PTHREAD_MUTEX_INITIALIZER;  /* guards the fields below */
+static pthread_mutex_t pf_fetching = PTHREAD_MUTEX_INITIALIZER; /* one fetch at a time */
+static struct pf pf_cur;
+static int pf_ok;          /* pf_cur is a table of process pf_pid */
+static pid_t pf_pid;       /* the process the table (or the last attempt) belongs to */
+static long long pf_at;    /* when it was fetched or last tried (CLOCK_MONOTONIC_COARSE, ns) */
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void pf_fetch(pid_t pid, long long now)
+{
+	char req[MAX_MESSAGE + 1], reply[MAX_MESSAGE + 1];
+	struct pf fresh;
+	int newfd, ok = 0;
+	const char *tb = __atomic_load_n(&g_tail_bind, __ATOMIC_ACQUIRE);
+	const char *tc = __atomic_load_n(&g_tail_connect, __ATOMIC_ACQUIRE);
+	int n = snprintf(req, sizeof(req), "prefilter%s%s", tb ? tb : "", tc ? tc : "");
+	if (n > 0 && n <= MAX_MESSAGE && ask(req, &newfd, reply, sizeof(reply)) == D_GRANT &&
+	    strncmp(reply, "ok", 2) == 0 && (reply[2] == 0 || reply[2] == '\n'))
+		ok = pf_parse(reply[2] ? reply + 3 : "", &fresh) == 0;
+	pthread_mutex_lock(&pf_lock);
+	if (pf_ok)
+		pf_free(&pf_cur);
+	pf_ok = ok;
+	if (ok)
+		pf_cur = fresh;
+	pf_pid = pid;
+	pf_at = now;
+	pthread_mutex_unlock(&pf_lock);
+}
+
+/* 0: no rule can apply, the operation stays local without asking; 1: ask the service. */
+int might_graft(int verb, int family, const char *addr, int port, int v6only)
+{
+	if (!g_prefilter)
+		return 1;
+	int saved = errno;
+	pid_t pid = getpid();
+	long long now = now_ns();
+	pthread_mutex_lock(&pf_lock);
+	int stale = pf_pid != pid || now - pf_at >= PF_MAX_AGE_NS;
+	pthread_mutex_unlock(&pf_lock);
+	/* one thread fetches; the others go on with the table there is (of this process) or ask */
+	if (stale && pthread_mutex_trylock(&pf_fetching) == 0) {
+		pf_fetch(pid, now);
+		pthread_mutex_unlock(&pf_fetching);
+	}
+	pthread_mutex_lock(&pf_lock);
+	int r = pf_ok && pf_pid == pid ? pf_might(&pf_cur, verb, family, addr, port, v6only) : 1;
+	pthread_mutex_unlock(&pf_lock);
+	errno = saved;
+	return r;
+}
+
+void prefilter_lock(void) { pthread_mutex_lock(&pf_fetching); pthread_mutex_lock(&pf_lock); }
+void prefilter_unlock(void) { pthread_mutex_unlock(&pf_lock); pthread_mutex_unlock(&pf_fetching); }

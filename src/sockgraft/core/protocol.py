@@ -6,20 +6,31 @@ no whitespace); one reply per request, with the grafted socket attached by SCM_R
 Requests::
 
     named NAME FAMILY TYPE PROTO FLAGS       socket bound to endpoint NAME (FAMILY 0: the endpoint's)
+    named NAME FAMILY TYPE PROTO FLAGS DEST DPORT
+                                             the same endpoint as source, connected (or connecting)
+                                             to DEST:DPORT, its port chosen at connect time
     dial NAME TYPE PROTO                     socket connected to endpoint NAME (unix, or a fixed ip port)
     bind FAMILY ADDR PORT TYPE PROTO FLAGS   ingress: a container-side bind address
-    connect FAMILY ADDR PORT TYPE PROTO      egress: a destination; the socket is bound to its source
+    connect FAMILY ADDR PORT TYPE PROTO      egress: a destination; the service connects the socket
+                                             (source: the endpoint, port chosen at connect time,
+                                             IP_BIND_ADDRESS_NO_PORT) and hands it over connected
+                                             or connecting, never bound and unconnected
+    sendto FAMILY ADDR PORT TYPE PROTO       egress of an unconnected send: a socket bound to the
+                                             source endpoint with a port of its own
+    prefilter                                the caller's effective rules, flat (engine.Prefilter
+                                             lines): what the caller may skip asking about
     resolve NAME                             the endpoint's line, no socket
     show                                     the caller's table, one line per endpoint
 
 FLAGS is `-` or a comma list of: reuseaddr, reuseport, v6only.
 
-Caller rules (optional, additive): `bind` and `connect` may carry extra words after their fixed
-arguments, the rules of the caller's environment (the preload library's GRAFT_CONV_PAIRS,
-GRAFT_EGRESS, GRAFT_BBCONN)::
+Caller rules (optional, additive): `bind`, `connect`, `sendto` and `prefilter` may carry extra
+words after their fixed arguments, the rules of the caller's environment (the preload library's
+GRAFT_CONV_PAIRS, GRAFT_EGRESS, GRAFT_BBCONN)::
 
     bind ... FLAGS in:ADDR:PORT[-PORT]=NAME ...     ingress pairs, in order
-    connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME
+    connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME     (sendto: the same)
+    prefilter in:... out:... bbconn:...             all of them
 
 When a request carries rules of its kind, they replace the container's stored rules of that kind
 for this request only. They are evaluated by the same engine against the container's own table,
@@ -29,7 +40,7 @@ so they can only map onto endpoints the container owns. A malformed rule is answ
 Replies::
 
     ok FAMILY ADDR PORT      fd attached; the host address the socket is bound to (unix: ok 1 PATH)
-    ok [LINE ...]            for resolve and show: lines after a newline
+    ok [LINE ...]            for resolve, show and prefilter: lines after a newline
     local                    no pair or rule matches: the operation stays inside the container
     err ERRNO MESSAGE        denied or failed, with an errno for the caller to return
 """
@@ -45,8 +56,9 @@ from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_in
 MAX_MESSAGE = 4096
 FLAGS = frozenset({"reuseaddr", "reuseport", "v6only"})
 FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
-_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "resolve": 1, "show": 0}
-_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn")}
+_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "prefilter": 0, "resolve": 1, "show": 0}
+_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"),
+                  "prefilter": ("in", "out", "bbconn")}
 
 
 class ProtocolError(ValueError):
@@ -58,7 +70,7 @@ class Request:
     verb: str
     name: str | None = None
     family: int = 0
-    addr: str | None = None
+    addr: str | None = None  # bind: container-side address; connect/sendto/named: the destination
     port: int = 0
     type: int = socket.SOCK_STREAM
     proto: int = 0
@@ -75,10 +87,13 @@ class Request:
     def encode(self) -> bytes:
         flags = ",".join(sorted(self.flags)) or "-"
         words = {
-            "named": [self.name, self.family, self.type, self.proto, flags],
+            "named": [self.name, self.family, self.type, self.proto, flags,
+                      *((self.addr, self.port) if self.addr is not None else ())],
             "dial": [self.name, self.type, self.proto],
             "bind": [self.family, self.addr, self.port, self.type, self.proto, flags],
             "connect": [self.family, self.addr, self.port, self.type, self.proto],
+            "sendto": [self.family, self.addr, self.port, self.type, self.proto],
+            "prefilter": [],
             "resolve": [self.name],
             "show": [],
         }[self.verb]
@@ -122,18 +137,28 @@ def parse_request(data: bytes) -> Request:
         raise ProtocolError(f"unknown request {verb[:32]!r}")
     extra = args[_ARITY[verb]:] if verb in _RULE_PREFIXES else []
     args = args[:len(args) - len(extra)]
-    if len(args) != _ARITY[verb]:
+    dest = args[5:] if verb == "named" and len(args) == 7 else []
+    if len(args) - len(dest) != _ARITY[verb]:
         raise ProtocolError(f"{verb} takes {_ARITY[verb]} arguments, got {len(args)}")
     if verb == "show":
         return Request("show")
+    if verb == "prefilter":
+        return Request("prefilter", **_rules(verb, extra))
     if verb == "resolve":
         return Request("resolve", name=_name(args[0]))
     if verb == "named":
         family = _int(args[1], 0, 65535, "family")
         if family not in FAMILIES:
             raise ProtocolError(f"bad family {family}")
-        return Request("named", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
-                       proto=_int(args[3], 0, 65535, "protocol"), flags=_flags(args[4]))
+        req = Request("named", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
+                      proto=_int(args[3], 0, 65535, "protocol"), flags=_flags(args[4]))
+        if dest:
+            try:
+                req.addr = parse_ip(dest[0]).compressed
+            except SpecError as e:
+                raise ProtocolError(str(e)) from None
+            req.port = _int(dest[1], 1, 65535, "destination port")
+        return req
     if verb == "dial":
         return Request("dial", name=_name(args[0]), type=_int(args[1], 0, 15, "type"),
                        proto=_int(args[2], 0, 65535, "protocol"))

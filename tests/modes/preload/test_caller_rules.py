@@ -84,8 +84,9 @@ def test_egress_and_bbconn(service):
     reply, name = ask(svc, b"connect 2 127.0.0.1 80 1 0 out:127.0.0.0/8=ep-out")
     assert reply.kind == "ok" and name[0] == "127.0.0.1" and name[1] > 0
     assert ask(svc, b"connect 2 10.1.2.3 80 1 0 out:127.0.0.0/8=ep-out")[0].kind == "local"
-    reply, name = ask(svc, b"connect 2 10.1.2.3 80 2 0 bbconn:ep-out")
-    assert reply.kind == "ok" and name[0] == "127.0.0.1"
+    # an unconnected send (no traffic here: the socket is only bound) through GRAFT_BBCONN
+    reply, name = ask(svc, b"sendto 2 10.1.2.3 80 2 0 bbconn:ep-out")
+    assert reply.kind == "ok" and name[0] == "127.0.0.1" and name[1] > 0
     # bbconn of an ipv4 endpoint leaves IPv6 destinations inside the container
     assert ask(svc, b"connect 10 ::1 80 1 0 bbconn:ep-out")[0].kind == "local"
     assert ask(svc, b"connect 2 10.1.2.3 80 1 0")[0].kind == "local"  # nothing stored

@@ -27,10 +27,12 @@ OUT = tuple(parse_egress(r) for r in EGRESS.split())
 TABLE = [*ep("ep", None), *ep("ep-out", None), *ep("ep6", None, "::1")]
 
 
-def traced(run_preload, cc, cases: list[str]) -> list[list[str]]:
-    """The requests the library sent for each case, in order."""
+def traced(run_preload, cc, cases: list[str], prefilter: bool = False) -> list[list[str]]:
+    """The requests the library sent for each case, in order (by default with GRAFT_PREFILTER=0:
+    every operation is asked about, whether a rule may match or not)."""
     p = run_preload(TABLE, [cc("wire"), *cases],
-                    env={"GRAFT_TRACE": "1", "GRAFT_CONV_PAIRS": PAIRS, "GRAFT_EGRESS": EGRESS, "GRAFT_BBCONN": BBCONN})
+                    env={"GRAFT_TRACE": "1", "GRAFT_CONV_PAIRS": PAIRS, "GRAFT_EGRESS": EGRESS, "GRAFT_BBCONN": BBCONN,
+                         "GRAFT_PREFILTER": "1" if prefilter else "0"})
     _out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     got: list[list[str]] = []
@@ -63,10 +65,12 @@ def test_requests_are_the_protocol_byte_for_byte(run_preload, cc):
         # SOCK_NONBLOCK is not part of the type
         (f"bind 2 0.0.0.0 8000 {STREAM | socket.SOCK_NONBLOCK} -",
          Request("bind", family=AF_INET, addr="0.0.0.0", port=8000, type=STREAM)),
-        # egress: connect, sendto and sendmsg of an unbound socket all ask `connect`
+        # egress of an unbound socket: connect asks `connect` (the service connects), sendto and
+        # sendmsg ask `sendto` (a socket bound with a port of its own)
         (f"connect 2 127.0.0.1 {dst} 1", Request("connect", family=AF_INET, addr="127.0.0.1", port=dst, type=STREAM)),
-        (f"sendto 2 127.0.0.1 {dst} 2", Request("connect", family=AF_INET, addr="127.0.0.1", port=dst, type=DGRAM)),
-        (f"sendmsg 10 ::1 {dst} 2", Request("connect", family=AF_INET6, addr="::1", port=dst, type=DGRAM)),
+        (f"connect 2 127.0.0.1 {dst} 2", Request("connect", family=AF_INET, addr="127.0.0.1", port=dst, type=DGRAM)),
+        (f"sendto 2 127.0.0.1 {dst} 2", Request("sendto", family=AF_INET, addr="127.0.0.1", port=dst, type=DGRAM)),
+        (f"sendmsg 10 ::1 {dst} 2", Request("sendto", family=AF_INET6, addr="::1", port=dst, type=DGRAM)),
         # the graft API: no caller rules on these
         ("named ep 1 -", Request("named", name="ep", family=0, type=STREAM)),
         ("named ep-out 2 reuseport,reuseaddr", Request("named", name="ep-out", type=DGRAM, flags=flags("reuseaddr,reuseport"))),
@@ -77,7 +81,7 @@ def test_requests_are_the_protocol_byte_for_byte(run_preload, cc):
     for (case, req), sent in zip(cases, got):
         if req.verb == "bind":
             req.ingress = INGRESS
-        elif req.verb == "connect":
+        elif req.verb in ("connect", "sendto"):
             req.egress, req.bbconn = OUT, (BBCONN,)
         assert sent, f"{case}: no request sent"
         assert sent[0].encode() == req.encode(), case
@@ -127,3 +131,25 @@ def test_preload_decodes_what_the_kernel_takes(run_preload, cc):
         addr = "0.0.0.0" if family == AF_INET else "::"
         want = [Request("bind", family=family, addr=addr, port=8000, type=STREAM, ingress=INGRESS).encode().decode()]
         assert sent == (want if taken else []), (family, length)
+
+
+def test_prefilter_request_and_no_request_where_no_rule_can_apply(run_preload, cc):
+    """With the prefilter (the default), the process asks `prefilter` with all its rules once, then
+    only about operations a rule may apply to: a bind no pair can match and a destination no egress
+    rule holds send nothing."""
+    dst = free_port()
+    cases = ["bind 2 127.0.0.1 0 1 -", "bind 10 ::1 0 2 v6only", "bind 10 :: 8000 1 v6only",
+             "bind 2 0.0.0.0 8000 1 -", f"connect 2 127.0.0.1 {dst} 1", f"sendto 10 ::1 {dst} 2"]
+    got = traced(run_preload, cc, cases, prefilter=True)
+    want_first = Request("prefilter", ingress=INGRESS, egress=OUT, bbconn=(BBCONN,)).encode().decode()
+    assert got[0] == [want_first]  # fetched at the first operation, which stays local
+    assert got[1] == []
+    # [::]:8000 with V6ONLY: [::]:8000-8010 matches (IPv6 pair)
+    assert got[2] == [Request("bind", family=AF_INET6, addr="::", port=8000, type=STREAM, flags=frozenset({"v6only"}),
+                              ingress=INGRESS).encode().decode()]
+    assert got[3] == [Request("bind", family=AF_INET, addr="0.0.0.0", port=8000, type=STREAM,
+                              ingress=INGRESS).encode().decode()]
+    assert got[4] == [Request("connect", family=AF_INET, addr="127.0.0.1", port=dst, type=STREAM, egress=OUT,
+                              bbconn=(BBCONN,)).encode().decode()]
+    assert got[5] == [Request("sendto", family=AF_INET6, addr="::1", port=dst, type=DGRAM, egress=OUT,
+                              bbconn=(BBCONN,)).encode().decode()]

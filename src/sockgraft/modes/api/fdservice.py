@@ -201,7 +201,7 @@ class FdService:
             self.audit.record("deny", container=key, mode=self.mode, op="parse", errno=errno.EINVAL, reason=str(e))
             return _err(errno.EINVAL, str(e)), None
         foreign = caller_ino is None or caller_ino != netns.key_ino(key)
-        if foreign and req.verb in ("show", "resolve"):
+        if foreign and req.verb in ("show", "resolve", "prefilter"):
             reason = f"caller is not inside container {key}"
             self.audit.record("deny", container=key, mode=self.mode, op=req.verb, endpoint=req.name,
                               errno=errno.EPERM, reason=reason, caller_netns=caller_ino)
@@ -214,6 +214,11 @@ class FdService:
             policy = policy.with_caller_rules(req.ingress, req.egress, req.bbconn)
         if req.verb == "show":
             return Reply("ok", lines=tuple(ep.line() for ep in policy.endpoints.values())), None
+        if req.verb == "prefilter":
+            reply = Reply("ok", lines=policy.prefilter().lines())
+            if len("\n".join(["ok", *reply.lines])) > MAX_MESSAGE:  # never a truncated table
+                return _err(errno.EMSGSIZE, "the prefilter does not fit in a reply: ask about every operation"), None
+            return reply, None
         if req.verb == "resolve":
             ep = policy.endpoints.get(req.name)
             if ep is None:
@@ -230,10 +235,7 @@ class FdService:
                 return _err(decision.errno, decision.reason), None
             return Reply("local"), None
         try:
-            if req.verb == "dial":
-                sock, _ = hostsock.open_dialed(decision, req.type, req.proto)
-            else:
-                sock = hostsock.open_bound(decision, req.type, req.proto, req.flags)
+            sock = self._open(req, decision)
         except OSError as e:
             code = e.errno or errno.EIO
             self.audit.record("fail", container=key, mode=self.mode, op=req.verb, endpoint=decision.endpoint.name,
@@ -245,3 +247,27 @@ class FdService:
         addr, port = sock.getsockname()[:2]
         self.audit.decision(key, self.mode, req.verb, decision, host=[addr, port], **where)
         return Reply("ok", family=decision.family, addr=addr, port=port), sock
+
+    @staticmethod
+    def _open(req, decision) -> socket.socket:
+        """The host socket of a grant: connected (or connecting) for `connect`, `dial` and `named`
+        with a destination; bound with a port of its own for `bind`, `sendto` and plain `named`."""
+        if req.verb == "dial":
+            return hostsock.open_dialed(decision, req.type, req.proto)[0]
+        if req.verb == "connect":
+            return hostsock.open_connecting(decision, req.type, req.proto, (req.addr, req.port))[0]
+        if req.verb == "named" and req.addr is not None:
+            return hostsock.open_connecting(decision, req.type, req.proto, _destination(decision, req.addr, req.port))[0]
+        return hostsock.open_bound(decision, req.type, req.proto, req.flags)
+
+
+def _destination(decision, addr: str, port: int) -> tuple:
+    """The destination of a `named` request with one, as the granted socket's family takes it."""
+    version = 6 if ":" in addr else 4
+    if decision.family == socket.AF_INET and version == 4:
+        return addr, port
+    if decision.family == socket.AF_INET6:
+        return (f"::ffff:{addr}" if version == 4 else addr), port
+    if decision.family == socket.AF_UNIX:
+        raise OSError(errno.EINVAL, "a unix endpoint is dialled, not used as a source")
+    raise OSError(errno.EAFNOSUPPORT, f"endpoint {decision.endpoint.name}: no IPv{version} destination")

@@ -206,6 +206,11 @@ int main(int argc, char **argv)
 	for (int i = 0; i < threads; i++)
 		pthread_join(t[i], NULL);
 	ranges();
+	/* close_range above may have closed the library's connection to the service (its fd number lies
+	 * between the test's sockets); local binds no longer ask (prefilter), so one grafted socket
+	 * makes the library open it again before counting */
+	if (grafted(&warm) != 0)
+		return 1;
 	int after = open_files();
 	if (after != before)
 		fprintf(stderr, "fd leak: %d open before, %d after\n", before, after), atomic_fetch_add(&failed, 1);
