@@ -185,39 +185,58 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 }
 
 /* The grafted socket on fd is connected or connecting: the caller's connect() semantics.
- * Non-blocking: 0 if the connect completed already (or its error), else -1/EINPROGRESS. Blocking:
- * wait within SO_SNDTIMEO (expired: EINPROGRESS, as the kernel says), then SO_ERROR (ECONNREFUSED,
- * ETIMEDOUT...). A signal interrupting the wait: -1/EINTR (SA_RESTART or not); a connect() again is
- * the kernel's own on the connecting host socket. */
-static int finish_connect(int fd)
+ * Non-blocking: -1/EINPROGRESS for a stream socket (its outcome left in SO_ERROR for the caller:
+ * refused, unreachable...), 0 for a datagram socket. Blocking: wait within SO_SNDTIMEO (expired:
+ * EINPROGRESS, as the kernel says), then SO_ERROR (ECONNREFUSED, ETIMEDOUT...). A signal
+ * interrupting the wait: -1/EINTR (SA_RESTART or not); a connect() again is then the kernel's own
+ * on the connecting host socket. */
+static int connected(int fd)
+{
+	/* The kernel marks a socket connected (SS_CONNECTED) only in a connect() call: a connect
+	 * completed in the background leaves it "connecting", and a later connect() to any address
+	 * would then answer 0. One connect() to its own peer settles it (0 or EISCONN), so that a
+	 * re-aim fails with EISCONN as after a native blocking connect. */
+	struct sockaddr_storage peer;
+	socklen_t pl = sizeof(peer);
+	if (real_getpeername(fd, (struct sockaddr *)&peer, &pl) != 0)
+		return 0;
+	int saved = errno;
+	real_connect(fd, (struct sockaddr *)&peer, pl);
+	errno = saved;
+	return 1;
+}
+
+static int finish_connect(int fd, int type)
 {
 	int fl = real_fcntl(fd, F_GETFL);
-	struct pollfd p = { .fd = fd, .events = POLLOUT };
 	if (fl >= 0 && (fl & O_NONBLOCK)) {
-		if (poll(&p, 1, 0) == 0) {
-			errno = EINPROGRESS;
-			return -1;
-		}
-	} else {
-		struct timeval tv = { 0 };
-		socklen_t tl = sizeof(tv);
-		int ms = -1;
-		if (getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 && (tv.tv_sec || tv.tv_usec))
-			ms = tv.tv_sec > 2000000 ? 2000000000 : (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
-		int n = poll(&p, 1, ms);
-		if (n == 0) {
-			errno = EINPROGRESS;
-			return -1;
-		}
-		if (n < 0)
-			return -1;
+		/* a stream connect says EINPROGRESS, as the kernel's does even on loopback (a caller's
+		 * "connect again: 0 when done" and SO_ERROR work as natively); a datagram one is done */
+		if (type != SOCK_STREAM && connected(fd))
+			return 0;
+		errno = EINPROGRESS;
+		return -1;
 	}
+	struct pollfd p = { .fd = fd, .events = POLLOUT };
+	struct timeval tv = { 0 };
+	socklen_t tl = sizeof(tv);
+	int ms = -1;
+	if (getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &tl) == 0 && (tv.tv_sec || tv.tv_usec))
+		ms = tv.tv_sec > 2000000 ? 2000000000 : (int)(tv.tv_sec * 1000 + (tv.tv_usec + 999) / 1000);
+	int n = poll(&p, 1, ms);
+	if (n == 0) {
+		errno = EINPROGRESS;
+		return -1;
+	}
+	if (n < 0)
+		return -1;
 	int err = 0;
 	socklen_t l = sizeof(err);
 	if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &l) == 0 && err) {
 		errno = err;
 		return -1;
 	}
+	connected(fd);
 	return 0;
 }
 
@@ -246,13 +265,13 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 		st.dialed = 1;
 		if (st_install(fd, newfd, &st) != 0)
 			return -1;
-		return finish_connect(fd);
+		return finish_connect(fd, st.type);
 	}
 	int g = egress(fd, &st, sa, len, PF_CONNECT);
 	if (g < 0)
 		return -1;
 	if (g > 0)
-		return finish_connect(fd);
+		return finish_connect(fd, st.type);
 	int r = real_connect(fd, sa, len);
 	if (r == 0 || errno == EINPROGRESS)
 		st_mark_decided(fd);
