@@ -3,27 +3,51 @@ free loopback ports, and the `graft` command as a user runs it."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 
 import pytest
 
-from sockgraft.host.netns import pid_alive
+from sockgraft.host.netns import pid_alive, pids_in_netns
 from tests.helpers import stop
 
 NETNS_PREFIX = "sgt"  # every netns a test creates is named sgt<PID>-<N>
+# namespaces tests make (sgt<PID>-N, or sgt<PID>-Nx for one `graft run` creates), and the ones
+# graft-runtime makes for our containers (graft-oci-sgt<PID>-N) or an engine's (graft-oci-<24 hex>)
+_OURS = re.compile(rf"^(?:graft-oci-)?{NETNS_PREFIX}(\d+)-\d+\w*$")
+_ENGINES = re.compile(r"^graft-oci-[0-9a-f]{24}$")
+
+
+def leftover_netns() -> list[str]:
+    """Namespaces an earlier, killed test run left behind: ours whose test pid is dead, and the
+    engines' that no process uses any more."""
+    try:
+        names = sorted(os.listdir("/run/netns"))
+    except FileNotFoundError:
+        return []
+    dead = []
+    for name in names:
+        if m := _OURS.match(name):
+            if not pid_alive(int(m[1])):
+                dead.append(name)
+        elif _ENGINES.match(name):
+            try:
+                if not pids_in_netns(os.stat(f"/run/netns/{name}").st_ino):
+                    dead.append(name)
+            except OSError:
+                continue
+    return dead
 
 
 def pytest_sessionstart(session):
-    """Remove namespaces that an earlier, killed test run left behind (its pid is gone)."""
-    try:
-        names = os.listdir("/run/netns")
-    except FileNotFoundError:
-        return
-    for name in names:
-        head, dash, _ = name.partition("-")
-        if name.startswith(NETNS_PREFIX) and dash and head[len(NETNS_PREFIX):].isdigit():
-            if not pid_alive(int(head[len(NETNS_PREFIX):])):
-                subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    """The one sweeper of leftover namespaces (for every folder of tests)."""
+    from sockgraft.host import netns
+
+    for name in leftover_netns():
+        try:
+            netns.remove(name)
+        except OSError:
+            pass  # in use after all, or gone meanwhile: the next session tries again
 
 
 @pytest.fixture

@@ -2,11 +2,10 @@
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
-from tests.helpers import graft, graft_cmd
+from tests.helpers import graft, graft_cmd, wait_for
 
 
 def test_add_show_del(ns, state_dir):
@@ -32,10 +31,8 @@ def test_pid_and_current_netns_name_the_same_container(ns, state_dir):
     graft("-n", ns, "add", "a", "type", "ipv4", "addr", "127.0.0.1", "port", "1")
     sleeper = subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "30"])
     try:
-        for _ in range(100):  # wait until the child has entered the netns
-            if os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino:
-                break
-            time.sleep(0.02)
+        wait_for(lambda: os.stat(f"/proc/{sleeper.pid}/ns/net").st_ino == os.stat(f"/run/netns/{ns}").st_ino,
+                 what="the child to enter the netns")
         assert graft("--pid", str(sleeper.pid), "show").stdout.startswith("a type ipv4")
     finally:
         sleeper.kill()

@@ -12,7 +12,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-from tests.helpers import free_port, stop
+from tests.helpers import free_port, graftd, stop
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "httpd", "nc", "cat", "sleep", "ls", "echo", "ifconfig", "wget")
@@ -45,17 +45,11 @@ class Graftd:
         self.agent = os.path.join(self.runtime, "agent.sock")
         self.log = os.path.join(base, "graftd.log")
         self.metrics_port = free_port() if metrics else None
-        args = [shutil.which("graftd") or "graftd", "--state-dir", self.state, "--runtime-dir", self.runtime]
-        if metrics:
-            args += ["--metrics", f"127.0.0.1:{self.metrics_port}"]
+        args = ["--metrics", f"127.0.0.1:{self.metrics_port}"] if metrics else []
         os.makedirs(base, exist_ok=True)
         self._logf = open(self.log, "w")
-        self.proc = subprocess.Popen(args, stdout=self._logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not os.path.exists(self.agent):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"graftd did not start: {open(self.log).read()}")
-            time.sleep(0.05)
+        self.proc = graftd(self.state, self.runtime, *args, log=self._logf)
+        assert os.path.exists(self.agent), open(self.log).read()
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, GRAFT_STATE_DIR=self.state, GRAFT_AGENT_SOCKET=self.agent)
