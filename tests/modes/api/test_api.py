@@ -293,3 +293,41 @@ def test_run_sweeps_what_a_killed_run_left(state_dir):
         except ProcessLookupError:
             pass
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+CONNECT_FROM = """
+    import errno, socket, sys, sockgraft
+    port, refused = int(sys.argv[1]), int(sys.argv[2])
+    def outcome(fn):
+        try:
+            fn()
+            return "0"
+        except OSError as e:
+            return errno.errorcode[e.errno]
+    s = sockgraft.create_connection(("127.0.0.1", port), timeout=5, source="ep-out")
+    print("peer", s.getpeername()[1] == port)
+    print("rebind", outcome(lambda: s.bind(("127.0.0.1", 0))))
+    print("reaim", outcome(lambda: s.connect(("127.0.0.1", refused))))
+    print("refused", outcome(lambda: sockgraft.create_connection(("127.0.0.1", refused), timeout=5, source="ep-out")))
+    n = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+    n.setblocking(False)
+    print("nonblocking", outcome(lambda: n.connect_from("ep-out", ("127.0.0.1", port))))
+    print("unknown", outcome(lambda: sockgraft.create_connection(("127.0.0.1", port), source="not-mine")))
+    print("v6 from v4", outcome(lambda: sockgraft.socket().connect_from("ep-out", ("::1", port))))
+"""
+
+
+def test_connect_from_hands_over_a_connected_socket(tmp_path, state_dir, ns):
+    """create_connection(source=NAME): the fd service connects (port chosen at connect time); the
+    socket cannot be bound again nor aimed elsewhere; errors are the connect's."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        p = graft_run("-n", ns, "--endpoint", "ep-out type ipv4 addr 127.0.0.1 port dynamic", "--",
+                      sys.executable, script(tmp_path, "cf.py", CONNECT_FROM), str(port), str(free_port()))
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert dict(line.rsplit(" ", 1) for line in out.splitlines()) == {
+        "peer": "True", "rebind": "EINVAL", "reaim": "EISCONN", "refused": "ECONNREFUSED",
+        "nonblocking": "EINPROGRESS", "unknown": "EADDRNOTAVAIL", "v6 from v4": "EAFNOSUPPORT"}

@@ -97,3 +97,57 @@ def test_malformed_rule_is_a_clear_einval(service):
     reply, _ = ask(svc, b"bind 2 0.0.0.0 80 1 0 - in:garbage")
     assert (reply.kind, reply.errno) == ("err", errno.EINVAL)
     assert "garbage" in reply.message and "environment" in reply.message
+
+
+def test_new_verbs_round_trip():
+    for req in (Request("sendto", family=2, addr="127.0.0.1", port=53, type=2, egress=(parse_egress("127.0.0.0/8=a"),)),
+                Request("prefilter", ingress=(parse_ingress("0.0.0.0:80=a"),), bbconn=("b",)),
+                Request("named", name="ep", family=0, type=1, addr="::1", port=80),
+                Request("named", name="ep", family=2, type=1, addr="127.0.0.1", port=80)):
+        assert parse_request(req.encode()) == req
+    for bad in (b"named ep 0 1 0 - 127.0.0.1", b"named ep 0 1 0 - 127.0.0.1 0", b"named ep 0 1 0 - nohost 80",
+                b"prefilter 1", b"sendto 2 127.0.0.1 53 2 0 in:0.0.0.0:80=a"):
+        with pytest.raises(ProtocolError):
+            parse_request(bad)
+
+
+def test_prefilter_answers_the_effective_rules(service):
+    svc, _ = service
+    reply, _ = ask(svc, b"prefilter")
+    assert reply.lines == ("bind 4 0.0.0.0 9999 9999",)
+    reply, _ = ask(svc, b"prefilter out:10.0.0.0/8=ep-out bbconn:ep-out")
+    assert reply.lines == ("bind 4 0.0.0.0 9999 9999", "egress 4 10.0.0.0 8", "egress 4 0.0.0.0 0")
+    # a caller outside the container's netns is not told
+    reply, _ = svc.handle(KEY, INO + 1, b"prefilter")
+    assert (reply.kind, reply.errno) == ("err", errno.EPERM)
+    # a table that does not fit in one reply is never sent truncated (the library then asks always)
+    with Store(svc.store.dir) as store:
+        store.set_rules(KEY, [parse_ingress(f"127.0.{i // 250}.{i % 250 + 1}:{1000 + i}=ep-http") for i in range(300)], [])
+    svc2 = FdService(svc.store.dir, mode="preload")
+    try:
+        reply, _ = svc2.handle(KEY, INO, b"prefilter")
+        assert (reply.kind, reply.errno) == ("err", errno.EMSGSIZE)
+    finally:
+        svc2.close()
+
+
+def test_connect_is_handed_over_connected_and_sendto_bound(service):
+    svc, port = service
+    with __import__("socket").create_server(("127.0.0.1", 0)) as server:
+        dst = server.getsockname()[1]
+        reply, sock = svc.handle(KEY, INO, f"connect 2 127.0.0.1 {dst} 1 0 out:127.0.0.1/32=ep-out".encode())
+        try:
+            assert reply.kind == "ok" and reply.port > 0
+            server.settimeout(5)
+            conn, peer = server.accept()
+            conn.close()
+            assert peer == ("127.0.0.1", reply.port)  # connected by the service, from its chosen port
+        finally:
+            sock.close()
+    reply, sock = svc.handle(KEY, INO, b"sendto 2 127.0.0.1 53 2 0 out:127.0.0.1/32=ep-out")
+    try:
+        assert reply.kind == "ok" and sock.getsockname()[1] == reply.port > 0
+        with pytest.raises(OSError):
+            sock.getpeername()  # bound, not connected
+    finally:
+        sock.close()

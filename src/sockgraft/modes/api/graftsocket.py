@@ -13,6 +13,7 @@ connects to addresses (tuples) are the plain socket calls: the api mode has no t
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket as _socket
 
@@ -74,6 +75,22 @@ class GraftSocket(_socket.socket):
         _reply, fd = ask(Request("dial", name=name, type=self.type, proto=self.proto))
         self._adopt(fd, name)
 
+    def connect_from(self, source: str, address: tuple) -> None:
+        """Connect to `address` (an IP and port) leaving by endpoint `source`: the fd service binds the
+        endpoint's address, lets the connect choose the port (per 4-tuple, TIME_WAIT reused as
+        natively) and hands the socket over connected or connecting. A blocking socket waits (within
+        its timeout); a non-blocking one raises BlockingIOError (EINPROGRESS) like socket.connect."""
+        _reply, fd = ask(Request("named", name=source, family=self._named_family, type=self.type, proto=self.proto,
+                                 flags=socket_flags(self), addr=address[0], port=address[1]))
+        self._adopt(fd, source)
+        if self.gettimeout() != 0.0:
+            _wait_connected(self)
+            # a connect done in the background leaves the kernel's socket "connecting", where a later
+            # connect() to anywhere answers 0: one to its own peer settles it (re-aiming: EISCONN)
+            _socket.socket.connect_ex(self, self.getpeername())
+        elif self.type == _socket.SOCK_STREAM:
+            raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
+
 
 def _wait_connected(s: _socket.socket) -> None:
     import select
@@ -115,20 +132,24 @@ def create_server(endpoint: str, *, type: int = _socket.SOCK_STREAM, backlog: in
 
 
 def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source: str | None = None) -> _socket.socket:
-    """Like socket.create_connection; `source` names the (usually dynamic) endpoint to leave by.
-    Without a source the connection stays inside the container's netns."""
+    """Like socket.create_connection; `source` names the (usually dynamic) endpoint to leave by: the
+    fd service performs the connect (GraftSocket.connect_from). Without a source the connection
+    stays inside the container's netns."""
     if source is None:
         return _socket.create_connection(address, timeout)
-    s = socket(AF_GRAFT, _socket.SOCK_STREAM)
-    try:
-        s.bind(source)
-        if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
-            s.settimeout(timeout)
-        s.connect(address)
-        return s
-    except BaseException:
-        s.close()
-        raise
+    host, port = address[:2]
+    error: OSError | None = None
+    for *_, sockaddr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        s = socket(AF_GRAFT, _socket.SOCK_STREAM)
+        try:
+            if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
+                s.settimeout(timeout)
+            s.connect_from(source, sockaddr[:2])
+            return s
+        except OSError as e:
+            s.close()
+            error = e
+    raise error if error is not None else OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
 
 
 async def start_server(client_connected_cb, endpoint: str, **kwargs) -> asyncio.Server:
@@ -140,12 +161,34 @@ async def start_server(client_connected_cb, endpoint: str, **kwargs) -> asyncio.
 async def open_connection(host: str, port: int, *, source: str | None = None, **kwargs):
     if source is None:
         return await asyncio.open_connection(host, port, **kwargs)
-    sock = socket(AF_GRAFT, _socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    error: OSError | None = None
+    for *_, sockaddr in await loop.getaddrinfo(host, port, type=_socket.SOCK_STREAM):
+        sock = socket(AF_GRAFT, _socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect_from(source, sockaddr[:2])
+            except BlockingIOError:
+                await _writable(loop, sock)
+            code = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+            if code:
+                raise OSError(code, os.strerror(code))
+        except OSError as e:
+            sock.close()
+            error = e
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, **kwargs)
+    raise error if error is not None else OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: _socket.socket) -> None:
+    done = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: done.done() or done.set_result(None))
     try:
-        sock.bind(source)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return await asyncio.open_connection(sock=sock, **kwargs)
+        await done
+    finally:
+        loop.remove_writer(sock.fileno())
