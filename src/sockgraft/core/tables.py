@@ -79,6 +79,25 @@ TRAPPED: Mapping[str, Mapping | None] = MappingProxyType({
 })
 REFUSED: tuple[str, ...] = ("io_uring_setup",)
 
+# What a container's policy needs trapped (`trapped_for`): the filter of `graft run --mode seccomp`
+# and the OCI profile of graft-runtime are generated from the container's table at launch.
+# - nothing can be grafted (no endpoints: no pair, rule or named socket can exist): nothing trapped
+#   (io_uring stays refused);
+# - anything can be grafted: bind, connect, sendto and the side doors stay trapped, whatever the
+#   rules. A grafted socket must stay judged: connect(AF_UNSPEC) dissolves a grafted TCP socket's
+#   state (a listener's too) and a second connect would then reach any host address; a grafted
+#   UDP server's replies (sendto) reach only what an egress rule names; and a grafted socket whose
+#   connect failed has lost its port (the kernel releases a port not bound explicitly) and must
+#   not be re-bound on the host (bind is the guard, also where no ingress pair exists);
+# - getsockname only with ingress pairs: a socket grafted by `bind` shows the app the address it
+#   bound; one grafted by `connect` shows its real source, which the kernel answers anyway.
+def trapped_for(endpoints: bool, ingress: bool) -> Mapping[str, Mapping | None]:
+    """The subset of TRAPPED a container needs: `endpoints` (its table has any), `ingress` (it has
+    ingress pairs)."""
+    if not endpoints:
+        return MappingProxyType({})
+    return MappingProxyType({name: cond for name, cond in TRAPPED.items() if name != "getsockname" or ingress})
+
 
 def c_options() -> str:
     """csrc/options.h: the same list for the preload library."""

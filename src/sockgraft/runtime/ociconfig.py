@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Mapping
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.core.tables import POINTER, REFUSED, TRAPPED
@@ -104,9 +105,12 @@ def _allowed_unconditionally(profile: dict, name: str) -> bool:
     )
 
 
-def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA) -> list[str]:
-    """Add graftd's notify rules and listenerPath to `config` (in place). Returns the syscalls
-    left untrapped because the existing profile does not allow them."""
+def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA,
+                  trapped: Mapping[str, Mapping | None] = TRAPPED) -> list[str]:
+    """Add graftd's notify rules for `trapped` (TRAPPED, or the subset the container's policy
+    needs: `core.tables.trapped_for`) and listenerPath to `config` (in place). With nothing to
+    trap, only REFUSED is added and no listener is handed to graftd. Returns the syscalls left
+    untrapped because the existing profile does not allow them."""
     linux = config.setdefault("linux", {})
     profile = linux.get("seccomp")
     if profile is None:
@@ -119,7 +123,7 @@ def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA) ->
     syscalls = profile.get("syscalls") or []
     if any(r.get("action") == NOTIFY for r in syscalls):
         raise SpecError("config.json already has SCMP_ACT_NOTIFY rules for another agent")
-    trap, refuse = TRAPPED, REFUSED
+    trap, refuse = trapped, REFUSED
     untrapped = [n for n in trap if not _allowed_unconditionally(profile, n)]
     take = {n for n in trap if n not in untrapped} | {n for n in refuse if _allowed_unconditionally(profile, n)}
     default_allows = profile.get("defaultAction") in ALLOWING
@@ -139,7 +143,10 @@ def merge_seccomp(config: dict, listener_path: str, metadata: str = METADATA) ->
         if name in take:
             kept.append({"names": [name], "action": "SCMP_ACT_ERRNO", "errnoRet": ENOSYS})
     native = _ARCHES.get(platform.machine())
-    profile = dict(profile, syscalls=kept, listenerPath=listener_path, listenerMetadata=metadata)
+    if trap:
+        profile = dict(profile, syscalls=kept, listenerPath=listener_path, listenerMetadata=metadata)
+    else:
+        profile = dict(profile, syscalls=kept)
     if native:
         profile["architectures"] = native
     linux["seccomp"] = profile

@@ -28,6 +28,7 @@ from sockgraft.core.endpoint import SpecError
 from sockgraft.host.children import wait_forwarding
 from sockgraft.host.paths import AGENT_SOCKET, state_dir
 from sockgraft.host.store import Store, StoreError
+from sockgraft.core.tables import trapped_for
 from sockgraft.runtime import annotations, ociconfig
 
 # written into config.json by create: runc's `state` shows them to a later `delete`, whose command
@@ -223,7 +224,10 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
             else:
                 # fresh: a stale table of an earlier netns with the same name or inode goes
                 store.install(c.key, c.ino, MODE, spec.endpoints, spec.ingress, spec.egress, fresh=True)
-        untrapped = ociconfig.merge_seccomp(config, inv.agent)
+            policy = store.policy(c.key)  # the table as installed (a pod's: shared)
+        # trap what this table needs; a pod's later container with another table is refused by _join
+        trapped = trapped_for(bool(policy.endpoints), bool(policy.ingress))
+        untrapped = ociconfig.merge_seccomp(config, inv.agent, trapped=trapped)
         if untrapped:
             log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
         config["annotations"] = {**(config.get("annotations") or {}), **graft_ann,

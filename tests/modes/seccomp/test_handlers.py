@@ -63,6 +63,9 @@ class FakeKernel:
     def id_valid(self, listener, nid):
         return self.valid
 
+    def sync_wake_up(self, listener):
+        pass
+
     def getfd(self, tid, fd):
         if fd not in self.fds:
             raise OSError(errno.EBADF, "bad fd")

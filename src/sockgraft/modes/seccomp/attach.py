@@ -6,6 +6,9 @@ Hand-over without SCM_RIGHTS (the filtered child's own sendmsg is not trapped to
 launcher must not depend on that): the child writes "PID FD" on a pipe and waits; the parent takes
 the listener with pidfd_getfd(pidfd_open(PID), FD), gives it to the supervisor and acknowledges;
 only then does the child exec (the listener fd is close-on-exec in the child).
+
+The filter traps what the container's table needs (`core.tables.trapped_for`), read from the store
+at launch: a table changed later (rules added to an empty one) needs a new `graft run`.
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import subprocess
 import threading
 
 from sockgraft.core.endpoint import SpecError
+from sockgraft.core.tables import trapped_for
+from sockgraft.host.store import Store
 from sockgraft.modes.base import Attach
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp.bpf import filter_program
@@ -50,7 +55,10 @@ class SeccompAttach(Attach):
             K.check_arch()
         except K.UnsupportedArch as e:
             raise SpecError(str(e)) from None
-        self.prog = filter_program().assemble()
+        with Store(self.ctx.spec.state_dir) as store:  # the table as installed (shared netns: merged)
+            policy = store.policy(self.ctx.container.key)
+        self.trapped = trapped_for(bool(policy.endpoints), bool(policy.ingress))
+        self.prog = filter_program(self.trapped).assemble()
         self.supervisor = Supervisor(self.ctx.spec.state_dir)
         self.supervisor.start_thread()
 

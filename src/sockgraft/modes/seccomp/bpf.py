@@ -1,7 +1,8 @@
 """The classic-BPF seccomp program of seccomp mode, built by a tiny assembler with labels.
 
 The program is derived from the one trapped-syscall list, `core.tables.TRAPPED`/`REFUSED` (the
-OCI profile of `runtime.ociconfig` is derived from the same list):
+OCI profile of `runtime.ociconfig` is derived from the same list), or from the subset a
+container's policy needs (`core.tables.trapped_for`: the launcher passes it):
 - any other audit arch than x86_64 kills the process; x32 syscall numbers fail with ENOSYS;
 - a trapped syscall notifies the supervisor where its argument condition holds (bind, connect,
   getsockname always; sendto with a destination; socket ioctls 0x89xx; setsockopt(SOL_SOCKET,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sockgraft.core.tables import LOW32, POINTER, REFUSED, TRAPPED
@@ -120,16 +122,18 @@ def _condition(p: Program, name: str, condition) -> None:
             p.jeq(value, held, "allow" if c == len(cubes) - 1 else 0)
 
 
-def filter_program() -> Program:
+def filter_program(trapped: Mapping[str, Mapping | None] = TRAPPED) -> Program:
+    """The filter trapping `trapped` (TRAPPED, or the subset a container's policy needs:
+    `core.tables.trapped_for`); REFUSED are always refused."""
     p = Program()
     p.ld(OFF_ARCH).jeq(AUDIT_ARCH_X86_64, 0, "kill")
     p.ld(OFF_NR).jge(X32_SYSCALL_BIT, "enosys")
-    for name, condition in TRAPPED.items():
+    for name, condition in trapped.items():
         p.jeq(SYS[name], "notify" if condition is None else f"{name}.0")
     for name in REFUSED:
         p.jeq(SYS[name], "enosys")
     p.ret(RET_ALLOW)
-    for name, condition in TRAPPED.items():
+    for name, condition in trapped.items():
         if condition is not None:
             _condition(p, name, condition)
     p.label("allow").ret(RET_ALLOW)  # classic BPF jumps only forward: shared exits come last

@@ -48,8 +48,8 @@ def nonblocking(s: socket.socket) -> bool:
 
 class Handlers(SideDoors):
     def __init__(self, store, audit, jobs, park, stats):
-        """`park(call, host, appfd, cloexec, deadline)`: the loop takes over a blocking connect
-        whose host-side connect is in progress (and answers when it completes)."""
+        """`park(call, host, appfd, cloexec, deadline, raw)`: the loop takes over a blocking connect
+        whose host-side connect to `raw` is in progress (and answers when it completes)."""
         self.store, self.audit, self.jobs, self.park, self.stats = store, audit, jobs, park, stats
         self.table = {
             K.SYS["bind"]: self.on_bind,
@@ -125,14 +125,19 @@ class Handlers(SideDoors):
         Grant: a host socket bound to the endpoint (a TCP one listening at once), the app's options
         and O_NONBLOCK copied, installed over the app's fd; answers 0. Local: the bind performed
         on the app's native socket, answers its result. Deny: the engine's errno. Non-IP sockets:
-        CONTINUE (a unix path resolves in the task's root); a grafted socket or an address the
-        kernel rejects: bind performed on our duplicate, the kernel's answer."""
+        CONTINUE (a unix path resolves in the task's root); a grafted socket: EINVAL, never
+        performed; an address the kernel rejects: bind performed on our duplicate, the kernel's
+        answer."""
         s, raw = call.prologue(1, 2)
         with s:
             if s.family not in IP:
                 return call.send(cont=True)
+            if call.kernel.is_host(s):
+                # a grafted socket is bound already; one whose connect failed has lost its port
+                # (the kernel releases a port not bound explicitly) but never moves on the host
+                raise Errno(errno.EINVAL)
             target = decode(s, raw, v4_on_v6=False)
-            if call.kernel.is_host(s) or target is None:
+            if target is None:
                 return call.send(err=K.raw_call("bind", s.fileno(), raw))
             v6only = "v6only" in hostsock.socket_flags(s)
             d = self.decide(call, Op("bind", s.family, target[0], target[1], s.type, s.proto, v6only=v6only))
@@ -199,21 +204,41 @@ class Handlers(SideDoors):
         return True
 
     def graft_connect(self, call: Call, s: socket.socket, d, raw: bytes) -> None:
-        """The granted connect of a native socket: the host socket connects non-blocking. A
-        non-blocking app gets it installed and EINPROGRESS (or 0); a blocking app's connect that
-        is still in progress is parked in the loop, which installs the socket (blocking again)
-        and answers when it completes or the app's SO_SNDTIMEO passes."""
-        h, appfd, cloexec, nonblock = self.replacement(call, s, d)
+        """The granted connect of a native socket, done as the kernel does a plain connect():
+        `hostsock.open_connecting` binds the source endpoint with IP_BIND_ADDRESS_NO_PORT (the
+        port is chosen per 4-tuple at connect time, TIME_WAIT reused: no bind(addr, 0) that
+        reserves a port per socket) and connects non-blocking to the copied address; the app's
+        options are copied before the connect. A host socket leaves here connected or connecting,
+        never bound without a port. A non-blocking app gets it installed and EINPROGRESS (or 0);
+        a blocking app's connect that is still in progress is parked in the loop, which installs
+        the socket (blocking again) and answers when it completes or the app's SO_SNDTIMEO
+        passes; a failed one is never installed (the app keeps its native socket)."""
+        appfd = call.appfd
+        cloexec = call.cloexec(appfd)
+        nonblock = nonblocking(s)
+
+        def connect(fd: int, dest: bytes) -> int:
+            h = socket.socket(fileno=fd)  # a view of open_connecting's socket, detached below
+            try:
+                hostsock.copy_options(s, h)
+            finally:
+                h.detach()
+            return K.raw_call("connect", fd, dest)
+
         try:
-            h.setblocking(False)
-            err = K.raw_call("connect", h.fileno(), raw)
-            if err == errno.EINPROGRESS and not nonblock and s.type == socket.SOCK_STREAM and \
-                    h.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED:
-                err = 0  # loopback handshakes are often over by now: no trip through the loop
+            h, err = hostsock.open_connecting(d, s.type, s.proto, raw, connect=connect)
+        except OSError as e:
+            raise Errno(e.errno or errno.EADDRNOTAVAIL) from None
+        try:
+            if err == errno.EINPROGRESS and not nonblock:
+                # loopback handshakes are often over by now: a second connect says so (0) and
+                # leaves the socket connected as a blocking connect would (a third: EISCONN)
+                again = K.raw_call("connect", h.fileno(), raw)
+                err = again if again != errno.EALREADY else errno.EINPROGRESS
             if err == errno.EINPROGRESS and not nonblock:
                 sec, usec = struct.unpack("=qq", s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16))
                 deadline = time.monotonic() + sec + usec / 1e6 if sec or usec else None
-                self.park(call, h, appfd, cloexec, deadline)
+                self.park(call, h, appfd, cloexec, deadline, raw)
                 h = None  # the loop owns it now
                 self.stats["connect_pending"] += 1
                 return

@@ -34,6 +34,8 @@ SECCOMP_IOCTL_NOTIF_RECV = 0xC0502100
 SECCOMP_IOCTL_NOTIF_SEND = 0xC0182101
 SECCOMP_IOCTL_NOTIF_ID_VALID = 0x40082102
 SECCOMP_IOCTL_NOTIF_ADDFD = 0x40182103
+SECCOMP_IOCTL_NOTIF_SET_FLAGS = 0x40082104
+SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP = 1  # kernel >= 6.6: wake the supervisor on the trapping task's CPU
 
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
 SECCOMP_ADDFD_FLAG_SETFD = 1
@@ -129,6 +131,11 @@ def notif_id_valid(listener: int, nid: int) -> bool:
         if e.errno == errno.ENOENT:
             return False
         raise
+
+
+def notif_set_flags(listener: int, flags: int) -> None:
+    """SECCOMP_IOCTL_NOTIF_SET_FLAGS (argument by value); EINVAL where the kernel lacks a flag."""
+    fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SET_FLAGS, flags)
 
 
 def notif_addfd(listener: int, nid: int, srcfd: int, newfd: int | None = None, cloexec: bool = False,

@@ -63,6 +63,10 @@ class Kernel:
     def id_valid(self, listener: int, nid: int) -> bool:
         return K.notif_id_valid(listener, nid)
 
+    def sync_wake_up(self, listener: int) -> None:
+        """Ask for same-CPU wake-ups (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP; OSError where missing)."""
+        K.notif_set_flags(listener, K.SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP)
+
     def getfd(self, tid: int, fd: int) -> int:
         """Our duplicate of fd `fd` of thread `tid` (ESRCH when the thread is gone)."""
         try:
@@ -236,6 +240,7 @@ class Pending:
     cloexec: bool
     host: socket.socket
     deadline: float | None  # the app's SO_SNDTIMEO, if it set one
+    raw: bytes = b""  # the judged destination (connected again once done: a blocking connect's state)
 
     @property
     def target(self) -> Target:
