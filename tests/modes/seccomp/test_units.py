@@ -151,3 +151,39 @@ def test_other_architectures_refused(monkeypatch):
         K.check_arch()
     with pytest.raises(SpecError, match="x86_64 only"):
         SeccompAttach(None).prepare()
+
+
+# -- the filter a container's table needs (core.tables.trapped_for) ------------------------------
+def verdict_of(trapped, nr, args=()):
+    return bpf.run(bpf.filter_program(trapped).assemble(), bpf.seccomp_data(nr, args))
+
+
+def test_empty_table_traps_nothing():
+    from sockgraft.core.tables import trapped_for
+
+    t = trapped_for(endpoints=False, ingress=False)
+    for name in ("bind", "connect", "getsockname", "ioctl", "setsockopt"):
+        assert verdict_of(t, NR[name], (3, 0x8912, 1, 25)) == bpf.RET_ALLOW, name
+    assert verdict_of(t, NR["sendto"], (3, 0x1000, 10, 0, 0x7FFF0000, 16)) == bpf.RET_ALLOW
+    assert verdict_of(t, NR["io_uring_setup"]) == bpf.RET_ERRNO | errno.ENOSYS  # always refused
+
+
+def test_egress_only_leaves_getsockname_untrapped():
+    from sockgraft.core.tables import trapped_for
+
+    t = trapped_for(endpoints=True, ingress=False)
+    assert verdict_of(t, NR["getsockname"]) == bpf.RET_ALLOW
+    for name in ("bind", "connect"):  # bind: the guard of a grafted socket whose connect failed
+        assert verdict_of(t, NR[name]) == bpf.RET_USER_NOTIF, name
+    assert verdict_of(t, NR["sendto"], (3, 0x1000, 10, 0, 0x7FFF0000, 16)) == bpf.RET_USER_NOTIF
+    assert verdict_of(t, NR["sendto"], (3, 0x1000, 10, 0, 0, 0)) == bpf.RET_ALLOW
+    assert verdict_of(t, NR["ioctl"], (3, 0x8912)) == bpf.RET_USER_NOTIF
+    assert verdict_of(t, NR["io_uring_setup"]) == bpf.RET_ERRNO | errno.ENOSYS
+
+
+def test_ingress_traps_everything():
+    from sockgraft.core.tables import TRAPPED, trapped_for
+
+    t = trapped_for(endpoints=True, ingress=True)
+    assert dict(t) == dict(TRAPPED)
+    assert bpf.filter_program(t).assemble() == PROG
