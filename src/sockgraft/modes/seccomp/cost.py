@@ -1,0 +1,175 @@
+"""The cost of one grafted connect in seccomp mode: `python3 -m sockgraft.modes.seccomp.cost`.
+
+1. latency: N blocking connect() from a Python client to a host listener on 127.0.0.1, natively
+   and from a container through `graft run --mode seccomp` (a dynamic egress endpoint); p50/p99 of
+   each connect. `--pythonpath DIR` runs graft from another tree (e.g. a `git worktree` of an older
+   commit) for a before/after comparison.
+2. steps: the same client under a supervisor in this process whose kernel calls and handler steps
+   are timed (recv, pidfd_getfd, memory copy, decision, audit, socket+bind, connect, addfd, send);
+   median µs per grafted connect. This measures the code of this tree only.
+Loopback and a netns it creates and removes only; needs root. docs/SECCOMP.md cites its output.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+
+CLIENT = r"""
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+out = []
+for _ in range(n):
+    s = socket.socket()
+    t = time.perf_counter(); s.connect(("127.0.0.1", port)); out.append(time.perf_counter() - t)
+    s.close()
+if len(sys.argv) < 4:
+    print(" ".join(f"{x * 1e6:.1f}" for x in out))
+"""
+ENDPOINT = "out type ipv4 addr 127.0.0.1 port dynamic"
+EGRESS = "127.0.0.1/32=out"
+
+
+def _listener() -> socket.socket:
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4096)
+
+    def accept() -> None:
+        while True:
+            try:
+                c, _ = srv.accept()
+            except OSError:
+                return
+            c.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return srv
+
+
+def _pcts(us: list[float]) -> dict:
+    us = sorted(us)
+    return {"p50": round(us[len(us) // 2], 1), "p99": round(us[int(len(us) * 0.99)], 1), "n": len(us)}
+
+
+def latency(n: int, ns: str, pythonpath: str | None) -> dict:
+    srv = _listener()
+    try:
+        port = str(srv.getsockname()[1])
+        native = subprocess.run([sys.executable, "-c", CLIENT, port, str(n)], capture_output=True, text=True,
+                                check=True, timeout=300).stdout
+        env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"))
+        if pythonpath:
+            env["PYTHONPATH"] = pythonpath
+        try:
+            grafted = subprocess.run([sys.executable, "-m", "sockgraft", "run", "-n", ns, "--mode", "seccomp",
+                                      "--endpoint", ENDPOINT, "--egress", EGRESS, "--",
+                                      sys.executable, "-c", CLIENT, port, str(n)],
+                                     capture_output=True, text=True, check=True, timeout=300, env=env).stdout
+        finally:
+            shutil.rmtree(env["GRAFT_STATE_DIR"], ignore_errors=True)
+    finally:
+        srv.close()
+    return {"native": _pcts([float(x) for x in native.split()]),
+            "seccomp": _pcts([float(x) for x in grafted.split()])}
+
+
+def steps(n: int, ns: str) -> dict:
+    """Median µs per step of a grafted connect, from a supervisor in this process."""
+    from sockgraft.core.endpoint import parse_endpoint
+    from sockgraft.core.rules import parse_egress
+    from sockgraft.host import hostsock, netns
+    from sockgraft.host.store import Store
+    from sockgraft.modes.base import RunContext, RunSpec
+    from sockgraft.modes.seccomp import handlers as H
+    from sockgraft.modes.seccomp.attach import SeccompAttach
+
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                times[name].append((time.perf_counter() - t) * 1e6)
+        return run
+
+    state = tempfile.mkdtemp(prefix="sgcost-")
+    spec = RunSpec(cmd=[], netns=ns, mode="seccomp", endpoints=[parse_endpoint(ENDPOINT)],
+                   egress=[parse_egress(EGRESS)], state_dir=state)
+    container = netns.by_name(ns)
+    store = Store(state)
+    store.install(container.key, container.ino, "seccomp", spec.endpoints, [], spec.egress, fresh=True)
+    srv = _listener()
+    spec.cmd = [sys.executable, "-c", CLIENT, str(srv.getsockname()[1]), str(n), "quiet"]
+    attach = SeccompAttach(RunContext(spec, container, "", state, dict(os.environ)))
+    saved = (hostsock.open_connecting, H.K.raw_call)
+    try:
+        attach.prepare()
+        sup = attach.supervisor
+        k = sup.kernel
+        for method, name in (("recv", "recv"), ("getfd", "pidfd_getfd"), ("read", "memory copy"),
+                             ("id_valid", "id_valid"), ("cloexec", "cloexec (/proc fdinfo)"),
+                             ("addfd", "addfd"), ("send", "send")):
+            setattr(k, method, timed(name, getattr(k, method)))
+        sup.handlers.decide = timed("decision", sup.handlers.decide)
+        sup.handlers.audit_decision = timed("audit", sup.handlers.audit_decision)
+        hostsock.open_connecting = timed("socket+bind+connect", saved[0])
+        H.K.raw_call = lambda name, fd, raw: (timed(name, saved[1]) if name == "connect" else saved[1])(name, fd, raw)
+        sup.on_notification = lambda seconds: times["whole notification"].append(seconds * 1e6)
+
+        def preexec() -> None:
+            netns.enter(container.path)
+            attach.preexec()
+
+        proc = attach.spawn(preexec)
+        proc.wait(300)
+    finally:
+        hostsock.open_connecting, H.K.raw_call = saved
+        attach.cleanup()
+        srv.close()
+        store.forget(container.key)
+        store.close()
+        shutil.rmtree(state, ignore_errors=True)
+    out = {name: round(statistics.median(v), 1) for name, v in times.items()}
+    if "socket+bind+connect" in out and "connect" in out:
+        out["socket+bind (+option copy)"] = round(out.pop("socket+bind+connect") - out["connect"], 1)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python3 -m sockgraft.modes.seccomp.cost", description=__doc__.split("\n")[0])
+    ap.add_argument("-n", "--connects", type=int, default=2000)
+    ap.add_argument("--pythonpath", help="run graft (latency part only) from this source dir")
+    ap.add_argument("--latency-only", action="store_true")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("cost: needs root (it creates a network namespace)", file=sys.stderr)
+        return 1
+    from sockgraft.host import netns
+
+    name = f"sgcost{os.getpid()}"
+    netns.create(name)
+    try:
+        lat = latency(args.connects, name, args.pythonpath)
+        print(f"blocking connect µs   native p50 {lat['native']['p50']} p99 {lat['native']['p99']}   "
+              f"seccomp p50 {lat['seccomp']['p50']} p99 {lat['seccomp']['p99']}   (n={args.connects})")
+        if not args.latency_only:
+            for step, us in steps(args.connects, name).items():
+                print(f"  {step:<28} {us:>8} µs (median)")
+    finally:
+        netns.remove(name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
