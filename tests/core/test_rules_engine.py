@@ -253,3 +253,29 @@ def test_prefilter_skips_what_no_rule_can_match():
     assert not pf.might_graft(Op("connect", V4, "127.0.0.3", 80))
     assert pf.might_graft(Op("connect", V6, "::ffff:127.0.0.2", 80))
     assert pf.lines() == ("bind 4 0.0.0.0 80 80", "egress 4 127.0.0.2 32")
+
+
+@given(st.lists(_rules, max_size=5), st.booleans(), _addrs4, _addrs6, _ports, st.sampled_from([S, D]),
+       st.sampled_from([0, socket.IPPROTO_TCP, socket.IPPROTO_UDP]))
+def test_egress_table_grants_exactly_what_the_engine_grants(rules, v6, a4, a6, port, t, proto):
+    pol = policy(EPS + ["fixed type ipv4 addr 127.0.0.9 port 4000"], egress=rules + ["127.0.0.9/32=fixed"]).pol
+    op = Op("connect", V6 if v6 else V4, a6 if v6 else a4, port, t, proto)
+    d, fast = pol.decide(op), pol.egress_table().lookup(op)
+    if fast[0] == "grant":
+        assert d.granted and (d.family, d.host) == fast[1:], (rules, op, d, fast)
+    elif fast[0] == "local":
+        assert d.verdict == LOCAL
+    elif d.granted:  # "ask" is always safe; but a plain grant must not cost a trip to Python
+        assert proto not in (0, socket.IPPROTO_TCP if t == S else socket.IPPROTO_UDP), (rules, op, d)
+
+
+def test_egress_table_takes_the_common_case():
+    pol = policy([OUT, OUT6], egress=["127.0.0.0/8=ep-out", "::/0=ep-out6", "10.0.0.0/8=nope"]).pol
+    table = pol.egress_table()
+    assert table.lookup(Op("connect", V4, "127.0.0.1", 80, S)) == ("grant", V4, ("127.0.0.1", 0))
+    assert table.lookup(Op("connect", V6, "::ffff:127.0.0.1", 80, S)) == ("grant", V6, ("::ffff:127.0.0.1", 0))
+    assert table.lookup(Op("connect", V6, "::1", 80, D)) == ("grant", V6, ("::1", 0))
+    assert table.lookup(Op("connect", V4, "192.0.2.1", 80, S)) == ("local",)
+    assert table.lookup(Op("connect", V4, "10.1.1.1", 80, S)) == ("ask",)  # the engine denies: it says so
+    assert table.lookup(Op("connect", V4, "127.0.0.1", 80, S, bound=True)) == ("ask",)
+    assert table.lines() == ("4 127.0.0.0 8 ipv4 127.0.0.1 0", "4 10.0.0.0 8 ask - 0", "6 :: 0 ipv6 ::1 0")

@@ -124,6 +124,40 @@ class Prefilter:
                      [f"egress {v} {n} {plen}" for v, n, plen in self.egress])
 
 
+@dataclass(frozen=True)
+class EgressTable:
+    """The egress rules compiled for a native fast path (the seccomp supervisor's C loop): rows in
+    the order the engine matches them (longest prefix first; among equal lengths, the rule listed
+    first), each naming what the engine grants an unbound IP socket of the container's own netns
+    connecting there. `lookup` is the reference the C code mirrors (a test holds the two equal);
+    it answers a grant exactly as `Policy.decide` would, "local" where no rule matches, and "ask"
+    wherever the engine might answer anything else (a denial, a caller elsewhere, a bound or
+    grafted socket, another socket type): the Python engine decides those."""
+
+    rows: tuple[tuple[int, str, int, str, str, int], ...] = ()  # (4|6, net, plen, ep type|"ask", ep addr, ep port)
+
+    def lookup(self, op: Op) -> tuple:
+        if op.verb != "connect" or op.family not in IP_FAMILIES or op.bound or op.grafted or op.foreign:
+            return ("ask",)
+        if op.type not in IP_TYPES or op.proto not in IP_PROTOS[op.type]:
+            return ("ask",)
+        ip = _ip(op.addr)
+        for version, net, plen, ep_type, ep_addr, ep_port in self.rows:
+            if version != ip.version or ip not in ipaddress.ip_network(f"{net}/{plen}"):
+                continue
+            if ep_type == "ask" or (ep_type == "ipv4") != (ip.version == 4):
+                return ("ask",)
+            if op.family == (socket.AF_INET if ep_type == "ipv4" else socket.AF_INET6):
+                return ("grant", op.family, (ep_addr, ep_port))
+            if op.family == socket.AF_INET6 and ep_type == "ipv4":
+                return ("grant", socket.AF_INET6, (f"::ffff:{ep_addr}", ep_port))
+            return ("ask",)
+        return ("local",)
+
+    def lines(self) -> tuple[str, ...]:
+        return tuple(f"{v} {n} {plen} {t} {a or '-'} {port}" for v, n, plen, t, a, port in self.rows)
+
+
 @dataclass
 class Policy:
     """One container's table and rules; the engine's whole input besides the operation."""
@@ -148,6 +182,17 @@ class Policy:
         return Prefilter(tuple((p.addr.version, str(p.addr), p.port_lo, p.port_hi) for p in self.ingress),
                          tuple((r.network.version, str(r.network.network_address), r.network.prefixlen)
                                for r in self.egress))
+
+    def egress_table(self) -> EgressTable:
+        rows = []
+        for rule in sorted(self.egress, key=lambda r: -r.network.prefixlen):
+            ep = self.endpoints.get(rule.endpoint)
+            if ep is None or ep.type == "unix":
+                rows.append((rule.network.version, str(rule.network.network_address), rule.network.prefixlen, "ask", "", 0))
+            else:
+                rows.append((rule.network.version, str(rule.network.network_address), rule.network.prefixlen,
+                             ep.type, ep.addr, ep.port or 0))
+        return EgressTable(tuple(rows))
 
     def decide(self, op: Op) -> Decision:
         """The one entry point: what to do with `op`."""
