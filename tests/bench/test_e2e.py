@@ -10,7 +10,7 @@ import pytest
 from sockgraft.bench.runner import run_bench
 from sockgraft.bench.stats import validate
 from sockgraft.bench.debris import owned_processes
-from sockgraft.bench.workloads import Profile
+from sockgraft.bench.base import Profile
 from tests.helpers import graft
 
 pytestmark = pytest.mark.e2e
@@ -65,7 +65,8 @@ def test_cli_bad_input_is_one_line():
 
 
 def test_siege_and_new_connection_per_request():
-    prof = Profile("tiny-http", runs=1, warmup=0, seconds=1, http_sizes=(), http_close_sizes=(1024,),
+    prof = Profile("tiny-http", runs=1, warmup=0, seconds=1, http_sizes=(), http_close_sizes=(1024,), http_close_conns=(1,),
+                   http_close_directions=("h2c",),
                    siege_sizes=(64,), http_directions=("h2c",))
     res = run_bench(prof, ["native", "graft-preload"], ["http"], progress=False)
     assert not res.errors, res.errors

@@ -109,3 +109,50 @@ def test_record_keys_are_the_documented_schema():
     assert set(RECORD_KEYS) == {"workload", "topology", "direction", "params", "metric", "unit", "median", "min",
                                 "max", "runs"}
     json.dumps(_records())  # serialisable as is
+
+
+def _setup_records():
+    recs = []
+    close = {"tool": "wrk", "size": "64B", "conn": "close", "c": 16}
+    for topo, vals in (("native", [9000, 10000, 9500]), ("nat", [8000, 8000, 8000]), ("graft-seccomp", [4000, 5000, 5000])):
+        recs.append(record("http", topo, "c2h", close, "requests", "req/s", vals))
+    for topo, vals in (("native", [40, 50, 45]), ("nat", [60, 60, 60]), ("graft-seccomp", [80, 100, 90])):
+        recs.append(record("control", topo, "c2h", {"op": "connect"}, "connect-p50", "µs", vals))
+    for topo in ("native", "nat", "graft-seccomp"):
+        recs.append(record("churn", topo, "c2h", {"n": 30000}, "errors", "errors", [0, 0, 0]))
+    recs.append(record("http", "native", "c2h", {**close, "conn": "keepalive"}, "requests", "req/s", [1.0]))
+    return recs
+
+
+def test_setup_table_spread_ratios_and_added_latency():
+    text = report.setup_table(_setup_records())
+    assert "9,500 [0.95]" in text  # median [min/median]
+    assert "5,000 [0.80]" in text and "0.53×" in text and "0.62×" in text  # 5000/9500, 5000/8000
+    assert "90.0 [0.90]" in text  # latency: median [median/max]
+    assert "2.00× (+45 µs)" in text and "1.50× (+30 µs)" in text
+    assert "conn=keepalive" not in text  # only connection-setup cells
+    assert "n=30,000 client closes first" in text
+    full = report.markdown(Result("quick", records=_setup_records()))
+    assert full.index("## Connection setup") < full.index("## Grafted vs native")
+
+
+def test_plan_puts_close_cells_in_both_directions_with_one_warmup_per_group():
+    from sockgraft.bench import runner
+    from sockgraft.bench import topologies as T
+    from sockgraft.bench.base import FULL, QUICK
+    from sockgraft.bench.workloads import WORKLOADS
+
+    topos = [T.Native(), T.Graft("api")]
+    res = Result("quick")
+    plan = runner._plan(QUICK, [WORKLOADS["http"], WORKLOADS["churn"], WORKLOADS["control"]], topos, res)
+    http = {d: [(p["conn"], p["size"], p["c"]) for p in group] for w, d, group, _ in plan if w.name == "http"}
+    assert http == {"c2h": [("keepalive", "1KiB", 1), ("close", "64B", 1), ("close", "64B", 16)],
+                    "h2c": [("close", "64B", 1), ("close", "64B", 16)]}
+    assert res.na["graft-api"]["http"]  # binaries only
+    churn = [(d, group, [t.name for t in cells]) for w, d, group, cells in plan if w.name == "churn"]
+    assert churn == [("c2h", [{"n": 30000}], ["native", "graft-api"])]
+    assert WORKLOADS["churn"].warm_params({"n": 30000}, QUICK) == {"n": QUICK.churn_warmup}
+    full_close = [p for p in WORKLOADS["http"].variants(FULL) if p["conn"] == "close"]
+    assert {(p["size"], p["c"]) for p in full_close} == {("64B", 1), ("64B", 16), ("1KiB", 1), ("1KiB", 16)}
+    assert FULL.churn == 100_000 and QUICK.churn >= 30_000
+    assert set(QUICK.http_close_directions) == set(FULL.http_close_directions) == {"c2h", "h2c"}

@@ -12,7 +12,8 @@ import pytest
 from sockgraft.bench import debris, sysctl
 from sockgraft.bench import topologies as T
 from sockgraft.bench.debris import owned_processes
-from sockgraft.bench.workloads import Iperf3, Servers
+from sockgraft.bench.base import Servers
+from sockgraft.bench.workloads import Iperf3
 from tests.helpers import wait_for
 
 

@@ -18,12 +18,12 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--quick", is_flag=True, help="Small profile (container→host, one variant per tool; < 3 min).")
+@click.option("--quick", is_flag=True, help="Small profile (container→host, one variant per tool, plus connection setup both ways; < 4 min).")
 @click.option("--json", "json_file", metavar="FILE", help="Write the result records as a JSON list to FILE.")
 @click.option("--out", "out_dir", metavar="DIR", help="Directory for report.md, results.json and plots "
               "(default ./graft-bench-UTCTIME).")
 @click.option("--workloads", "workloads", multiple=True, metavar="LIST",
-              help="iperf3,sockperf,http,zmq,python,control (default: all).")
+              help="iperf3,sockperf,http,zmq,python,control,churn (default: all).")
 @click.option("--topologies", "topologies", multiple=True, metavar="LIST",
               help="native,nat,nat-mtu65520,graft-api,graft-preload,graft-seccomp,docker (default: all; "
                    "--quick leaves out nat-mtu65520).")
@@ -34,14 +34,15 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--no-progress", is_flag=True, help="No live progress display.")
 def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_plots, no_progress) -> None:
     """Measure native vs docker0-like NAT vs grafted sockets with real tools (iperf3, sockperf,
-    nginx+wrk/siege, ZeroMQ) and write a Markdown report with plots."""
+    nginx+wrk/siege, ZeroMQ), connection setup (new connection per request, client-first-close
+    churn, the control path) and write a Markdown report with plots."""
     from rich.console import Console
 
     from sockgraft.bench import report
     from sockgraft.bench.runner import run_bench
     from sockgraft.bench.stats import validate
     from sockgraft.bench.topologies import TopologyError
-    from sockgraft.bench.workloads import FULL, QUICK
+    from sockgraft.bench.base import FULL, QUICK
 
     if os.geteuid() != 0:
         raise SpecError("graft bench needs root (it builds namespaces, links and nft tables)")

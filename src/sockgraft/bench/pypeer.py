@@ -5,15 +5,20 @@ graft API (`sockgraft.create_server` / `create_connection`), the only way into g
     python3 -m sockgraft.bench.pypeer stream|pingpong --connect A --port P --seconds S [--graft-source NAME]
     python3 -m sockgraft.bench.pypeer ctl-bind --bind A --port P --seconds S [--graft-endpoint NAME]
     python3 -m sockgraft.bench.pypeer ctl-connect --connect A --port P --seconds S [--graft-source NAME]
+    python3 -m sockgraft.bench.pypeer churn --connect A --port P --count N [--max-seconds S] [--graft-source NAME]
 
 `serve` handles one connection at a time: header b"S" = sink (reads to EOF, answers the byte count),
-b"P"+size = echo fixed-size messages; a connection closed at once (ctl-connect) is dropped. Clients
-print one JSON object.
+b"P"+size = echo fixed-size messages, b"C" = answer (as a JSON line) how the connections closed
+since the last b"C" ("fin": the client closed first, normally; "rst": it reset) and start counting
+anew; a connection the client closes at once (ctl-connect, churn) is counted and closed after the
+client's FIN, so TIME_WAIT stays on the client's side. Clients print one JSON object.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import socket
 import statistics
 import struct
@@ -59,13 +64,23 @@ def _connect(args) -> socket.socket:
 def serve(args) -> dict:
     s = _server(args)
     print("listening", flush=True)
+    closed = {"fin": 0, "rst": 0}
     while True:
         c, _ = s.accept()
         with c:
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                head = c.recv(1)
-                if head == b"S":
+                try:
+                    head = c.recv(1)
+                except ConnectionResetError:
+                    closed["rst"] += 1
+                    continue
+                if head == b"":
+                    closed["fin"] += 1
+                elif head == b"C":
+                    c.sendall(json.dumps(closed).encode() + b"\n")
+                    closed = {"fin": 0, "rst": 0}
+                elif head == b"S":
                     total = 0
                     buf = bytearray(CHUNK)
                     while n := c.recv_into(buf):
@@ -150,38 +165,107 @@ def ctl_bind(args) -> dict:
     return _rate(op, args.seconds)
 
 
-def ctl_connect(args) -> dict:
-    linger = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT pile-up
-
+def _dialer(args):
+    """socket + blocking connect, closed normally by the caller (client first: TIME_WAIT is ours)."""
     if args.graft_source:
         import sockgraft
 
-        def op():
-            c = sockgraft.create_connection((args.connect, args.port), source=args.graft_source)
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        return lambda: sockgraft.create_connection((args.connect, args.port), source=args.graft_source)
+
+    def dial():
+        c = socket.socket()
+        try:
+            c.connect((args.connect, args.port))
+        except BaseException:
             c.close()
-    else:
-        def op():
-            c = socket.create_connection((args.connect, args.port))
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            raise
+        return c
+    return dial
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    """Nearest-rank percentile of sorted nanoseconds, in µs."""
+    return sorted_ns[min(len(sorted_ns) - 1, max(0, math.ceil(q * len(sorted_ns)) - 1))] / 1000
+
+
+def ctl_connect(args) -> dict:
+    """socket+connect+close for --seconds: operations/s and the latency of socket+connect (p50, p99)."""
+    dial = _dialer(args)
+    clock = time.perf_counter_ns
+    lat = []
+    t0 = time.perf_counter()
+    t_end = t0 + args.seconds
+    while time.perf_counter() < t_end or not lat:
+        a = clock()
+        c = dial()
+        lat.append(clock() - a)
+        c.close()
+    dt = time.perf_counter() - t0
+    lat.sort()
+    return {"ops": len(lat), "seconds": dt, "ops_per_s": len(lat) / dt, "connect_p50_us": _percentile(lat, 0.50),
+            "connect_p99_us": _percentile(lat, 0.99), "server": _server_closes(dial)}
+
+
+def churn(args) -> dict:
+    """--count x (socket, connect, close), the client closing first; errors counted by errno, not
+    fatal. Stops early (counted) after --max-seconds or --max-errors."""
+    dial = _dialer(args)
+    ok = 0
+    errnos: dict[str, int] = {}
+    t0 = time.perf_counter()
+    deadline = t0 + args.max_seconds
+    done = 0
+    while done < args.count:
+        done += 1
+        try:
+            c = dial()
+        except OSError as e:
+            name = errno.errorcode.get(e.errno, str(e.errno)) if e.errno else type(e).__name__
+            errnos[name] = errnos.get(name, 0) + 1
+            if sum(errnos.values()) >= args.max_errors:
+                break
+        else:
             c.close()
-    return _rate(op, args.seconds)
+            ok += 1
+        if done % 256 == 0 and time.perf_counter() > deadline:
+            break
+    dt = time.perf_counter() - t0
+    return {"count": args.count, "attempted": done, "ok": ok, "errors": done - ok, "errnos": errnos, "seconds": dt,
+            "conns_per_s": ok / dt, "server": _server_closes(dial)}
+
+
+def _server_closes(dial) -> dict:
+    """How the server saw this client's connections close (asked with b"C" on one more connection)."""
+    with dial() as c:
+        c.settimeout(30)
+        c.sendall(b"C")
+        line = b""
+        while not line.endswith(b"\n"):
+            part = c.recv(256)
+            if not part:
+                raise ConnectionError("server closed before answering C")
+            line += part
+    return json.loads(line)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m sockgraft.bench.pypeer", description=__doc__.splitlines()[0])
-    ap.add_argument("role", choices=["serve", "stream", "pingpong", "ctl-bind", "ctl-connect"])
+    ap.add_argument("role", choices=["serve", "stream", "pingpong", "ctl-bind", "ctl-connect", "churn"])
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("--connect")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=14)
+    ap.add_argument("--count", type=int, default=1000, help="churn: connections to make")
+    ap.add_argument("--max-seconds", type=float, default=600.0, help="churn: stop after this long")
+    ap.add_argument("--max-errors", type=int, default=1000, help="churn: stop after this many failed connects")
     ap.add_argument("--graft-endpoint", help="bind by graft endpoint name (graft API)")
     ap.add_argument("--graft-source", help="connect from this graft endpoint (graft API)")
     args = ap.parse_args(argv)
-    if args.role in ("stream", "pingpong", "ctl-connect") and not args.connect:
+    if args.role in ("stream", "pingpong", "ctl-connect", "churn") and not args.connect:
         ap.error(f"{args.role} needs --connect")
-    role = {"serve": serve, "stream": stream, "pingpong": pingpong, "ctl-bind": ctl_bind, "ctl-connect": ctl_connect}
+    role = {"serve": serve, "stream": stream, "pingpong": pingpong, "ctl-bind": ctl_bind, "ctl-connect": ctl_connect,
+            "churn": churn}
     try:
         result = role[args.role](args)
     except OSError as e:

@@ -84,6 +84,57 @@ def summary_table(records: list[dict], with_paper: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def is_setup(rec: dict) -> bool:
+    """A connection-setup cell: wrk with a new connection per request, the churn, the control path."""
+    return rec["workload"] in ("churn", "control") or (rec["workload"] == "http" and rec["params"].get("conn") == "close")
+
+
+def spread(rec: dict) -> float | None:
+    """Run-to-run spread of a cell, 1.0 = none: min/median for rates, median/max for latencies
+    (the worst run against the median, either way)."""
+    if lower_is_better(rec["unit"]):
+        return rec["median"] / rec["max"] if rec["max"] else None
+    return rec["min"] / rec["median"] if rec["median"] else None
+
+
+def setup_table(records: list[dict]) -> str:
+    """Connection setup: every topology's median with its spread, each graft mode against native
+    and nat (latencies also as added µs per connect)."""
+    recs = [r for r in records if is_setup(r)]
+    if not recs:
+        return "_no connection-setup cells measured_\n"
+    topos = _order({r["topology"] for r in recs})
+    grafts = [t for t in topos if t.startswith("graft-")]
+    bases = [b for b in ("native", "nat") if b in topos]
+    rat = ratios(recs)
+    head = ["workload", "direction", "params", "metric", *topos, *[f"{g}/{b}" for g in grafts for b in bases]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_topo in _rows(recs).items():
+        rec = next(iter(by_topo.values()))
+        unit = rec["unit"]
+        cells = [rec["workload"], DIRECTION_NAMES.get(rec["direction"], rec["direction"]),
+                 params_label(rec["workload"], rec["params"]), f"{rec['metric']} ({unit})"]
+        for t in topos:
+            r = by_topo.get(t)
+            cells.append("n/a" if not r else f"{fmt(r['median'])} [{fmt_spread(spread(r))}]")
+        for g in grafts:
+            for b in bases:
+                r, base = by_topo.get(g), by_topo.get(b)
+                if rec["metric"] == "errors" or not r or not base:
+                    cells.append("–" if r else "n/a")
+                    continue
+                text = fmt_ratio(rat[key][g][b])
+                if lower_is_better(unit):
+                    text += f" ({r['median'] - base['median']:+.0f} µs)"
+                cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fmt_spread(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
 def ratio_summary(records: list[dict]) -> str:
     """Compact: per workload row, grafted/native and grafted/nat for each graft topology."""
     topos = _order({r["topology"] for r in records})
@@ -93,7 +144,7 @@ def ratio_summary(records: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_topo in _rows(records).items():
         rec = next(iter(by_topo.values()))
-        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth"):
+        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth", "errors"):
             continue
         cells = [rec["workload"], rec["direction"], params_label(rec["workload"], rec["params"]), rec["metric"]]
         cells += [fmt_ratio(rat[key].get(g, {}).get(b)) if g in by_topo else "n/a" for g in grafts for b in ("native", "nat")]
@@ -124,7 +175,13 @@ def markdown(result, plots: list[str] = ()) -> str:
         out += ["", "Cells marked n/a:", ""]
         for t, by_w in result.na.items():
             out.append(f"- {t}: {', '.join(sorted(by_w))} — {next(iter(by_w.values()))}")
-    out += ["", "## Grafted vs native and vs nat", "", ratio_summary(result.records),
+    out += ["", "## Connection setup", "",
+            "New connection per request (wrk `-H \"Connection: close\"`; nginx's counters confirm a connection per "
+            "request), client-first-close churn through the `dynamic` endpoint, and the control path from "
+            "inside the container. Each cell: median [spread], the spread being min/median for rates and "
+            "median/max for latencies (1.00 = every run alike); ratios are medians, and for latencies the "
+            "difference per connect in µs is given too.", "", setup_table(result.records),
+            "## Grafted vs native and vs nat", "", ratio_summary(result.records),
             "## All results", "", summary_table(result.records)]
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
@@ -159,7 +216,7 @@ def plots(result, out_dir: str) -> list[str]:
               "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "docker": "#c44e52"}
     figs: dict[tuple, dict] = {}
     for rec in result.records:
-        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth"):
+        if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth", "errors"):
             continue
         key = (rec["workload"], rec["direction"], rec["metric"], rec["unit"])
         figs.setdefault(key, {}).setdefault(params_label(rec["workload"], rec["params"]), {})[rec["topology"]] = rec

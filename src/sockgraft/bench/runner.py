@@ -14,7 +14,8 @@ from itertools import groupby
 from sockgraft.bench.debris import sweep, tag
 from sockgraft.bench.stats import record, schedule
 from sockgraft.bench.topologies import Topology, TopologyError, all_topologies
-from sockgraft.bench.workloads import DIRECTIONS, WORKLOADS, Profile, Servers
+from sockgraft.bench.base import DIRECTIONS, Profile, Servers
+from sockgraft.bench.workloads import WORKLOADS
 
 PINNING = ("sockperf 'pinned': server on CPU 0, client on CPU 1 (taskset); 'unpinned': scheduler's choice. "
            "All other tools unpinned.")
@@ -147,7 +148,8 @@ def _plan(profile: Profile, workloads, active: list[Topology], result: Result):
             continue
         variants = w.variants(profile)
         for direction in w.directions(profile):
-            for _key, group in groupby(variants, key=w.server_key):
+            here = [p for p in variants if w.applies(p, direction, profile)]
+            for _key, group in groupby(here, key=w.server_key):
                 plan.append((w, direction, list(group), cells))
     return plan
 
@@ -164,7 +166,7 @@ def _progress(console, enabled: bool):
 
 def _run_all(profile: Profile, workloads, active: list[Topology], result: Result, progress: bool, console) -> None:
     plan = _plan(profile, workloads, active, result)
-    total = sum(len(params) * len(cells) * (profile.runs + profile.warmup) for _w, _d, params, cells in plan)
+    total = sum((len(params) * profile.runs + profile.warmup) * len(cells) for _w, _d, params, cells in plan)
     with _progress(console, progress) as bar:
         task = bar.add_task("bench", total=total) if bar else None
         for w, direction, group, cells in plan:
@@ -179,16 +181,18 @@ def _run_all(profile: Profile, workloads, active: list[Topology], result: Result
                         w.start(s, server_side, group[0])
                     except Exception as e:
                         failed[t.name] = f"server: {e}"
-                for params in group:
+                for i, params in enumerate(group):
                     values: dict[tuple[str, str, str], list[float]] = {}
                     broken = dict(failed)
-                    for run, t, warm in schedule(cells, profile.runs, profile.warmup):
+                    # one warm-up per server group: the first variant measured on freshly started servers
+                    for run, t, warm in schedule(cells, profile.runs, profile.warmup if i == 0 else 0):
                         if bar:
                             bar.update(task, description=f"{w.name} {w.label(params)} {direction} {t.name} "
                                                          f"{'warm-up' if warm else f'run {run}'}")
                         if t.name not in broken:
                             try:
-                                m = w.measure(t, servers[t.name], client_side, params, profile)
+                                m = w.measure(t, servers[t.name], client_side,
+                                              w.warm_params(params, profile) if warm else params, profile)
                             except (TopologyError, ValueError, KeyError, OSError) as e:
                                 broken[t.name] = str(e)
                             else:

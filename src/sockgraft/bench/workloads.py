@@ -1,166 +1,21 @@
-"""Workloads for `graft bench`: real tools, run identically in every topology.
-
-A workload has variants (params), directions, a server started per (variant group, direction,
-topology) and a client measurement that returns {metric: (value, unit)}.
-Directions: c2h (client in c1, server on the host), h2c (client on the host, server in c1),
-c2c (client in c2, server in c1), and `in-c1` for operations inside one container.
+"""Workloads for `graft bench`: real tools, run identically in every topology (iperf3, sockperf,
+nginx + wrk/siege, ZeroMQ, the Python peers); the connection-setup workloads (control path,
+client-first-close churn) are in sockgraft.bench.connsetup. WORKLOADS names them all.
+The shared parts (Profile, Servers, Workload) are in sockgraft.bench.base.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
+import socket
 import subprocess
-import sys
-import tempfile
-import time
-from dataclasses import dataclass
 
+from sockgraft.bench.base import (KIB, MIB, Workload, py as _py, size_label, tail as _tail, target as _target,
+                                  tool_seconds, wait_listening)
+from sockgraft.bench.connsetup import Churn, Control
+from sockgraft.bench.parsers import new_connections, parse_siege, parse_sockperf, parse_stub_status, parse_wrk
 from sockgraft.bench.ports import free_port
-from sockgraft.bench.topologies import Listener, Topology, TopologyError
-
-DIRECTIONS = {"c2h": ("c1", "host"), "h2c": ("host", "c1"), "c2c": ("c2", "c1"), "in-c1": ("c1", "c1")}
-KIB = 1024
-MIB = 1024 * 1024
-
-
-def size_label(n: int) -> str:
-    if n >= MIB and n % MIB == 0:
-        return f"{n // MIB}MiB"
-    if n >= KIB and n % KIB == 0:
-        return f"{n // KIB}KiB"
-    return f"{n}B"
-
-
-@dataclass
-class Profile:
-    """How much to run: --quick is a small profile, the default a fuller one."""
-
-    name: str
-    runs: int
-    warmup: int = 1
-    seconds: float = 1.0  # one tool measurement (iperf3, sockperf, wrk, siege: whole seconds)
-    py_seconds: float = 0.5  # one Python-peer measurement (ZeroMQ, stream, ping-pong, control path)
-    directions: tuple = ("c2h", "h2c", "c2c")
-    iperf: tuple = ("tcp", "tcp-P4", "udp")
-    sockperf: tuple = (("tcp", True), ("udp", True), ("tcp", False), ("udp", False))
-    sockperf_directions: tuple = ("c2h", "h2c")
-    http_sizes: tuple = (64, KIB, 4 * KIB, 64 * KIB, 256 * KIB, MIB)
-    http_modes: tuple = (("keepalive", 1), ("keepalive", 50))
-    http_close_sizes: tuple = (KIB, 64 * KIB)  # new connection per request, c=1
-    http_directions: tuple = ("h2c",)
-    siege_sizes: tuple = (64, 64 * KIB)
-    zmq_thr_sizes: tuple = (64, KIB, 128 * KIB, MIB)
-    zmq_lat_sizes: tuple = (64, 256 * KIB)
-    zmq_directions: tuple = ("c2h", "h2c")
-    python: tuple = ("stream", "pingpong")
-    ctl: tuple = ("bind", "connect")
-
-
-QUICK = Profile("quick", runs=3, seconds=1.0, py_seconds=0.3, directions=("c2h",), iperf=("tcp",), sockperf=(("tcp", True),),
-                sockperf_directions=("c2h",), http_sizes=(KIB,), http_modes=(("keepalive", 1),), http_close_sizes=(),
-                http_directions=("c2h",), siege_sizes=(),
-                zmq_thr_sizes=(KIB,), zmq_lat_sizes=(), zmq_directions=("c2h",))
-FULL = Profile("full", runs=3, seconds=1.0, py_seconds=0.5)
-
-
-def tool_seconds(profile: Profile) -> int:
-    return max(1, int(round(profile.seconds)))
-
-
-class Servers:
-    """Server processes of one cell; their logs go to a temp dir."""
-
-    def __init__(self, topo: Topology):
-        self.topo = topo
-        self.procs: list[subprocess.Popen] = []
-        self.listeners: dict[str, Listener] = {}
-        self.logdir = tempfile.mkdtemp(prefix=f"sgb{os.getpid()}-srv-")
-
-    def start(self, key: str, side: str, cmd_for, proto: str = "tcp", extra_ports: list[int] = ()) -> Listener:
-        port = free_port()
-        listener = self.topo.listen(side, port)
-        log = open(os.path.join(self.logdir, f"{key}.log"), "w")
-        p = self.topo.popen(side, cmd_for(listener), [port, *extra_ports], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        self.procs.append(p)
-        wait_listening(p, port, proto, os.path.join(self.logdir, f"{key}.log"))
-        self.listeners[key] = listener
-        return listener
-
-    def stop(self) -> None:
-        for p in self.procs:
-            self.topo.release(p)
-        self.procs.clear()
-        import shutil
-
-        shutil.rmtree(self.logdir, ignore_errors=True)
-
-
-def _ports_in(pid: int, proto: str) -> set[int]:
-    ports = set()
-    files = ("tcp", "tcp6") if proto == "tcp" else ("udp", "udp6")
-    for name in files:
-        try:
-            with open(f"/proc/{pid}/net/{name}") as f:
-                lines = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if proto == "tcp" and parts[3] != "0A":
-                continue
-            ports.add(int(parts[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def wait_listening(p: subprocess.Popen, port: int, proto: str, log: str, timeout: float = 30.0) -> None:
-    """Wait until `port` is bound in the netns where the server's socket lives: the netns of the
-    process we started (for grafted servers that is `graft run`, in the host netns)."""
-    deadline = time.monotonic() + timeout
-    while port not in _ports_in(p.pid, proto):
-        if p.poll() is not None:
-            raise TopologyError(f"server exited {p.returncode}: {_tail(log)}")
-        if time.monotonic() > deadline:
-            raise TopologyError(f"server not listening on {proto} port {port} after {timeout}s: {_tail(log)}")
-        time.sleep(0.02)
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path) as f:
-            return " | ".join(f.read().strip().splitlines()[-3:])
-    except OSError:
-        return ""
-
-
-class Workload:
-    name = ""
-    kind = "binary"  # "binary": unmodified programs; "python": our peers (graft API capable)
-
-    def variants(self, profile: Profile) -> list[dict]:
-        raise NotImplementedError
-
-    def directions(self, profile: Profile) -> tuple:
-        return profile.directions
-
-    def server_key(self, params: dict):
-        return None
-
-    def start(self, servers: Servers, side: str, params: dict) -> None:
-        raise NotImplementedError
-
-    def measure(self, topo: Topology, servers: Servers, client_side: str, params: dict, profile: Profile) -> dict:
-        raise NotImplementedError
-
-    def label(self, params: dict) -> str:
-        return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-def _target(topo: Topology, client_side: str, listener: Listener, proto: str = "tcp") -> tuple[str, int]:
-    addr, port = topo.target(client_side, listener, proto)
-    topo.check_route(client_side, addr)
-    return addr, port
+from sockgraft.bench.topologies import TopologyError
 
 
 class Iperf3(Workload):
@@ -219,18 +74,6 @@ class Sockperf(Workload):
         return parse_sockperf(out)
 
 
-def parse_sockperf(out: str) -> dict:
-    out = re.sub(r"\x1b\[[0-9;]*m", "", out)
-    avg = re.search(r"avg-latency=\s*([\d.]+)", out)
-    p50 = re.search(r"percentile 50\.000 =\s*([\d.]+)", out)
-    p99 = re.search(r"percentile 99\.000 =\s*([\d.]+)", out)
-    count = re.search(r"ReceivedMessages=(\d+)", out)
-    if not (avg and p50 and p99 and count):
-        raise TopologyError(f"sockperf printed no latency: {' | '.join(out.strip().splitlines()[-3:])}")
-    return {"latency-avg": (float(avg.group(1)), "µs"), "latency-p50": (float(p50.group(1)), "µs"),
-            "latency-p99": (float(p99.group(1)), "µs"), "_messages": (int(count.group(1)), "msgs")}
-
-
 NGINX_CONF = """\
 worker_processes 1;
 daemon off;
@@ -255,6 +98,7 @@ http {{
     server {{
         listen {bind}:{port};
         root {dir}/www;
+        location = /nginx-status {{ stub_status; }}
     }}
 }}
 """
@@ -268,12 +112,19 @@ class Http(Workload):
     def variants(self, profile):
         out = [{"tool": "wrk", "size": size_label(s), "conn": mode, "c": c}
                for s in profile.http_sizes for mode, c in profile.http_modes]
-        out += [{"tool": "wrk", "size": size_label(s), "conn": "close", "c": 1} for s in profile.http_close_sizes]
+        out += [{"tool": "wrk", "size": size_label(s), "conn": "close", "c": c}
+                for s in profile.http_close_sizes for c in profile.http_close_conns]
         out += [{"tool": "siege", "size": size_label(s), "conn": "keepalive", "c": 1} for s in profile.siege_sizes]
         return out
 
     def directions(self, profile):
-        return profile.http_directions
+        return tuple(dict.fromkeys((*profile.http_directions, *profile.http_close_directions)))
+
+    def applies(self, params, direction, profile):
+        """Connection-per-request cells in their directions, keep-alive and siege in theirs."""
+        if params["tool"] == "wrk" and params["conn"] == "close":
+            return direction in profile.http_close_directions
+        return direction in profile.http_directions
 
     def start(self, servers, side, params):
         d = os.path.join(servers.logdir, "nginx")  # removed with the server logs
@@ -298,9 +149,15 @@ class Http(Workload):
         url = f"http://{addr}:{port}/{params['size']}"
         secs = tool_seconds(profile)
         if params["tool"] == "wrk":
-            hdr = ["-H", "Connection: close"] if params["conn"] == "close" else []
+            close = params["conn"] == "close"
+            hdr = ["-H", "Connection: close"] if close else []  # with the space: wrk keeps alive without it
+            before = nginx_status(topo, servers.listeners["nginx"])
             out = topo.run(client_side, ["wrk", "-t1", f"-c{params['c']}", f"-d{secs}s", *hdr, url], timeout=60)
-            return parse_wrk(out)
+            result = parse_wrk(out)
+            seen = new_connections(before, nginx_status(topo, servers.listeners["nginx"]),
+                                   result["_requests"][0], close)
+            result["_connections"] = (seen["connections"], "conn")
+            return result
         rc = os.path.join(servers.nginx_dir, "siegerc")
         with open(rc, "w") as f:
             f.write(f"connection = {'keep-alive' if params['conn'] == 'keepalive' else 'close'}\nprotocol = HTTP/1.1\n"
@@ -310,30 +167,15 @@ class Http(Workload):
         return parse_siege(out)
 
 
-def parse_wrk(out: str) -> dict:
-    rps = re.search(r"Requests/sec:\s*([\d.]+)", out)
-    n = re.search(r"(\d+) requests in", out)
-    errors = re.search(r"Non-2xx or 3xx responses:\s*(\d+)|Socket errors:.*", out)
-    if not rps or not n or int(n.group(1)) == 0:
-        raise TopologyError(f"wrk measured nothing: {' | '.join(out.strip().splitlines()[-3:])}")
-    if errors and "Non-2xx" in errors.group(0):
-        raise TopologyError(f"wrk: {errors.group(0)}")
-    return {"requests": (float(rps.group(1)), "req/s"), "_requests": (int(n.group(1)), "req")}
-
-
-def parse_siege(out: str) -> dict:
-    rate = re.search(r"Transaction rate:\s*([\d.]+)", out)
-    ok = re.search(r"Successful transactions:\s*(\d+)", out)
-    failed = re.search(r"Failed transactions:\s*(\d+)", out)
-    if not rate or not ok or int(ok.group(1)) == 0:
-        raise TopologyError(f"siege measured nothing: {' | '.join(out.strip().splitlines()[-3:])}")
-    if failed and int(failed.group(1)):
-        raise TopologyError(f"siege: {failed.group(1)} failed transactions")
-    return {"transactions": (float(rate.group(1)), "trans/s"), "_requests": (int(ok.group(1)), "req")}
-
-
-def _py(module: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", f"sockgraft.bench.{module}", *args]
+def nginx_status(topo, listener) -> dict:
+    """nginx's counters, read from the host netns (where the bench runs) with one HTTP/1.0 request."""
+    addr, port = _target(topo, "host", listener)
+    with socket.create_connection((addr, port), timeout=10) as c:
+        c.sendall(b"GET /nginx-status HTTP/1.0\r\nHost: bench\r\n\r\n")
+        data = b""
+        while chunk := c.recv(4096):
+            data += chunk
+    return parse_stub_status(data.decode("latin-1"))
 
 
 class Zmq(Workload):
@@ -410,41 +252,4 @@ class PyPeer(Workload):
         return {"latency-median": (out["median_us"], "µs rtt"), "_messages": (out["count"], "msgs")}
 
 
-class Control(Workload):
-    """Control path from inside the container: socket+bind+close and socket+connect+close per second."""
-
-    name = "control"
-    kind = "python"
-
-    def variants(self, profile):
-        return [{"op": op} for op in profile.ctl]
-
-    def directions(self, profile):
-        return ("c2h",)
-
-    def server_key(self, params):
-        return params["op"]
-
-    def start(self, servers, side, params):
-        if params["op"] == "connect":
-            servers.start("pypeer", side, lambda l: _py("pypeer", "serve", "--bind", l.bind, "--port", str(l.port)))
-
-
-    def measure(self, topo, servers, client_side, params, profile):
-        secs = str(profile.py_seconds)
-        if params["op"] == "connect":
-            addr, port = _target(topo, client_side, servers.listeners["pypeer"])
-            api = ["--graft-source", "out"] if topo.graft_api else []
-            out = topo.run(client_side, _py("pypeer", "ctl-connect", "--connect", addr, "--port", str(port),
-                                            "--seconds", secs, *api), timeout=60)
-        else:
-            port = topo.client_port(client_side)
-            listener = topo.listen(client_side, port)
-            api = ["--graft-endpoint", f"s{port}"] if topo.graft_api else []
-            out = topo.run(client_side, _py("pypeer", "ctl-bind", "--bind", listener.bind, "--port", str(port),
-                                            "--seconds", secs, *api), ports=[port], timeout=60)
-        r = json.loads(out)
-        return {"ops": (r["ops_per_s"], "ops/s"), "_ops": (r["ops"], "ops")}
-
-
-WORKLOADS = {w.name: w for w in (Iperf3(), Sockperf(), Http(), Zmq(), PyPeer(), Control())}
+WORKLOADS = {w.name: w for w in (Iperf3(), Sockperf(), Http(), Zmq(), PyPeer(), Control(), Churn())}
