@@ -65,7 +65,7 @@ class Profile:
 QUICK = Profile("quick", runs=3, seconds=1.0, py_seconds=0.3, directions=("c2h",), iperf=("tcp",), sockperf=(("tcp", True),),
                 sockperf_directions=("c2h",), http_sizes=(KIB,), http_modes=(("keepalive", 1),), http_close_sizes=(64,),
                 http_directions=("c2h",), siege_sizes=(),
-                zmq_thr_sizes=(KIB,), zmq_lat_sizes=(), zmq_directions=("c2h",), churn=30_000, churn_max_seconds=20.0)
+                zmq_thr_sizes=(KIB,), zmq_lat_sizes=(), zmq_directions=("c2h",), churn=30_000, churn_max_seconds=12.0)
 FULL = Profile("full", runs=3, seconds=1.0, py_seconds=0.5)
 
 
