@@ -1,12 +1,14 @@
 """The cost of one grafted connect in seccomp mode: `python3 -m sockgraft.modes.seccomp.cost`.
 
 1. latency: N blocking connect() from a Python client to a host listener on 127.0.0.1, natively
-   and from a container through `graft run --mode seccomp` (a dynamic egress endpoint); p50/p99 of
+   and from a container through `graft run --mode seccomp` (a dynamic egress endpoint), with the
+   native fast path (fast.py) and without it (GRAFT_SECCOMP_FAST=0), side by side; p50/p99 of
    each connect. `--pythonpath DIR` runs graft from another tree (e.g. a `git worktree` of an older
    commit) for a before/after comparison.
 2. steps: the same client under a supervisor in this process whose kernel calls and handler steps
    are timed (recv, pidfd_getfd, memory copy, decision, audit, socket+bind, connect, addfd, send);
-   median µs per grafted connect. This measures the code of this tree only.
+   median µs per grafted connect; for the fast path, the C step (gs_serve) and the whole
+   notification. This measures the code of this tree only.
 Loopback and a netns it creates and removes only; needs root. docs/SECCOMP.md cites its output.
 """
 from __future__ import annotations
@@ -61,29 +63,41 @@ def _pcts(us: list[float]) -> dict:
 
 
 def latency(n: int, ns: str, pythonpath: str | None) -> dict:
+    """p50/p99 natively, through seccomp with the fast path, and through seccomp in Python."""
     srv = _listener()
+    out = {}
     try:
         port = str(srv.getsockname()[1])
         native = subprocess.run([sys.executable, "-c", CLIENT, port, str(n)], capture_output=True, text=True,
                                 check=True, timeout=300).stdout
-        env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"))
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath
-        try:
-            grafted = subprocess.run([sys.executable, "-m", "sockgraft", "run", "-n", ns, "--mode", "seccomp",
-                                      "--endpoint", ENDPOINT, "--egress", EGRESS, "--",
-                                      sys.executable, "-c", CLIENT, port, str(n)],
-                                     capture_output=True, text=True, check=True, timeout=300, env=env).stdout
-        finally:
-            shutil.rmtree(env["GRAFT_STATE_DIR"], ignore_errors=True)
+        out["native"] = _pcts([float(x) for x in native.split()])
+        for name, fast in (("seccomp fast", "1"), ("seccomp python", "0")):
+            env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"), GRAFT_SECCOMP_FAST=fast)
+            if pythonpath:
+                env["PYTHONPATH"] = pythonpath
+            try:
+                grafted = subprocess.run([sys.executable, "-m", "sockgraft", "run", "-n", ns, "--mode", "seccomp",
+                                          "--endpoint", ENDPOINT, "--egress", EGRESS, "--",
+                                          sys.executable, "-c", CLIENT, port, str(n)],
+                                         capture_output=True, text=True, check=True, timeout=300, env=env).stdout
+            finally:
+                shutil.rmtree(env["GRAFT_STATE_DIR"], ignore_errors=True)
+            out[name] = _pcts([float(x) for x in grafted.split()])
     finally:
         srv.close()
-    return {"native": _pcts([float(x) for x in native.split()]),
-            "seccomp": _pcts([float(x) for x in grafted.split()])}
+    return out
 
 
-def steps(n: int, ns: str) -> dict:
-    """Median µs per step of a grafted connect, from a supervisor in this process."""
+class _TimedLib:
+    """The fast path's library with gs_serve timed."""
+
+    def __init__(self, lib, timed):
+        self.gs_serve = timed("gs_serve (C: recv .. send)", lib.gs_serve)
+
+
+def steps(n: int, ns: str, fast: bool = False) -> dict:
+    """Median µs per step of a grafted connect, from a supervisor in this process (`fast`: with
+    the native fast path, whose C step is timed as one)."""
     from sockgraft.core.endpoint import parse_endpoint
     from sockgraft.core.rules import parse_egress
     from sockgraft.host import hostsock, netns
@@ -113,9 +127,13 @@ def steps(n: int, ns: str) -> dict:
     spec.cmd = [sys.executable, "-c", CLIENT, str(srv.getsockname()[1]), str(n), "quiet"]
     attach = SeccompAttach(RunContext(spec, container, "", state, dict(os.environ)))
     saved = (hostsock.open_connecting, H.K.raw_call)
+    env_saved = os.environ.get("GRAFT_SECCOMP_FAST")
+    os.environ["GRAFT_SECCOMP_FAST"] = "1" if fast else "0"
     try:
         attach.prepare()
         sup = attach.supervisor
+        if sup.fast is not None:
+            sup.fast.lib = _TimedLib(sup.fast.lib, timed)
         k = sup.kernel
         for method, name in (("recv", "recv"), ("getfd", "pidfd_getfd"), ("read", "memory copy"),
                              ("id_valid", "id_valid"), ("cloexec", "cloexec (/proc fdinfo)"),
@@ -134,6 +152,10 @@ def steps(n: int, ns: str) -> dict:
         proc = attach.spawn(preexec)
         proc.wait(300)
     finally:
+        if env_saved is None:
+            os.environ.pop("GRAFT_SECCOMP_FAST", None)
+        else:
+            os.environ["GRAFT_SECCOMP_FAST"] = env_saved
         hostsock.open_connecting, H.K.raw_call = saved
         attach.cleanup()
         srv.close()
@@ -161,11 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     netns.create(name)
     try:
         lat = latency(args.connects, name, args.pythonpath)
-        print(f"blocking connect µs   native p50 {lat['native']['p50']} p99 {lat['native']['p99']}   "
-              f"seccomp p50 {lat['seccomp']['p50']} p99 {lat['seccomp']['p99']}   (n={args.connects})")
+        print(f"blocking connect µs (n={args.connects})")
+        for which, p in lat.items():
+            print(f"  {which:<16} p50 {p['p50']:>7}  p99 {p['p99']:>7}")
         if not args.latency_only:
-            for step, us in steps(args.connects, name).items():
-                print(f"  {step:<28} {us:>8} µs (median)")
+            for fast in (True, False):
+                print("steps, fast path" if fast else "steps, Python path (GRAFT_SECCOMP_FAST=0)")
+                for step, us in steps(args.connects, name, fast).items():
+                    print(f"  {step:<28} {us:>8} µs (median)")
     finally:
         netns.remove(name)
     return 0

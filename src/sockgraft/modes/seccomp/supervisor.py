@@ -25,6 +25,7 @@ from collections import Counter, deque
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.host.store import Store
+from sockgraft.modes.seccomp import fast as F
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp.handlers import TCP_ESTABLISHED, Handlers
 from sockgraft.modes.seccomp.jobs import Jobs
@@ -55,6 +56,9 @@ class Supervisor:
         self.stats: Counter = Counter()
         self.jobs = Jobs(workers, self._hold, self._release, self.stats)
         self.handlers = Handlers(self.store, self.audit, self.jobs, self._park, self.stats)
+        # the native connect path (fast.py): only with the real kernel calls, GRAFT_SECCOMP_FAST != 0
+        lib = F.try_load() if kernel is None else None
+        self.fast = F.Fast(lib, self.kernel, self.store, self.audit, self.stats) if lib is not None else None
         self.thread: threading.Thread | None = None
 
     # -- public API --------------------------------------------------------------------------
@@ -162,14 +166,23 @@ class Supervisor:
             self._finish_connect(self.pending.pop(fd))
 
     def _serve_one(self, t: Target) -> None:
-        try:
-            n = self.kernel.recv(t.fd)
-        except OSError as e:
-            if e.errno in (errno.ENOENT, errno.EINTR):
-                return  # the target died before we received it: retry on the next event
-            raise
-        self.stats["notifications"] += 1
+        if self.fast is not None:  # served in C, or handed back to the handlers
+            n = self.fast.serve(t, self._park_native)
+            if n is None:
+                return
+        else:
+            try:
+                n = self.kernel.recv(t.fd)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):
+                    return  # the target died before we received it: retry on the next event
+                raise
+            self.stats["notifications"] += 1
         self.handlers.serve(Call(self.kernel, t, n))
+
+    def _park_native(self, t: Target, n: K.Notif, host: socket.socket, appfd: int, cloexec: bool,
+                     deadline: float | None, raw: bytes) -> None:
+        self._park(Call(self.kernel, t, n), host, appfd, cloexec, deadline, raw)
 
     def _timeout(self) -> float:
         deadlines = [p.deadline for p in self.pending.values() if p.deadline]
@@ -231,6 +244,8 @@ class Supervisor:
             self._close_target(t)
 
     def _close_target(self, t: Target) -> None:
+        if self.fast is not None:
+            self.fast.forget(t)
         if self.targets.pop(t.fd, None) is not None:
             os.close(t.fd)
 

@@ -1,0 +1,62 @@
+/* libgraft-seccomp.so: the seccomp supervisor's native fast path for connect() (loaded with ctypes
+ * by src/sockgraft/modes/seccomp/fast.py). It decides only from a table the Python engine compiled
+ * (core/engine.py EgressTable: `gs_lookup` mirrors EgressTable.lookup, a property test holds them
+ * equal) and hands everything else back to the Python handlers. x86_64, Linux >= 6.9. */
+#ifndef GRAFT_SECCOMP_FAST_H
+#define GRAFT_SECCOMP_FAST_H
+
+#include <stdint.h>
+
+/* One egress rule, in the engine's match order (longest prefix first). */
+struct gs_row {
+	uint8_t version;  /* 4 or 6: the rule's network */
+	uint8_t plen;     /* its prefix length */
+	uint8_t eptype;   /* 0: ask the engine; 4: ipv4 endpoint; 6: ipv6 endpoint */
+	uint8_t pad;
+	uint16_t epport;  /* the endpoint's port (0: dynamic) */
+	uint16_t pad2;
+	uint8_t net[16];  /* network address (IPv4 in the first 4 bytes) */
+	uint8_t epaddr[16]; /* endpoint address (IPv4 in the first 4 bytes) */
+};
+
+struct gs_table {
+	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
+	uint64_t target_netns_ino;  /* the container's netns inode (0: unknown, never foreign) */
+	uint32_t nrows;
+	uint32_t pad;
+	const struct gs_row *rows;
+};
+
+enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3 };
+enum { GS_DONE_GRANT = 1, GS_DONE_LOCAL = 2, GS_DONE_FAILED = 3, GS_DONE_GONE = 4 };
+enum { GS_LOCAL = 0, GS_GRANT = 1, GS_ASK = 2 };
+
+struct gs_out {
+	/* the notification (struct seccomp_notif) */
+	uint64_t id;
+	uint32_t pid;
+	uint32_t flags;
+	int32_t nr;
+	uint32_t arch;
+	uint64_t ip;
+	uint64_t args[6];
+	/* what was done (GS_DONE, GS_PARK) */
+	int32_t what;     /* GS_DONE_* */
+	int32_t decided;  /* -1: nothing judged; GS_LOCAL or GS_GRANT */
+	int32_t row;      /* the rule's index (grant) */
+	int32_t err;      /* the errno answered (0: success) */
+	int32_t family, type, proto; /* the app socket */
+	int32_t hostfd;   /* GS_PARK: the host socket, connecting (the caller owns it) */
+	int32_t appfd;
+	int32_t cloexec;
+	int64_t sndtimeo_us; /* GS_PARK: the app socket's SO_SNDTIMEO (0: none) */
+	uint32_t addrlen;
+	uint8_t addr[128]; /* the copied sockaddr (as judged) */
+};
+
+int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
+int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
+	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
+int gs_abi(void);
+
+#endif

@@ -1,0 +1,211 @@
+"""The native fast path of the seccomp supervisor's connect (`libgraft-seccomp.so`, csrc/seccomp_fast.c).
+
+The C loop step `gs_serve` receives one notification and serves, by itself, the connect() of an
+unbound IP socket of the container whose destination the container's compiled egress table decides
+(`Policy.egress_table()`: a grant, or "local" for a non-blocking or datagram socket), with the same
+steps as handlers.graft_connect / perform_connect. Everything else comes back here untouched
+(HANDBACK: the Python handlers serve it, no second RECV), as does a blocking grafted connect still
+in progress (PARK: the supervisor's parking finishes it). The table is what the engine compiled;
+the C decides nothing the engine would not (tests/modes/seccomp/test_fast.py holds `gs_lookup`
+equal to `EgressTable.lookup`), and what it did is audited here with the engine's own Decision
+(`policy.decide` of the same operation, asked once per rule and socket kind, after the answer).
+
+`GRAFT_SECCOMP_FAST=0` turns it off; a missing or unloadable library is said once on stderr and
+the Python path serves everything.
+
+Public API: `load() -> Lib | None`, `enabled()`, `Fast(lib, kernel, store, audit, stats)` with
+`serve(target) -> K.Notif | None` and `compile(policy, target)`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import os
+import socket
+import sys
+import time
+
+from sockgraft.core.engine import Op
+from sockgraft.modes.seccomp import kernel as K
+
+LIB_NAME = "libgraft-seccomp.so"
+PREFIX = os.environ.get("GRAFT_PREFIX", "/usr/local")  # the Makefile's PREFIX
+LIB_DIR = os.path.join(PREFIX, "lib", "sockgraft")
+ENV = "GRAFT_SECCOMP_FAST"
+
+NOTHING, HANDBACK, DONE, PARK = 0, 1, 2, 3
+DONE_GRANT, DONE_LOCAL, DONE_FAILED, DONE_GONE = 1, 2, 3, 4
+LOCAL, GRANT, ASK = 0, 1, 2
+MODE = "seccomp"
+
+
+class Row(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint8), ("plen", ctypes.c_uint8), ("eptype", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("epport", ctypes.c_uint16), ("pad2", ctypes.c_uint16),
+                ("net", ctypes.c_uint8 * 16), ("epaddr", ctypes.c_uint8 * 16)]
+
+
+class Table(ctypes.Structure):
+    _fields_ = [("host_cookie", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
+                ("nrows", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("rows", ctypes.POINTER(Row))]
+
+
+class Out(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint64), ("pid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("nr", ctypes.c_int32), ("arch", ctypes.c_uint32), ("ip", ctypes.c_uint64),
+                ("args", ctypes.c_uint64 * 6),
+                ("what", ctypes.c_int32), ("decided", ctypes.c_int32), ("row", ctypes.c_int32),
+                ("err", ctypes.c_int32), ("family", ctypes.c_int32), ("type", ctypes.c_int32),
+                ("proto", ctypes.c_int32), ("hostfd", ctypes.c_int32), ("appfd", ctypes.c_int32),
+                ("cloexec", ctypes.c_int32), ("sndtimeo_us", ctypes.c_int64), ("addrlen", ctypes.c_uint32),
+                ("addr", ctypes.c_uint8 * 128)]
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1").strip() not in ("0", "no", "off", "false")
+
+
+def library_path() -> str:
+    return os.path.join(LIB_DIR, LIB_NAME)
+
+
+def load(path: str | None = None) -> ctypes.CDLL:
+    """The library, its prototypes set and its struct layout checked (OSError otherwise)."""
+    lib = ctypes.CDLL(path or library_path(), use_errno=True)
+    lib.gs_abi.restype = ctypes.c_int
+    if lib.gs_abi() != ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
+        raise OSError(f"{path or library_path()}: struct layout differs from fast.py (rebuild: scripts/setup)")
+    lib.gs_serve.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out)]
+    lib.gs_serve.restype = ctypes.c_int
+    lib.gs_lookup.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                              ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_uint16)]
+    lib.gs_lookup.restype = ctypes.c_int
+    return lib
+
+
+_said = False
+
+
+def try_load() -> ctypes.CDLL | None:
+    """The library if the fast path is on and it loads; None otherwise (said once per process)."""
+    global _said
+    if not enabled():
+        return None
+    try:
+        return load()
+    except OSError as e:
+        if not _said:
+            _said = True
+            print(f"graft: seccomp supervisor: no native fast path ({e}): connects served in Python",
+                  file=sys.stderr)
+        return None
+
+
+def _bytes16(addr: str) -> bytes:
+    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+
+
+def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
+    """The C rows of an EgressTable (a row whose endpoint address C cannot hold: "ask")."""
+    rows = (Row * max(1, len(table.rows)))()
+    for i, (version, net, plen, ep_type, ep_addr, ep_port) in enumerate(table.rows):
+        r = rows[i]
+        r.version, r.plen = version, plen
+        r.net[:] = list(_bytes16(net))
+        r.eptype = 0
+        if ep_type != "ask":
+            try:
+                r.epaddr[:] = list(_bytes16(ep_addr))
+                r.eptype = 4 if ep_type == "ipv4" else 6
+                r.epport = ep_port
+            except ValueError:  # e.g. a scoped address: the engine decides
+                r.eptype = 0
+    return rows, len(table.rows)
+
+
+def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0):
+    """(Table, the arrays it points to: keep them alive together)."""
+    rows, n = compile_rows(egress_table)
+    t = Table(host_cookie, netns_ino or 0, n, 0, ctypes.cast(rows, ctypes.POINTER(Row)))
+    return t, rows
+
+
+class Compiled:
+    """One target's table, compiled from one policy object."""
+
+    __slots__ = ("policy", "table", "rows", "decisions")
+
+    def __init__(self, policy, host_cookie: int, netns_ino: int | None):
+        self.policy = policy
+        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0)
+        self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
+
+
+class Fast:
+    def __init__(self, lib, kernel, store, audit, stats):
+        self.lib, self.kernel, self.store, self.audit, self.stats = lib, kernel, store, audit, stats
+        self.out = Out()
+        self.compiled: dict[int, Compiled] = {}  # listener fd -> its compiled table
+
+    def compile(self, t) -> Compiled:
+        policy = self.store.cached_policy(t.key)
+        c = self.compiled.get(t.fd)
+        if c is None or c.policy is not policy:
+            c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino)
+            self.stats["fast_tables"] += 1
+        return c
+
+    def forget(self, t) -> None:
+        self.compiled.pop(t.fd, None)
+
+    def serve(self, t, park) -> K.Notif | None:
+        """Receive and serve one notification of `t`; returns the notification when the Python
+        handlers must serve it. `park(target, n, host, appfd, cloexec, deadline, raw)`."""
+        c = self.compile(t)
+        out = self.out
+        r = self.lib.gs_serve(t.fd, ctypes.byref(c.table), ctypes.byref(out))
+        if r == NOTHING:
+            return None
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        self.stats["notifications"] += 1
+        n = K.Notif(out.id, out.pid, out.flags, out.nr, out.arch, out.ip, tuple(out.args))
+        if r == HANDBACK:
+            self.stats["fast_handback"] += 1
+            return n
+        raw = bytes(out.addr[:out.addrlen])
+        if out.decided >= 0:
+            self._audit(t, c, out, raw)
+        if r == PARK:
+            host = socket.socket(fileno=out.hostfd)
+            us = out.sndtimeo_us
+            park(t, n, host, out.appfd, bool(out.cloexec), time.monotonic() + us / 1e6 if us else None, raw)
+            self.stats["connect_pending"] += 1
+            self.stats["fast_park"] += 1
+            return None
+        what = out.what
+        if what == DONE_GRANT:
+            self.stats["grafted_connect"] += 1
+            self.stats["fast_grant"] += 1
+        elif what == DONE_LOCAL:
+            self.stats["fast_local"] += 1
+        elif what == DONE_GONE:
+            self.stats["gone"] += 1
+        else:
+            self.stats["fast_failed"] += 1
+        return None
+
+    def _audit(self, t, c: Compiled, out: Out, raw: bytes) -> None:
+        """The decision the C carried out, as the engine states it (asked once per rule and kind)."""
+        fam, addr, port = K.decode_sockaddr(raw)
+        key = (out.row if out.decided == GRANT else -1, out.family, out.type, out.proto)
+        d = c.decisions.get(key)
+        if d is None:
+            d = c.policy.decide(Op("connect", out.family, addr, port, out.type, out.proto))
+            expected = "grant" if out.decided == GRANT else "local"
+            if d.verdict != expected:  # never: the property test holds C and engine equal
+                print(f"graft: seccomp fast path: C said {expected}, the engine {d.verdict} ({d.reason})",
+                      file=sys.stderr)
+            c.decisions[key] = d
+        self.audit.decision(t.key, MODE, "connect", d, pid=out.pid, addr=addr, port=port)
