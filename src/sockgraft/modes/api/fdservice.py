@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from sockgraft.host import hostsock
+from sockgraft.modes.api import fast
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.core.engine import DENY, GRANT, Op
@@ -51,6 +52,8 @@ class FdService:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._stopping = False
+        lib = fast.load()
+        self.fast = fast.FastPath(lib) if lib is not None else None  # csrc/fdservice_fast.c
 
     # -- listening sockets -----------------------------------------------------------------------
     def listen(self, key: str, path: str) -> None:
@@ -66,6 +69,8 @@ class FdService:
         os.chmod(path, 0o666)  # who may ask is decided by the caller's netns, not by file mode
         s.listen(128)
         self.listeners[key] = (s, path)
+        if self.fast is not None:
+            self.fast.forget(key)
         self.sel.register(s, selectors.EVENT_READ, ("listen", key))
 
     def unlisten(self, key: str) -> None:
@@ -156,6 +161,8 @@ class FdService:
         conn.close()
 
     def _serve(self, conn: socket.socket, c: _Conn) -> None:
+        if self.fast is not None:
+            return self._serve_fast(conn, c)
         try:
             data, ancdata, msg_flags, _ = conn.recvmsg(MAX_MESSAGE + 1, socket.CMSG_SPACE(16 * 4))
         except (BlockingIOError, InterruptedError):
@@ -181,6 +188,9 @@ class FdService:
                 t0 = time.perf_counter()
                 reply, sock = self.handle(c.key, ino, data)
                 self.on_request(time.perf_counter() - t0)
+        self._reply(conn, reply, sock)
+
+    def _reply(self, conn: socket.socket, reply: Reply, sock: socket.socket | None) -> None:
         try:
             if sock is not None:
                 socket.send_fds(conn, [reply.encode()], [sock.fileno()])
@@ -191,6 +201,54 @@ class FdService:
         finally:
             if sock is not None:
                 sock.close()
+
+    def _serve_fast(self, conn: socket.socket, c: _Conn) -> None:
+        """One request through csrc/fdservice_fast.c: it answers the `connect` requests the
+        compiled table decides, and hands back every other one, which `handle` answers."""
+        t0 = time.perf_counter()
+        try:
+            policy = self.store.cached_policy(c.key)
+        except StoreError:
+            policy = None  # nothing is served in C: `handle` answers with the error
+        compiled = self.fast.compiled(c.key, policy) if policy is not None else None
+        out = self.fast.serve(conn.fileno(), -1 if c.pidfd is None else c.pidfd, netns.key_ino(c.key) or 0, compiled)
+        result = out.result
+        if result == fast.NOTHING:
+            return
+        if result == fast.DROP:
+            return self._drop(conn)
+        stats = self.fast.stats
+        if result == fast.HANDBACK:
+            stats["handback"] += 1
+            data = self.fast.request_bytes()
+            if out.trunc:
+                return self._reply(conn, _err(errno.EMSGSIZE, "request too long"), None)
+            reply, sock = self.handle(c.key, out.ino if out.ino_ok else None, data)
+            if policy is not None and data.startswith(b"connect "):
+                self.fast.learn(c.key, policy, data)
+            if self.on_request is not None:
+                self.on_request(time.perf_counter() - t0)
+            return self._reply(conn, reply, sock)
+        where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port}
+        if result == fast.LOCAL:
+            stats["local"] += 1
+            self.audit.decision(c.key, self.mode, "connect", compiled.local, **where)
+        else:
+            endpoint, reason = compiled.meta[out.table][out.row]
+            if result == fast.GRANT:
+                stats["grant"] += 1
+                self.audit.record(GRANT, container=c.key, mode=self.mode, op="connect", endpoint=endpoint,
+                                  errno=None, reason=reason, host=[out.host.decode(), out.host_port], **where)
+            else:
+                stats["fail"] += 1
+                code = out.err
+                self.audit.record("fail", container=c.key, mode=self.mode, op="connect", endpoint=endpoint,
+                                  errno=code, reason=os.strerror(code), **where)
+                self._reply(conn, _err(code, f"{endpoint}: {os.strerror(code)}"), None)
+        if self.on_request is not None:
+            self.on_request(time.perf_counter() - t0)
+        if out.send_failed:
+            self._drop(conn)
 
     # -- one request -----------------------------------------------------------------------------
     def handle(self, key: str, caller_ino: int | None, data: bytes) -> tuple[Reply, socket.socket | None]:

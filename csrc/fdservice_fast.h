@@ -1,0 +1,71 @@
+/* libgraft-fdfast.so: the fd service's per-request `connect` path in C (csrc/fdservice_fast.c).
+ * The Python side is sockgraft/modes/api/fast.py (ctypes): it compiles the tables below from
+ * `Policy.egress_table()` and mirrors these structures field for field. */
+#ifndef GRAFT_FDSERVICE_FAST_H
+#define GRAFT_FDSERVICE_FAST_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#define FS_MAX_MESSAGE 4096 /* core/protocol.py MAX_MESSAGE */
+
+/* A row of engine.EgressTable, in its order: kind 0 = "ask", 4 = an ipv4 endpoint, 6 = ipv6. */
+struct fs_row {
+	uint8_t version; /* 4 or 6: the rule's network */
+	uint8_t plen;
+	uint8_t kind;
+	uint8_t pad;
+	uint16_t ep_port; /* host byte order; 0: dynamic */
+	uint16_t pad2;
+	uint8_t net[16];     /* network address (4 bytes for IPv4) */
+	uint8_t ep_addr[16]; /* the endpoint's address (4 bytes for ipv4) */
+};
+
+/* The table of one set of rules: the container's own (tail_len 0: requests without caller rules)
+ * or those a caller sends, recognised by the exact bytes of the request after its 5th argument
+ * (" out:...=ep ..."): the Python side compiled that table from the same words it parsed. */
+struct fs_table {
+	const char *tail;
+	uint32_t tail_len;
+	uint32_t nrows;
+	const struct fs_row *rows;
+};
+
+/* A parsed `connect` request, as core/protocol.parse_request would parse it. */
+struct fs_req {
+	int32_t family;
+	int32_t type;
+	int32_t proto;
+	int32_t port;
+	uint8_t addr[16]; /* the destination as written (family's size) */
+	int32_t table;    /* index of the table its tail names */
+};
+
+enum { FS_DROP = 0, FS_HANDBACK = 1, FS_GRANT = 2, FS_LOCAL = 3, FS_FAIL = 4 };
+enum { FS_LK_ASK = 0, FS_LK_LOCAL = 1, FS_LK_GRANT = 2 };
+
+struct fs_out {
+	int32_t result;   /* FS_* */
+	int32_t err;      /* FAIL: the errno of the failed step; GRANT: 0 or EINPROGRESS */
+	int32_t table;    /* GRANT/LOCAL/FAIL: the table and row of the decision */
+	int32_t row;
+	int32_t family;   /* the request's family, destination and port */
+	int32_t port;
+	uint8_t addr[16];
+	int32_t ino_ok;   /* HANDBACK: the caller's netns was read */
+	int32_t trunc;    /* HANDBACK: the request was truncated (MSG_TRUNC/MSG_CTRUNC) */
+	int32_t send_failed; /* GRANT/LOCAL: the reply could not be sent: drop the connection */
+	int32_t host_port;   /* GRANT: the host socket's address after connect */
+	uint64_t ino;        /* the caller's netns inode (ino_ok) */
+	char host[64];
+	uint32_t len;        /* HANDBACK: the request */
+	char data[FS_MAX_MESSAGE + 1];
+};
+
+int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req);
+int fs_lookup(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
+	      int *host_port);
+int fs_serve(int conn, int pidfd, uint64_t container_ino, const struct fs_table *tables, int ntables,
+	     struct fs_out *out);
+
+#endif

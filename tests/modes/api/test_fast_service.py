@@ -1,0 +1,164 @@
+"""The fd service with its native fast path (the default) and without it (GRAFT_FDSERVICE_FAST=0)
+answers the same requests of a caller inside the container the same way: the same replies, the
+same sockets (connected to the same destination, bound to the same endpoint address), the same
+audit records; and the fast path is what answered the connect requests its table decides."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sockgraft.core.endpoint import parse_endpoint
+from sockgraft.core.rules import parse_egress
+from sockgraft.host import netns
+from sockgraft.host.audit import Audit
+from sockgraft.host.store import Store
+from sockgraft.modes.api.fdservice import FdService
+
+# Each request is sent by a client in the container's netns; it prints one JSON line per reply:
+# the reply's text and, for a socket, where it is bound and where it leads once connected.
+CLIENT = textwrap.dedent("""
+    import json, select, socket, sys
+    path, requests = sys.argv[1], json.loads(sys.argv[2])
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    c.connect(path)
+    for r in requests:
+        c.send(r.encode("latin-1"))
+        msg, fds, _, _ = socket.recv_fds(c, 8192, 4)
+        sock = None
+        if fds:
+            s = socket.socket(fileno=fds[0])
+            if s.type == socket.SOCK_STREAM:
+                select.select([], [s], [], 5)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            try:
+                peer = list(s.getpeername()[:2])
+            except OSError:
+                peer = None
+            sock = {"family": s.family, "type": s.type, "addr": s.getsockname()[0], "peer": peer, "err": err}
+            s.close()
+        print(json.dumps({"reply": msg.decode("latin-1"), "sock": sock}), flush=True)
+""")
+
+
+@pytest.fixture
+def listener():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(64)
+        yield s.getsockname()[1]
+
+
+def requests(port: int, closed: int) -> list[str]:
+    return [
+        f"connect 2 127.0.0.1 {port} 1 0",                            # grant, table: the container's rules
+        f"connect 2 127.0.0.1 {port} 1 6",
+        f"connect 10 ::ffff:127.0.0.1 {port} 1 0",                   # grant onto an IPv4 endpoint, v4-mapped
+        f"connect 2 127.0.0.1 {closed} 2 0",                          # grant, datagram
+        f"connect 2 127.0.0.1 {closed} 1 0",                          # grant, refused (in SO_ERROR)
+        f"connect 2 10.9.9.9 {port} 1 0",                             # local: no rule matches
+        f"connect 2 127.0.0.3 {port} 1 0",                            # fail: the endpoint's address is not here
+        f"connect 2 127.0.0.4 {port} 1 0",                            # ask: a unix endpoint (Python denies)
+        f"connect 2 127.0.0.1 {port} 3 0",                            # ask: raw socket
+        f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=ep-out2",    # caller rules: first handed back,
+        f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=ep-out2",    # then compiled
+        f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=nope",
+        f"connect 2 127.0.0.01 {port} 1 0",                           # malformed
+        f"sendto 2 127.0.0.1 {closed} 2 0",                           # another verb
+        "show",
+        "x" * 5000,                                                   # too long
+    ]
+
+
+def serve_and_ask(state: str, key: str, path: str, ns: str, reqs: list[str]) -> tuple[list[dict], list[dict], dict | None]:
+    audit = Audit(state)
+    svc = FdService(state, audit=audit, mode="preload")
+    svc.listen(key, path)
+    t = svc.start_thread()
+    try:
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, path, json.dumps(reqs)],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        stats = dict(svc.fast.stats) if svc.fast else None
+    finally:
+        svc.stop()
+        t.join(10)
+        svc.close()
+    with open(audit.path) as f:
+        records = [json.loads(line) for line in f]
+    os.unlink(audit.path)
+    return [json.loads(line) for line in p.stdout.splitlines()], records, stats
+
+
+def normalized(replies: list[dict]) -> list[dict]:
+    out = []
+    for r in replies:
+        words = r["reply"].split(" ")
+        if words[0] == "ok" and len(words) == 4:
+            words[3] = "PORT"  # the source port is chosen at connect time
+        out.append({**r, "reply": " ".join(words)})
+    return out
+
+
+def audit_view(records: list[dict]) -> list[tuple]:
+    keep = ("event", "container", "mode", "op", "endpoint", "errno", "reason", "addr", "port")
+    return sorted(tuple(json.dumps(r.get(k)) for k in keep) + (json.dumps(r["host"][0] if "host" in r else None),)
+                  for r in records if r.get("op") != "accept")
+
+
+def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
+    state = str(tmp_path / "state")
+    ino = netns.named_ino(ns)
+    with Store(state) as store:
+        store.register(ns, ino, "preload")
+        for spec in ("ep-out type ipv4 addr 127.0.0.1 port dynamic", "ep-out2 type ipv4 addr 127.0.0.2 port dynamic",
+                     "ep-gone type ipv4 addr 192.0.2.77 port dynamic", "ep-unix type unix path /run/nothing.sock"):
+            store.add(ns, parse_endpoint(spec), ino)
+        store.set_rules(ns, [], [parse_egress("127.0.0.1/32=ep-out"), parse_egress("127.0.0.3/32=ep-gone"),
+                                 parse_egress("127.0.0.4/32=ep-unix")], ino)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]  # bound, never listening: refused
+        reqs = requests(listener, closed)
+        path = str(tmp_path / "svc.sock")
+        monkeypatch.delenv("GRAFT_FDSERVICE_FAST", raising=False)
+        fast_replies, fast_audit, stats = serve_and_ask(state, ns, path, ns, reqs)
+        monkeypatch.setenv("GRAFT_FDSERVICE_FAST", "0")
+        py_replies, py_audit, py_stats = serve_and_ask(state, ns, path, ns, reqs)
+    assert py_stats is None  # GRAFT_FDSERVICE_FAST=0: no fast path at all
+    assert normalized(fast_replies) == normalized(py_replies)
+    assert audit_view(fast_audit) == audit_view(py_audit)
+    # what the outcomes are (the same in both): grants connected to the destination, from the endpoint
+    by_req = dict(zip(reqs, fast_replies))
+    g = by_req[reqs[0]]
+    assert g["reply"].startswith("ok 2 127.0.0.1 ") and g["sock"]["peer"] == ["127.0.0.1", listener]
+    assert by_req[reqs[2]]["reply"].startswith("ok 10 ::ffff:127.0.0.1 ")
+    assert by_req[reqs[4]]["sock"]["err"] == 111  # ECONNREFUSED, as a native non-blocking connect says it
+    assert by_req[reqs[5]]["reply"] == "local"
+    assert by_req[reqs[6]]["reply"] == "err 99 ep-gone: Cannot assign requested address"
+    assert by_req[reqs[7]]["reply"].startswith("err 97 ")
+    assert by_req[reqs[10]]["sock"]["addr"] == "127.0.0.2"
+    # the fast path answered what its tables decide: 4 container-rule grants + the refused one, the
+    # second request with caller rules, the local one and the failure; Python the rest
+    assert stats == {"grant": 6, "local": 1, "fail": 1, "handback": 8}
+
+
+def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener):
+    """A caller in another netns never gets a fast grant: Python denies it, as before."""
+    other = make_netns()
+    state = str(tmp_path / "state")
+    ino = netns.named_ino(ns)
+    with Store(state) as store:
+        store.register(ns, ino, "preload")
+        store.add(ns, parse_endpoint("ep-out type ipv4 addr 127.0.0.1 port dynamic"), ino)
+        store.set_rules(ns, [], [parse_egress("127.0.0.1/32=ep-out")], ino)
+    replies, records, stats = serve_and_ask(state, ns, str(tmp_path / "svc.sock"), other,
+                                            [f"connect 2 127.0.0.1 {listener} 1 0"])
+    assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
+    assert stats == {"grant": 0, "local": 0, "fail": 0, "handback": 1}
+    assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
