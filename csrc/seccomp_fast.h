@@ -29,6 +29,8 @@ struct gs_table {
 
 enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3 };
 enum { GS_DONE_GRANT = 1, GS_DONE_LOCAL = 2, GS_DONE_FAILED = 3, GS_DONE_GONE = 4 };
+/* the steps timed in gs_out.ns (cost.py prints them) */
+enum { GS_T_GETFD, GS_T_READ, GS_T_JUDGE, GS_T_SOCKET, GS_T_CONNECT, GS_T_ADDFD, GS_T_SEND, GS_STEPS };
 enum { GS_LOCAL = 0, GS_GRANT = 1, GS_ASK = 2 };
 
 struct gs_out {
@@ -52,9 +54,16 @@ struct gs_out {
 	int64_t sndtimeo_us; /* GS_PARK: the app socket's SO_SNDTIMEO (0: none) */
 	uint32_t addrlen;
 	uint8_t addr[128]; /* the copied sockaddr (as judged) */
+	/* nanoseconds since the RECV returned, at the end of each step (0: not reached); see GS_STEPS */
+	uint32_t ns[8];
+	int32_t kind;     /* gs_serve_batch: what gs_serve returned for this record */
+	uint32_t pad;
 };
 
 int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
+/* gs_serve again while the listener has a notification ready and the last was served here (at
+ * most `max`): one record per notification received; returns how many (or -errno of a RECV). */
+int gs_serve_batch(int listener, const struct gs_table *t, struct gs_out *outs, int max);
 int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
 	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_abi(void);

@@ -1,6 +1,7 @@
 """The native fast path of the seccomp supervisor's connect (`libgraft-seccomp.so`, csrc/seccomp_fast.c).
 
-The C loop step `gs_serve` receives one notification and serves, by itself, the connect() of an
+The C loop step `gs_serve` (called through `gs_serve_batch`: again while notifications are ready,
+at most BATCH) receives one notification and serves, by itself, the connect() of an
 unbound IP socket of the container whose destination the container's compiled egress table decides
 (`Policy.egress_table()`: a grant, or "local" for a non-blocking or datagram socket), with the same
 steps as handlers.graft_connect / perform_connect. Everything else comes back here untouched
@@ -34,6 +35,8 @@ LIB_DIR = os.path.join(PREFIX, "lib", "sockgraft")
 ENV = "GRAFT_SECCOMP_FAST"
 
 NOTHING, HANDBACK, DONE, PARK = 0, 1, 2, 3
+FALLBACK = object()  # serve(): receive this one in Python
+BATCH = 16  # notifications served in one call at most (other listeners wait no longer than that)
 DONE_GRANT, DONE_LOCAL, DONE_FAILED, DONE_GONE = 1, 2, 3, 4
 LOCAL, GRANT, ASK = 0, 1, 2
 MODE = "seccomp"
@@ -58,7 +61,13 @@ class Out(ctypes.Structure):
                 ("err", ctypes.c_int32), ("family", ctypes.c_int32), ("type", ctypes.c_int32),
                 ("proto", ctypes.c_int32), ("hostfd", ctypes.c_int32), ("appfd", ctypes.c_int32),
                 ("cloexec", ctypes.c_int32), ("sndtimeo_us", ctypes.c_int64), ("addrlen", ctypes.c_uint32),
-                ("addr", ctypes.c_uint8 * 128)]
+                ("addr", ctypes.c_uint8 * 128), ("ns", ctypes.c_uint32 * 8), ("kind", ctypes.c_int32),
+                ("pad", ctypes.c_uint32)]
+
+
+# the steps gs_serve times (gs_out.ns; seccomp_fast.h GS_T_*): cost.py prints them
+STEPS = ("pidfd_getfd", "sockopts+memory copy", "id_valid+lookup+netns+getsockname", "socket+bind+options",
+         "connect (twice if in progress)", "fdinfo+addfd", "send")
 
 
 def enabled() -> bool:
@@ -77,6 +86,8 @@ def load(path: str | None = None) -> ctypes.CDLL:
         raise OSError(f"{path or library_path()}: struct layout differs from fast.py (rebuild: scripts/setup)")
     lib.gs_serve.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out)]
     lib.gs_serve.restype = ctypes.c_int
+    lib.gs_serve_batch.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out), ctypes.c_int]
+    lib.gs_serve_batch.restype = ctypes.c_int
     lib.gs_lookup.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int,
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                               ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_uint16)]
@@ -145,7 +156,7 @@ class Compiled:
 class Fast:
     def __init__(self, lib, kernel, store, audit, stats):
         self.lib, self.kernel, self.store, self.audit, self.stats = lib, kernel, store, audit, stats
-        self.out = Out()
+        self.outs = (Out * BATCH)()
         self.compiled: dict[int, Compiled] = {}  # listener fd -> its compiled table
 
     def compile(self, t) -> Compiled:
@@ -159,16 +170,31 @@ class Fast:
     def forget(self, t) -> None:
         self.compiled.pop(t.fd, None)
 
-    def serve(self, t, park) -> K.Notif | None:
-        """Receive and serve one notification of `t`; returns the notification when the Python
-        handlers must serve it. `park(target, n, host, appfd, cloexec, deadline, raw)`."""
-        c = self.compile(t)
-        out = self.out
-        r = self.lib.gs_serve(t.fd, ctypes.byref(c.table), ctypes.byref(out))
-        if r == NOTHING:
-            return None
-        if r < 0:
-            raise OSError(-r, os.strerror(-r))
+    def serve(self, t, park):
+        """Receive and serve the notifications of `t` that are ready (at least one, at most
+        BATCH); returns the last one (a K.Notif) when the Python handlers must serve it, None when
+        all were served, FALLBACK when nothing was received because no table could be compiled.
+        `park(target, n, host, appfd, cloexec, deadline, raw)`."""
+        try:
+            c = self.compile(t)
+        except Exception as e:  # the store failed: the Python handlers answer (with an errno)
+            self.stats["fast_no_table"] += 1
+            if self.stats["fast_no_table"] == 1:
+                print(f"graft: seccomp fast path: no table for {t.key}: {type(e).__name__}: {e}", file=sys.stderr)
+            return FALLBACK
+        count = self.lib.gs_serve_batch(t.fd, ctypes.byref(c.table), self.outs, BATCH)
+        if count < 0:
+            raise OSError(-count, os.strerror(-count))
+        if count > 1:
+            self.stats["fast_batched"] += count - 1
+        for i in range(count):
+            n = self._served(t, c, self.outs[i], park)
+            if n is not None:
+                return n
+        return None
+
+    def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
+        r = out.kind
         self.stats["notifications"] += 1
         n = K.Notif(out.id, out.pid, out.flags, out.nr, out.arch, out.ip, tuple(out.args))
         if r == HANDBACK:
@@ -176,7 +202,10 @@ class Fast:
             return n
         raw = bytes(out.addr[:out.addrlen])
         if out.decided >= 0:
-            self._audit(t, c, out, raw)
+            try:
+                self._audit(t, c, out, raw)
+            except Exception as e:  # answered already: what C did must still reach its record
+                print(f"graft: seccomp fast path: audit: {type(e).__name__}: {e}", file=sys.stderr)
         if r == PARK:
             host = socket.socket(fileno=out.hostfd)
             us = out.sndtimeo_us

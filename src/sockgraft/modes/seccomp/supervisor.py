@@ -2,6 +2,8 @@
 
 A listener comes from anywhere (`graft run --mode seccomp`, or an OCI runtime through
 `linux.seccomp.listenerPath`): `add_listener(fd, container_key, pid)`. For each notification the
+loop first lets the native fast path (fast.py, libgraft-seccomp.so) receive it: a connect the
+container's compiled egress table decides is served there in C; anything else comes back. The
 loop builds a `Call` (targets.py) and hands it to the handlers (handlers.py, sidedoors.py), which
 take their own duplicate of the target's fd, copy the memory arguments once, check the
 notification is still valid, ask the engine, audit, and perform the operation themselves. The
@@ -166,11 +168,10 @@ class Supervisor:
             self._finish_connect(self.pending.pop(fd))
 
     def _serve_one(self, t: Target) -> None:
-        if self.fast is not None:  # served in C, or handed back to the handlers
-            n = self.fast.serve(t, self._park_native)
-            if n is None:
-                return
-        else:
+        n = self.fast.serve(t, self._park_native) if self.fast is not None else F.FALLBACK
+        if n is None:
+            return  # served in C (or nothing was there)
+        if n is F.FALLBACK:  # no fast path, or no table for this target: Python receives it
             try:
                 n = self.kernel.recv(t.fd)
             except OSError as e:
