@@ -148,8 +148,9 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     assert stats == {"grant": 6, "local": 1, "fail": 1, "handback": 8}
 
 
-def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener):
+def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monkeypatch):
     """A caller in another netns never gets a fast grant: Python denies it, as before."""
+    monkeypatch.delenv("GRAFT_FDSERVICE_FAST", raising=False)
     other = make_netns()
     state = str(tmp_path / "state")
     ino = netns.named_ino(ns)
@@ -162,3 +163,19 @@ def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener):
     assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
     assert stats == {"grant": 0, "local": 0, "fail": 0, "handback": 1}
     assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
+
+
+def test_missing_library_is_said_once(tmp_path, monkeypatch, capfd):
+    from sockgraft.modes.api import fast
+
+    monkeypatch.delenv("GRAFT_FDSERVICE_FAST", raising=False)
+    monkeypatch.setenv("GRAFT_PREFIX", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(fast, "_said", False)
+    services = [FdService(str(tmp_path / "state"), mode="preload") for _ in range(2)]
+    try:
+        assert [s.fast for s in services] == [None, None]
+    finally:
+        for s in services:
+            s.close()
+    err = capfd.readouterr().err
+    assert err.count("fd service fast path unavailable") == 1 and "libgraft-fdfast.so" in err

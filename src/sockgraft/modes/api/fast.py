@@ -64,19 +64,9 @@ def lib_path() -> str:
 _said = False
 
 
-def load(path: str | None = None) -> ctypes.CDLL | None:
-    """The library, or None (off by GRAFT_FDSERVICE_FAST=0, or missing: said once per process)."""
-    global _said
-    if os.environ.get(ENV, "1") == "0":
-        return None
-    path = path or lib_path()
-    try:
-        lib = ctypes.CDLL(path)
-    except OSError as e:
-        if not _said:
-            _said = True
-            sys.stderr.write(f"graft: fd service fast path unavailable ({e}): requests are served by Python\n")
-        return None
+def open_library(path: str | None = None) -> ctypes.CDLL:
+    """The library with its entry points declared (OSError when it cannot be loaded)."""
+    lib = ctypes.CDLL(path or lib_path())
     lib.fs_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(Table), ctypes.c_int,
                              ctypes.POINTER(Out)]
     lib.fs_serve.restype = ctypes.c_int
@@ -86,6 +76,21 @@ def load(path: str | None = None) -> ctypes.CDLL | None:
                               ctypes.POINTER(ctypes.c_int), ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_int)]
     lib.fs_lookup.restype = ctypes.c_int
     return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The library for the service, or None: off by GRAFT_FDSERVICE_FAST=0, or missing/unloadable
+    (said once per process)."""
+    global _said
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    try:
+        return open_library()
+    except (OSError, AttributeError) as e:  # AttributeError: a library without these entry points
+        if not _said:
+            _said = True
+            sys.stderr.write(f"graft: fd service fast path unavailable ({e}): requests are served by Python\n")
+        return None
 
 
 def _packed(addr: str) -> bytes:
