@@ -106,8 +106,8 @@ def test_iperf3_server_inside_client_on_host_both_directions(run_preload):
     port = free_port()
     p = run_preload([*ep("ep-iperf", port), "--ingress", "[::]:5201=ep-iperf", "--ingress", "0.0.0.0:5201=ep-iperf"],
                     ["iperf3", "-s", "--forceflush", "-p", "5201"])
-    wait_line(p, "Server listening")
     for extra in ([], ["-R"]):
+        wait_line(p, "Server listening")  # iperf3 listens anew after each test: wait for it each time
         result = iperf3_json("-c", "127.0.0.1", "-p", str(port), "-t", "1", *extra)
         assert result["end"]["sum_received"]["bytes"] > 1_000_000
 
