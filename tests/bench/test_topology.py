@@ -142,7 +142,10 @@ def test_interrupted_bench_tears_everything_down(sig, tmp_path):
 
     p = subprocess.Popen([*graft_cmd(), "bench", "--topologies", "native,nat,graft-api", "--workloads", "python",
                           "--runs", "50", "--no-progress", "--out", str(tmp_path / "out")],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         # a test run started in the background of a shell without job control has
+                         # SIGINT ignored, and the bench would inherit that: give it Ctrl-C's default
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: len(_leftovers(p.pid)["processes"]) >= 2 or p.poll() is not None, 60, "bench servers")
         assert p.poll() is None, p.stderr.read()
