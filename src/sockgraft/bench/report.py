@@ -70,9 +70,7 @@ def summary_table(records: list[dict], with_paper: bool = True) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_topo in _rows(records).items():
         any_rec = next(iter(by_topo.values()))
-        unit = any_rec["unit"]
-        cells = [any_rec["workload"], DIRECTION_NAMES.get(any_rec["direction"], any_rec["direction"]),
-                 params_label(any_rec["workload"], any_rec["params"]), f"{any_rec['metric']} ({unit})"]
+        cells = _row_label(any_rec)
         for t in topos:
             r = by_topo.get(t)
             cells.append(f"{fmt(r['median'])} ({fmt(r['min'])}–{fmt(r['max'])})" if r else "n/a")
@@ -82,6 +80,12 @@ def summary_table(records: list[dict], with_paper: bool = True) -> str:
             cells.append(paper.note(any_rec["workload"], any_rec["direction"], any_rec["params"], any_rec["metric"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _row_label(rec: dict) -> list[str]:
+    """The first four cells of a results row: workload, direction, params, metric (unit)."""
+    return [rec["workload"], DIRECTION_NAMES.get(rec["direction"], rec["direction"]),
+            params_label(rec["workload"], rec["params"]), f"{rec['metric']} ({rec['unit']})"]
 
 
 def is_setup(rec: dict) -> bool:
@@ -111,9 +115,7 @@ def setup_table(records: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_topo in _rows(recs).items():
         rec = next(iter(by_topo.values()))
-        unit = rec["unit"]
-        cells = [rec["workload"], DIRECTION_NAMES.get(rec["direction"], rec["direction"]),
-                 params_label(rec["workload"], rec["params"]), f"{rec['metric']} ({unit})"]
+        cells = _row_label(rec)
         for t in topos:
             r = by_topo.get(t)
             cells.append("n/a" if not r else f"{fmt(r['median'])} [{fmt_spread(spread(r))}]")
@@ -124,7 +126,7 @@ def setup_table(records: list[dict]) -> str:
                     cells.append("–" if r else "n/a")
                     continue
                 text = fmt_ratio(rat[key][g][b])
-                if lower_is_better(unit):
+                if lower_is_better(rec["unit"]):
                     text += f" ({r['median'] - base['median']:+.0f} µs)"
                 cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
