@@ -311,13 +311,16 @@ static socklen_t sockaddr_of(int family, const uint8_t *addr, int port, struct s
 }
 
 /* hostsock.open_connecting: NO_PORT bind of the source, non-blocking connect. -1 with errno. */
-static int open_connecting(int family, const uint8_t *host, int host_port, const struct fs_req *req, int *code)
+static int open_connecting(int family, const uint8_t *host, int host_port, const struct fs_req *req, uint32_t mark,
+			   int *code)
 {
 	struct sockaddr_storage ss;
 	int one = 1, zero = 0;
 	int s = socket(family, req->type | SOCK_CLOEXEC | SOCK_NONBLOCK, req->proto);
 	if (s < 0)
 		return -1;
+	if (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0)
+		goto fail;
 	if (setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0)
 		goto fail;
 	if (family == AF_INET6 && setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0)
@@ -369,10 +372,12 @@ static int handback(struct fs_out *out, const char *buf, size_t n)
 	return FS_HANDBACK;
 }
 
+EXPORT int fs_abi(void) { return FS_ABI; }
+
 /* One request of a readable connection. FS_DROP with out->err 0 and len 0 after EAGAIN means
  * "nothing to read" (out->result is then -1): see fast.py. */
-EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, const struct fs_table *tables, int ntables,
-		    struct fs_out *out)
+EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, const struct fs_table *tables,
+		    int ntables, struct fs_out *out)
 {
 	char buf[FS_MAX_MESSAGE + 1];
 	union {
@@ -438,7 +443,7 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, const struct fs
 		return FS_LOCAL;
 	}
 	int code = 0;
-	int s = open_connecting(family, host, host_port, &req, &code);
+	int s = open_connecting(family, host, host_port, &req, mark, &code);
 	if (s < 0) {
 		out->err = errno ? errno : EIO;
 		out->result = FS_FAIL; /* the Python side replies `err` and audits the failure */

@@ -8,6 +8,7 @@
 #include <stddef.h>
 
 #define FS_MAX_MESSAGE 4096 /* core/protocol.py MAX_MESSAGE */
+#define FS_ABI 2 /* fs_abi(): modes/api/fast.py refuses a library of another interface (2: fs_serve's mark) */
 
 /* A row of engine.EgressTable, in its order: kind 0 = "ask", 4 = an ipv4 endpoint, 6 = ipv6. */
 struct fs_row {
@@ -62,10 +63,12 @@ struct fs_out {
 	char data[FS_MAX_MESSAGE + 1];
 };
 
+int fs_abi(void);
 int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req);
 int fs_lookup(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
 	      int *host_port);
-int fs_serve(int conn, int pidfd, uint64_t container_ino, const struct fs_table *tables, int ntables,
-	     struct fs_out *out);
+/* mark: SO_MARK of a granted host socket (the container's; 0: none) */
+int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, const struct fs_table *tables,
+	     int ntables, struct fs_out *out);
 
 #endif

@@ -274,7 +274,8 @@ static int failed(int listener, struct gs_out *out, int err)
 }
 
 /* The granted connect of a native socket `dup` (graft_connect): returns what gs_serve returns. */
-static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint8_t *haddr, uint16_t hport)
+static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint8_t *haddr, uint16_t hport,
+		 uint32_t mark)
 {
 	int type = out->type, appfd = out->appfd;
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
@@ -283,6 +284,8 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	if (h < 0)
 		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
 	int one = 1, zero = 0, v = 0, err = 0;
+	if (mark && setsockopt(h, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
+		err = errno;
 	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEADDR, &v) == 0 && v)
 		setsockopt(h, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEPORT, &v) == 0 && v)
@@ -410,7 +413,7 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	out->decided = GS_GRANT;
 	out->row = row;
 	stamp(out, GS_T_JUDGE);
-	return graft(listener, out, dup, hfam, haddr, hport);
+	return graft(listener, out, dup, hfam, haddr, hport, t->mark);
 }
 
 /* Receive and serve one notification (see seccomp_fast.h). Returns GS_NOTHING (the target went

@@ -23,7 +23,7 @@ struct gs_table {
 	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
 	uint64_t target_netns_ino;  /* the container's netns inode (0: unknown, never foreign) */
 	uint32_t nrows;
-	uint32_t pad;
+	uint32_t mark;              /* SO_MARK of every host socket made (the container's; 0: none) */
 	const struct gs_row *rows;
 };
 

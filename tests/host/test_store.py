@@ -83,3 +83,37 @@ def test_concurrent_writers_lose_nothing(tmp_path):
         assert p.exitcode == 0
     with Store(str(tmp_path)) as s:
         assert all(len(s.endpoints(f"c{k}")) == 40 for k in range(4))
+
+
+def test_every_container_has_its_own_mark_carried_by_its_grants(tmp_path):
+    from sockgraft.core.engine import Op
+    from sockgraft.core.tables import MARK_MASK, MARK_TAG
+
+    with Store(str(tmp_path)) as s:
+        s.install("c1", None, "api", [EP], [parse_ingress("0.0.0.0:80=ep-http")], [], fresh=True)
+        s.register("c2", None)
+        marks = s.marks()
+        assert set(marks) == {"c1", "c2"} and marks["c1"] != marks["c2"]
+        assert all(m & MARK_MASK == MARK_TAG for m in marks.values())
+        pol = s.policy("c1")
+        assert pol.mark == marks["c1"]
+        d = pol.decide(Op("bind", 2, "0.0.0.0", 80, 1))
+        assert d.granted and d.mark == marks["c1"]
+        s.forget("c1")
+        s.register("c3", None)  # a removed container's number is not given again at once
+        assert s.marks()["c3"] not in (marks["c1"], marks["c2"])
+    with Store(str(tmp_path)) as s:  # stable across a restart
+        assert s.marks()["c2"] == marks["c2"]
+
+
+def test_a_version_1_database_is_brought_up_to_date(tmp_path):
+    db = sqlite3.connect(tmp_path / "tables.db")
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE containers (key TEXT PRIMARY KEY, netns_ino INTEGER, mode TEXT, created REAL NOT NULL);
+        INSERT INTO meta VALUES ('schema_version', '1');
+        INSERT INTO containers VALUES ('old', NULL, 'api', 0);
+    """)
+    db.close()
+    with Store(str(tmp_path)) as s:
+        assert "old" in s.marks() and s.policy("old").mark == s.marks()["old"]

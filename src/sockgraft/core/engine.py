@@ -65,6 +65,7 @@ class Decision:
     host: tuple | str | None = None  # host sockaddr to bind (source address for egress)
     errno: int = 0
     reason: str = ""
+    mark: int = 0  # SO_MARK of the host socket (the container's: core.tables.MARK_TAG | n; 0: none)
 
     @property
     def granted(self) -> bool:
@@ -165,6 +166,7 @@ class Policy:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)
     ingress: list[IngressPair] = field(default_factory=list)
     egress: list[EgressRule] = field(default_factory=list)
+    mark: int = 0  # the container's socket mark (Store allocates it), carried by every grant
 
     def with_caller_rules(self, ingress=(), egress=(), bbconn=()) -> "Policy":
         """This table with a caller's own rules (the preload library's environment) in place of
@@ -176,7 +178,7 @@ class Policy:
             families = [ep.type] if ep is not None else ["ipv4", "ipv6"]  # unknown: the engine says so
             if ep is None or ep.type != "unix":
                 out += [EgressRule(ipaddress.ip_network("0.0.0.0/0" if f == "ipv4" else "::/0"), name) for f in families]
-        return Policy(self.endpoints, list(ingress) or self.ingress, out or self.egress)
+        return Policy(self.endpoints, list(ingress) or self.ingress, out or self.egress, self.mark)
 
     def prefilter(self) -> Prefilter:
         return Prefilter(tuple((p.addr.version, str(p.addr), p.port_lo, p.port_hi) for p in self.ingress),
@@ -257,7 +259,7 @@ class Policy:
         host = self._host_for(ep, family)
         if isinstance(host, Decision):
             return host
-        return Decision(GRANT, ep, host[0], host[1], reason=why)
+        return Decision(GRANT, ep, host[0], host[1], reason=why, mark=self.mark)
 
     # -- the operations ----------------------------------------------------------------------
     def _by_name(self, name: str | None, family: int, sotype: int, proto: int) -> Decision:

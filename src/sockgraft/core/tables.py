@@ -53,6 +53,15 @@ COPIED_OPTIONS: tuple[SockOpt, ...] = (
 
 SOCKET_FLAGS = ("reuseaddr", "reuseport", "v6only")
 
+# Every host socket made for a container carries SO_MARK = MARK_TAG | n, n its container's number
+# (host/store.py allocates it, 1..MARK_MAX): the kernel's egress check (host/egress.py) finds the
+# container's rules by it. A container cannot change the mark of a host socket (SO_MARK needs
+# CAP_NET_ADMIN in the host's user namespace). Clusters whose other software claims these bits
+# (Calico's default mask is 0xffff0000) would need another tag.
+MARK_TAG = 0x5CA0_0000
+MARK_MASK = 0xFFFF_0000
+MARK_MAX = 0xFFFF
+
 # -- the syscalls seccomp mode traps -----------------------------------------------------------
 # A condition is None (always trapped) or {arg index: POINTER | [(mask, value), ...]}:
 # - POINTER: the 64-bit argument is not NULL;

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 from sockgraft.core.endpoint import Endpoint, SpecError, conflicts
 from sockgraft.core.engine import Policy
+from sockgraft.core.tables import MARK_MAX, MARK_TAG
 from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_ingress
 from sockgraft.host.paths import state_dir
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the marks table
 DB_NAME = "tables.db"
 
 _SCHEMA = """
@@ -38,6 +39,10 @@ CREATE TABLE IF NOT EXISTS rules (
     seq INTEGER NOT NULL,
     spec TEXT NOT NULL,
     PRIMARY KEY (container, kind, seq)
+);
+CREATE TABLE IF NOT EXISTS marks (
+    container TEXT PRIMARY KEY REFERENCES containers(key) ON DELETE CASCADE,
+    n INTEGER NOT NULL UNIQUE
 );
 """
 
@@ -83,26 +88,28 @@ class Store:
         db.execute("PRAGMA foreign_keys = ON")
         return db
 
-    def _check_version(self) -> bool:
-        """Whether the schema is there; refuses a newer schema than this code knows."""
+    def _check_version(self) -> int:
+        """The schema's version (0: none yet); refuses a newer schema than this code knows."""
         if not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
-            return False
+            return 0
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"state database {self.path} has schema {row[0]}, newer than this sockgraft ({SCHEMA_VERSION})")
-        return row is not None
+        return int(row[0]) if row else 0
 
     def _setup(self) -> None:
         mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise StoreError(f"state database {self.path}: cannot switch to WAL (journal mode {mode})")
         self.db.execute("PRAGMA synchronous = NORMAL")
-        if self._check_version():
+        if self._check_version() == SCHEMA_VERSION:
             return
-        with self._write():
+        with self._write():  # a new database, or an older one brought up to date (tables IF NOT EXISTS)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 self.db.execute(statement)
-            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            for (key,) in self.db.execute("SELECT key FROM containers").fetchall():
+                self._ensure_mark(key)
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -149,6 +156,27 @@ class Store:
             "mode = coalesce(excluded.mode, mode)",
             (key, ino, mode, time.time()),
         )
+        self._ensure_mark(key)
+
+    def _ensure_mark(self, key: str) -> None:
+        """Give a container its socket mark number: the next free one after the last given, so a
+        number comes back only after MARK_MAX others (a removed container's sockets may linger)."""
+        if self.db.execute("SELECT 1 FROM marks WHERE container = ?", (key,)).fetchone():
+            return
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'last_mark'").fetchone()
+        n = int(row[0]) if row else 0
+        for _ in range(MARK_MAX):
+            n = n % MARK_MAX + 1
+            if not self.db.execute("SELECT 1 FROM marks WHERE n = ?", (n,)).fetchone():
+                break
+        else:
+            raise StoreError(f"state database {self.path}: all {MARK_MAX} container marks are in use")
+        self.db.execute("INSERT INTO marks VALUES (?, ?)", (key, n))
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('last_mark', ?)", (str(n),))
+
+    def marks(self) -> dict[str, int]:
+        """Each container's socket mark (core.tables.MARK_TAG | its number)."""
+        return {k: MARK_TAG | n for k, n in self._read("SELECT container, n FROM marks")}
 
     def register(self, key: str, ino: int | None, mode: str | None = None) -> None:
         with self._write():
@@ -280,8 +308,10 @@ class Store:
     def _policy(self, key: str) -> Policy:
         eps = self.endpoints(key)
         rules = self._read("SELECT kind, spec FROM rules WHERE container = ? ORDER BY kind, seq", (key,))
+        mark = self._read("SELECT n FROM marks WHERE container = ?", (key,))
         return Policy(
             {ep.name: ep for ep in eps},
             [parse_ingress(s) for k, s in rules if k == "ingress"],
             [parse_egress(s) for k, s in rules if k == "egress"],
+            MARK_TAG | mark[0][0] if mark else 0,
         )

@@ -26,6 +26,7 @@ from sockgraft.core.protocol import ProtocolError, parse_request
 
 LIB_NAME = "libgraft-fdfast.so"
 ENV = "GRAFT_FDSERVICE_FAST"
+ABI = 2  # csrc/fdservice_fast.h FS_ABI
 MAX_TAILS = 32  # caller rule sets remembered per container (a caller cannot grow this without bound)
 MAX_MESSAGE = 4096
 
@@ -67,8 +68,11 @@ _said = False
 def open_library(path: str | None = None) -> ctypes.CDLL:
     """The library with its entry points declared (OSError when it cannot be loaded)."""
     lib = ctypes.CDLL(path or lib_path())
-    lib.fs_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.POINTER(Table), ctypes.c_int,
-                             ctypes.POINTER(Out)]
+    abi = getattr(lib, "fs_abi", None)
+    if abi is None or abi() != ABI:
+        raise OSError(f"{path or lib_path()}: another interface than this sockgraft's (run scripts/setup)")
+    lib.fs_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32, ctypes.POINTER(Table),
+                             ctypes.c_int, ctypes.POINTER(Out)]
     lib.fs_serve.restype = ctypes.c_int
     lib.fs_parse.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(Table), ctypes.c_int, ctypes.POINTER(Req)]
     lib.fs_parse.restype = ctypes.c_int
@@ -195,5 +199,5 @@ class FastPath:
 
     def serve(self, fd: int, pidfd: int, container_ino: int, c: _Compiled | None) -> Out:
         tables, n = (c.tables, len(c.tables)) if c is not None else (None, 0)
-        self.lib.fs_serve(fd, pidfd, container_ino, tables, n, self._out_ref)
+        self.lib.fs_serve(fd, pidfd, container_ino, c.policy.mark if c is not None else 0, tables, n, self._out_ref)
         return self.out

@@ -50,7 +50,7 @@ class Row(ctypes.Structure):
 
 class Table(ctypes.Structure):
     _fields_ = [("host_cookie", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
-                ("nrows", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("rows", ctypes.POINTER(Row))]
+                ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row))]
 
 
 class Out(ctypes.Structure):
@@ -135,10 +135,10 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
     return rows, len(table.rows)
 
 
-def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0):
+def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0):
     """(Table, the arrays it points to: keep them alive together)."""
     rows, n = compile_rows(egress_table)
-    t = Table(host_cookie, netns_ino or 0, n, 0, ctypes.cast(rows, ctypes.POINTER(Row)))
+    t = Table(host_cookie, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)))
     return t, rows
 
 
@@ -149,7 +149,7 @@ class Compiled:
 
     def __init__(self, policy, host_cookie: int, netns_ino: int | None):
         self.policy = policy
-        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0)
+        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0, policy.mark)
         self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
 
 
