@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -164,7 +165,9 @@ class Store:
         if self.db.execute("SELECT 1 FROM marks WHERE container = ?", (key,)).fetchone():
             return
         row = self.db.execute("SELECT value FROM meta WHERE key = 'last_mark'").fetchone()
-        n = int(row[0]) if row else 0
+        # a new state directory starts at a random number: two of them on one machine (a test's,
+        # a user's) then seldom hand out the same mark at the same time
+        n = int(row[0]) if row else secrets.randbelow(MARK_MAX)
         for _ in range(MARK_MAX):
             n = n % MARK_MAX + 1
             if not self.db.execute("SELECT 1 FROM marks WHERE n = ?", (n,)).fetchone():
