@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from sockgraft.cni import records as cni_records
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.core.endpoint import SpecError
@@ -215,11 +216,16 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
         rec["created_netns"] = name
         ns["path"] = c.path
     rec["key"], rec["ino"] = c.key, c.ino
+    cri = cri_names(config)
+    if cri:
+        rec["cri"] = cri
     _write_record(state, cid, rec)
     try:
         with Store(state) as store:
             others = [i for i, r in records(state).items() if r.get("key") == c.key and i != cid]
-            if others:  # containers of one pod share its netns, and so its table
+            if cni_records.for_key(state, c.key, c.ino):  # a pod whose table the graft CNI plugin wrote
+                _join_pod(store, c.key, c.ino, spec, others)
+            elif others:  # containers of one pod share its netns, and so its table
                 _join(store, c.key, spec, others[0])
             else:
                 # fresh: a stale table of an earlier netns with the same name or inode goes
@@ -250,6 +256,46 @@ def _join(store: Store, key: str, spec: annotations.GraftSpec, other: str) -> No
         raise SpecError(f"network namespace {key} is shared with container {other}, whose graft table differs")
 
 
+def _join_pod(store: Store, key: str, ino: int, spec: annotations.GraftSpec, others: list[str]) -> None:
+    """A container of a pod whose table the graft CNI plugin wrote (hostPorts, pod annotations):
+    its own annotations must be in that table. The pod's first container (the sandbox) may add
+    what is missing (CNI without the pod-annotations capability); a later one may not."""
+    pol = store.policy(key)
+    have_in, have_eg = [str(p) for p in pol.ingress], [str(r) for r in pol.egress]
+    new_eps = [ep for ep in spec.endpoints if pol.endpoints.get(ep.name) != ep]
+    new_in = [str(p) for p in spec.ingress if str(p) not in have_in]
+    new_eg = [str(r) for r in spec.egress if str(r) not in have_eg]
+    if not (new_eps or new_in or new_eg):
+        return
+    if others:
+        raise SpecError(f"network namespace {key} is shared with container {others[0]}, whose graft table lacks "
+                        f"{', '.join([ep.name for ep in new_eps] + new_in + new_eg)}")
+    store.install(key, ino, MODE, new_eps, [*pol.ingress, *(p for p in spec.ingress if str(p) in new_in)],
+                  [*pol.egress, *(r for r in spec.egress if str(r) in new_eg)], fresh=False)
+
+
+# CRI annotations naming a container (containerd's, then CRI-O's): for `graft status` and metrics
+_CRI = {
+    "namespace": ("io.kubernetes.cri.sandbox-namespace", "io.kubernetes.pod.namespace"),
+    "pod": ("io.kubernetes.cri.sandbox-name", "io.kubernetes.pod.name"),
+    "container": ("io.kubernetes.cri.container-name", "io.kubernetes.container.name"),
+    "type": ("io.kubernetes.cri.container-type", "io.kubernetes.cri-o.ContainerType"),
+    "sandbox_id": ("io.kubernetes.cri.sandbox-id", "io.kubernetes.cri-o.SandboxID"),
+}
+
+
+def cri_names(config: dict) -> dict[str, str]:
+    """namespace, pod, container (absent for the sandbox), type, sandbox_id: what the CRI says."""
+    ann = config.get("annotations") or {}
+    out = {}
+    for field_, names in _CRI.items():
+        for n in names:
+            if ann.get(n):
+                out[field_] = str(ann[n])
+                break
+    return out if "pod" in out else {}
+
+
 def _container_at(path: str) -> netns.Container:
     try:
         ino = os.stat(path).st_ino
@@ -262,7 +308,8 @@ def cleanup(state: str, rec: dict) -> None:
     """Undo what create did for this record: table, netns, record. Idempotent."""
     key = rec.get("key")
     sharing = [i for i, r in records(state).items() if r.get("key") == key and i != rec["id"]]
-    if key and not sharing:
+    # a pod's table written by the graft CNI plugin goes with its DEL, when no container is left
+    if key and not sharing and not cni_records.for_key(state, key, rec.get("ino")):
         with Store(state) as store:
             row = store.container(key)
             if row is not None and row.netns_ino == rec.get("ino"):

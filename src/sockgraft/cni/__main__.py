@@ -1,0 +1,3 @@
+from sockgraft.cni.plugin import main
+
+main()
