@@ -319,13 +319,13 @@ static int open_connecting(int family, const uint8_t *host, int host_port, const
 	int s = socket(family, req->type | SOCK_CLOEXEC | SOCK_NONBLOCK, req->proto);
 	if (s < 0)
 		return -1;
-	if (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0)
-		goto fail;
 	if (setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0)
 		goto fail;
 	if (family == AF_INET6 && setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0)
 		goto fail;
 	if (bind(s, (struct sockaddr *)&ss, sockaddr_of(family, host, host_port, &ss)) < 0)
+		goto fail;
+	if (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) /* once bound: bindguard */
 		goto fail;
 	/* the destination as the request wrote it, in the socket's family (as connect_ex((addr, port))) */
 	if (connect(s, (struct sockaddr *)&ss, sockaddr_of(req->family, req->addr, req->port, &ss)) == 0) {

@@ -284,8 +284,6 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	if (h < 0)
 		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
 	int one = 1, zero = 0, v = 0, err = 0;
-	if (mark && setsockopt(h, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
-		err = errno;
 	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEADDR, &v) == 0 && v)
 		setsockopt(h, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
 	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEPORT, &v) == 0 && v)
@@ -312,6 +310,9 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 			sl = sizeof(*a);
 		}
 		if (bind(h, (struct sockaddr *)&ss, sl) != 0)
+			err = errno;
+		/* marked once bound: the bind guard (host/bindguard.py) refuses any later bind */
+		else if (mark && setsockopt(h, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
 			err = errno;
 	}
 	if (err) {

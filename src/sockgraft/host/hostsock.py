@@ -29,22 +29,17 @@ def _unlink_stale_unix(path: str) -> None:
         probe.close()
 
 
-def _new(d: Decision, sotype: int, proto: int) -> socket.socket:
-    """The host socket of a grant, marked as its container's (core.tables.MARK_TAG)."""
-    s = socket.socket(d.family, sotype, proto)
+def _mark(s: socket.socket, d: Decision) -> None:
+    """Mark a host socket as its container's (core.tables.MARK_TAG), once it is bound: the bind
+    guard (host/bindguard.py) refuses every later bind() of a marked socket."""
     if d.mark and d.family != socket.AF_UNIX:
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, d.mark)
-        except BaseException:
-            s.close()
-            raise
-    return s
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, d.mark)
 
 
 def open_bound(d: Decision, sotype: int, proto: int = 0, flags: frozenset = frozenset()) -> socket.socket:
     """A host socket bound to the granted address. A port is always allocated at bind (never
     IP_BIND_ADDRESS_NO_PORT), so the receiver cannot bind it again elsewhere."""
-    s = _new(d, sotype | socket.SOCK_CLOEXEC, proto)
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC, proto)
     try:
         if "reuseaddr" in flags:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,6 +51,7 @@ def open_bound(d: Decision, sotype: int, proto: int = 0, flags: frozenset = froz
         if d.family == socket.AF_UNIX and isinstance(d.host, str) and not d.host.startswith("\0"):
             _unlink_stale_unix(d.host)
         s.bind(d.host)
+        _mark(s, d)
         return s
     except BaseException:
         s.close()
@@ -73,12 +69,13 @@ def open_connecting(d: Decision, sotype: int, proto: int, dest: tuple | bytes,
     and 0 or EINPROGRESS. The socket leaves here connected or connecting: it cannot be bound again
     (EINVAL) nor re-aimed (EISCONN/EALREADY). `connect(fd, dest) -> errno` performs the connect
     when `dest` is a raw sockaddr (the seccomp supervisor's copied bytes)."""
-    s = _new(d, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
     try:
         s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         if d.family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         s.bind(d.host)
+        _mark(s, d)
         code = connect(s.fileno(), dest) if connect is not None else s.connect_ex(dest)
         if code not in (0, errno.EINPROGRESS):
             raise OSError(code, os.strerror(code))
@@ -91,8 +88,9 @@ def open_connecting(d: Decision, sotype: int, proto: int, dest: tuple | bytes,
 def open_dialed(d: Decision, sotype: int, proto: int = 0) -> tuple[socket.socket, int]:
     """A host socket whose non-blocking connect to the granted address has started.
     Returns the socket and 0 or EINPROGRESS; the caller completes the connect."""
-    s = _new(d, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
     try:
+        _mark(s, d)
         code = s.connect_ex(d.host)
         if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
             raise OSError(code, os.strerror(code))
