@@ -134,6 +134,11 @@ def undo(mark: dict) -> None:
     for net in mark.get("networks", []):
         for p in glob.glob(f"/var/lib/cni/results/{net}-*"):
             os.unlink(p)
+    for d in mark.get("dirs_made", []):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
     for sock in mark.get("shim_sockets", []):
         try:
             os.unlink(sock)
@@ -187,7 +192,10 @@ class Node:
             ip_forward = f.read().strip()
         self.mark = {"base": self.base, "bridges": [self.bridge_graft, self.bridge_std],
                      "networks": [self.net_graft, self.net_std], "ip_forward": ip_forward,
-                     "nat_chains_before": sorted(nat_chains()), "sandboxes": [], "containers": [], "shim_sockets": []}
+                     "nat_chains_before": sorted(nat_chains()), "sandboxes": [], "containers": [], "shim_sockets": [],
+                     # made by containerd and CNI if not there yet: removed again when empty
+                     "dirs_made": [d for d in [*(os.path.join(c, "k8s.io") for c in glob.glob("/sys/fs/cgroup/*")),
+                                               "/var/lib/cni/results", "/var/lib/cni"] if not os.path.exists(d)]}
         self._save_mark()
         self.plugin = plugin or self._plugin()
         self._layout()
@@ -239,7 +247,7 @@ class Node:
         b = self.base
         bindir = os.path.join(b, "cni-bin")
         os.makedirs(bindir)
-        for name in os.listdir(CNI_PLUGINS):
+        for name in sorted(set(os.listdir(CNI_PLUGINS)) - {"graft"}):
             os.symlink(os.path.join(CNI_PLUGINS, name), os.path.join(bindir, name))
         os.symlink(self.plugin, os.path.join(bindir, "graft"))
         for d, conf in (("cni-graft", self.conflist_graft()), ("cni-std", self.conflist_std())):

@@ -112,9 +112,19 @@ def collect(state: str | None = None, runtime_dir: str = RUNTIME_DIR) -> dict:
     sd = state_dir(state)
     with Store(sd) as store:
         rows = store.containers()
+    from sockgraft.cni.records import all_records
+
     oci: dict[str, list[str]] = {}
+    cri: dict[str, set[str]] = {}  # CRI names: namespace/pod (the pod, its sandbox), namespace/pod/container
     for cid, rec in sorted(records(sd).items(), key=lambda kv: kv[1].get("time", 0)):
         oci.setdefault(rec.get("key"), []).append(cid)  # a pod: several containers, one netns
+        names = rec.get("cri") or {}
+        if names.get("pod"):
+            cri.setdefault(rec.get("key"), set()).add("/".join(filter(None, (names.get("namespace"), names["pod"], names.get("container")))))
+    for rec in all_records(sd):  # pods whose table the graft CNI plugin wrote
+        pod = rec.get("pod") or {}
+        if pod.get("name"):
+            cri.setdefault(rec.get("key"), set()).add("/".join(filter(None, (pod.get("namespace"), pod["name"]))))
     graftd = read_graftd(runtime_dir)
     listeners = (graftd or {}).get("seccomp_listeners", {})
     host = host_sockets()
@@ -126,7 +136,7 @@ def collect(state: str | None = None, runtime_dir: str = RUNTIME_DIR) -> dict:
             "key": row.key, "mode": row.mode or "api", "netns_ino": row.netns_ino,
             "oci_id": (oci.get(row.key) or [None])[0], "oci_ids": oci.get(row.key, []), "created": row.created,
             "processes": len(pids_in_netns(row.netns_ino)) if row.netns_ino else 0,
-            "seccomp_listeners": listeners.get(row.key, 0), "sockets": socks,
+            "seccomp_listeners": listeners.get(row.key, 0), "sockets": socks, "cri": sorted(cri.get(row.key, ())),
         })
     return {"state_dir": sd, "graftd": graftd, "containers": containers}
 
@@ -151,7 +161,8 @@ def status(ctx: click.Context, as_json: bool, state_dir: str | None, runtime_dir
         age = time.time() - c["created"]
         extra = f" oci {','.join(i[:12] for i in c['oci_ids'])}" if c["oci_ids"] else ""
         click.echo(f"{c['key']} mode {c['mode']}{extra} processes {c['processes']} "
-                   f"seccomp-listeners {c['seccomp_listeners']} sockets {len(c['sockets'])} age {age:.0f}s")
+                   f"seccomp-listeners {c['seccomp_listeners']} sockets {len(c['sockets'])} age {age:.0f}s"
+                   + (f" cri {','.join(c['cri'])}" if c["cri"] else ""))
         for s in c["sockets"]:
             remote = f" -> {s['remote']}" if s["state"] not in ("LISTEN", "UNCONN") and s["remote"] else ""
             click.echo(f"  {s['proto']} {s['local']}{remote} {s['state']} pid {s['pid']} fd {s['fd']}")

@@ -213,6 +213,7 @@ def cmd_add(conf: dict) -> dict:
             store.install(key, ino, MODE, endpoints, [parse_ingress(p) for p in all_in],
                           [parse_egress(r) for r in all_eg], fresh=fresh)
             rec["added"] = [ep.name for ep in endpoints if ep.name not in added_before]
+            rec["registered"] = fresh  # this ADD registered the netns: its DEL may forget it
             rec["ingress_added"] = [p for p in ingress if p not in keep_in]
             rec["egress_added"] = [r for r in egress if r not in keep_eg]
         except SpecError as e:
@@ -268,8 +269,10 @@ def _undo(state: str, rec: dict) -> None:
                     store.set_rules(key, left_in, left_eg)
                 others = [r for r in records.for_key(state, key, rec.get("ino")) if r.get("container_id") != rec.get("container_id")]
                 oci = [i for i, r in oci_records(state).items() if r.get("key") == key]
-                if not others and not oci:
-                    store.forget(key)  # nobody else registered this netns: the table goes with the pod
+                left = store.policy(key)
+                empty = not (left.endpoints or left.ingress or left.egress)
+                if not others and not oci and (rec.get("registered") or empty):
+                    store.forget(key)  # nobody else holds this netns's table: it goes with the pod
         except StoreError as e:
             raise CniError(E_IO, str(e)) from None
     records.remove(state, rec["container_id"], rec["ifname"])

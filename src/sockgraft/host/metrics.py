@@ -5,11 +5,16 @@
 - `sockgraft_notification_latency_seconds{mode}`: from a request arriving (an fd-service message,
   a seccomp notification) to its reply;
 - `sockgraft_active_containers{mode}`: containers in the tables; `sockgraft_supervised_containers`:
-  containers with a live seccomp listener.
+  containers with a live seccomp listener;
+- `sockgraft_pod_info{container,namespace,pod}` = 1: the Kubernetes pod (CRI names) of a container
+  key, for containers made by graft-runtime or the graft CNI plugin under a CRI runtime.
 """
 from __future__ import annotations
 
+import glob
 import ipaddress
+import json
+import os
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -35,6 +40,7 @@ class Metrics:
         )
         self.supervised = Gauge("sockgraft_supervised_containers", "Containers with a live seccomp listener", registry=self.registry)
         self._containers = None
+        self.state_dir: str | None = None  # set by MetricsAudit: where the pods' records are
         self.registry.register(_ContainersCollector(self))
         self._server = None
 
@@ -80,6 +86,30 @@ class _ContainersCollector:
             except Exception:
                 pass  # a busy database must not break the scrape
         yield g
+        pods = GaugeMetricFamily("sockgraft_pod_info", "The CRI pod of a container key",
+                                 labels=["container", "namespace", "pod"])
+        for key, (ns, pod) in sorted(pod_names(self.metrics.state_dir).items()):
+            pods.add_metric([key, ns, pod], 1)
+        yield pods
+
+
+def pod_names(state: str | None) -> dict[str, tuple[str, str]]:
+    """Container key -> (namespace, pod), from graft-runtime's records (`oci/*.json`, the CRI
+    annotations of config.json) and the graft CNI plugin's (`cni/*.json`, CNI_ARGS)."""
+    out: dict[str, tuple[str, str]] = {}
+    if not state:
+        return out
+    for path in glob.glob(os.path.join(state, "oci", "*.json")) + glob.glob(os.path.join(state, "cni", "*.json")):
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            names = rec.get("cri") or rec.get("pod") or {}
+            pod = names.get("pod") or names.get("name")
+            if rec.get("key") and pod:
+                out[rec["key"]] = (names.get("namespace") or "", pod)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return out
 
 
 class MetricsAudit(Audit):
@@ -89,6 +119,7 @@ class MetricsAudit(Audit):
     def __init__(self, directory: str | None, metrics: Metrics, echo: bool = False):
         super().__init__(directory, echo=echo)
         self.metrics = metrics
+        metrics.state_dir = os.path.dirname(self.path)
         self._lock = threading.RLock()
 
     def record(self, event: str, **fields) -> None:
