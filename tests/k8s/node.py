@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 from sockgraft.host.netns import pid_alive
 from tests.k8s import images
@@ -30,6 +31,7 @@ GRAFT_RUNTIME = "/usr/local/bin/graft-runtime"
 BASE_PREFIX = "/tmp/sgk"  # /tmp/sgk<PID>: one node per test process
 MARKS = "/run/sockgraft-k8s-tests"  # <PID>.json: what a run made outside its base, for sweep()
 IP_FORWARD = "/proc/sys/net/ipv4/ip_forward"
+DEPLOY = os.path.join(os.path.dirname(__file__), "..", "..", "deploy", "kubernetes")
 NAT_CHAIN = re.compile(r"^(CNI-HOSTPORT-\w+|CNI-DN-\w+)$")
 
 
@@ -173,6 +175,14 @@ def sweep() -> None:
             pass
 
 
+def _toml_table(name: str, values: dict) -> str:
+    """One TOML table of strings, booleans, integers and lists of strings."""
+    lines = [f"[{name}]"]
+    for k, v in values.items():
+        lines.append(f"  {k} = {json.dumps(v)}")  # JSON's strings, true/false, numbers, lists are TOML's
+    return "\n".join(lines) + "\n"
+
+
 class Node:
     """containerd + CNI + images; `cri` is the CRI client."""
 
@@ -227,13 +237,26 @@ class Node:
         return shim
 
     def conflist_graft(self) -> dict:
-        return {"cniVersion": "1.0.0", "name": self.net_graft, "plugins": [
-            {"type": "bridge", "bridge": self.bridge_graft, "isGateway": False, "ipMasq": False,
-             "ipam": {"type": "host-local", "ranges": [[{"subnet": self.subnet_graft}]],
-                      "dataDir": os.path.join(self.base, "ipam")}},
-            {"type": "graft", "stateDir": self.graftd.state, "hostIP": "127.0.0.1", "hostIPv6": "::1",
-             "capabilities": {"portMappings": True, "io.kubernetes.cri.pod-annotations": True}},
-        ]}
+        """deploy/kubernetes/graft.conflist, pointed at this node's bridge, subnet, dirs and graftd;
+        the bridge is no gateway here (no masquerading, no forwarding: the pods need no way out)."""
+        with open(os.path.join(DEPLOY, "graft.conflist")) as f:
+            conf = json.load(f)
+        bridge, graft = conf["plugins"]
+        assert (bridge["type"], bridge["ipam"]["type"], graft["type"]) == ("bridge", "host-local", "graft")
+        conf["name"] = self.net_graft
+        bridge.update(bridge=self.bridge_graft, isGateway=False, ipMasq=False)
+        bridge["ipam"].update(ranges=[[{"subnet": self.subnet_graft}]], dataDir=os.path.join(self.base, "ipam"))
+        graft["stateDir"] = self.graftd.state
+        return conf
+
+    def graft_runtime_section(self) -> dict:
+        """The `graft` handler of deploy/kubernetes/containerd-graft.toml, pointed at this node."""
+        with open(os.path.join(DEPLOY, "containerd-graft.toml"), "rb") as f:
+            rt = tomllib.load(f)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["runtimes"]["graft"]
+        assert rt["options"]["BinaryName"] == GRAFT_RUNTIME
+        rt["cni_conf_dir"] = os.path.join(self.base, "cni-graft")
+        rt["options"].update(BinaryName=self.runtime_shim, Root=os.path.join(self.base, "runc"), SystemdCgroup=False)
+        return rt
 
     def conflist_std(self) -> dict:
         return {"cniVersion": "1.0.0", "name": self.net_std, "plugins": [
@@ -289,15 +312,10 @@ oom_score = 0
   runtime_type = "io.containerd.runc.v2"
 [{cri}.containerd.runtimes.runc.options]
   Root = "{b}/runc"
-[{cri}.containerd.runtimes.graft]
-  runtime_type = "io.containerd.runc.v2"
-  cni_conf_dir = "{b}/cni-graft"
-  pod_annotations = ["io.sockgraft.*"]
-  container_annotations = ["io.sockgraft.*"]
-[{cri}.containerd.runtimes.graft.options]
-  BinaryName = "{self.runtime_shim}"
-  Root = "{b}/runc"
 """
+        rt = self.graft_runtime_section()
+        options = rt.pop("options")
+        config += _toml_table(f"{cri}.containerd.runtimes.graft", rt) + _toml_table(f"{cri}.containerd.runtimes.graft.options", options)
         with open(os.path.join(b, "config.toml"), "w") as f:
             f.write(config)
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -32,6 +33,11 @@ OBJECT_META = {"name": str}
 SCHEMAS = {
     ("node.k8s.io/v1", "RuntimeClass"): {"metadata": OBJECT_META, "handler": str},
     ("v1", "Pod"): {"metadata": OBJECT_META, "spec": {"containers": [{"name": str, "image": str}]}},
+    ("apps/v1", "Deployment"): {
+        "metadata": OBJECT_META,
+        "spec": {"selector": {"matchLabels": dict},
+                 "template": {"metadata": {"labels": dict}, "spec": {"containers": [{"name": str, "image": str}]}}},
+    },
     ("apps/v1", "DaemonSet"): {
         "metadata": OBJECT_META,
         "spec": {"selector": {"matchLabels": dict},
@@ -79,10 +85,16 @@ def test_runtimeclass_matches_containerd_handler():
     assert rt["runtime_type"] == "io.containerd.runc.v2"
     assert rt["options"]["BinaryName"] == "/usr/local/bin/graft-runtime"
     assert "io.sockgraft.*" in rt["pod_annotations"] and "io.sockgraft.*" in rt["container_annotations"]
-    # the example pod's annotations are a valid table, and it asks for this class
-    (pod,) = [d for d in load_yaml("runtimeclass.yaml") if d["kind"] == "Pod"]
+    assert rt["cni_conf_dir"] == CNI_CONF_DIR
+    # the example Deployment asks for this class, serves on a hostPort, and its annotations are a table
+    (dep,) = load_yaml("deployment-example.yaml")
+    pod = dep["spec"]["template"]
     assert pod["spec"]["runtimeClassName"] == rc["metadata"]["name"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     assert not annotations.parse(pod["metadata"]["annotations"]).empty()
+    (port,) = pod["spec"]["containers"][0]["ports"]
+    assert 0 < port["hostPort"] < 65536 and port["containerPort"] in (8080,)
+    assert "-p" in pod["spec"]["containers"][0]["command"]  # the container listens on containerPort
     node_label = rc["scheduling"]["nodeSelector"]
     (ds,) = load_yaml("graftd-daemonset.yaml")
     assert ds["spec"]["template"]["spec"]["nodeSelector"] == node_label
@@ -131,3 +143,52 @@ def test_systemd_unit():
     if shutil.which("systemd-analyze"):
         p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
+
+
+CNI_CONF_DIR = "/etc/cni/net.d/graft"  # install-node.sh's default, containerd-graft.toml's cni_conf_dir
+
+
+def test_conflist_chains_graft_after_the_interface():
+    with open(os.path.join(DEPLOY, "kubernetes", "graft.conflist")) as f:
+        conf = json.load(f)
+    assert conf["cniVersion"] == "1.0.0"
+    types = [p["type"] for p in conf["plugins"]]
+    assert types == ["bridge", "graft"]  # containerd's CRI needs an eth0 with an address; graft is chained after
+    graft = conf["plugins"][1]
+    assert graft["capabilities"] == {"portMappings": True, "io.kubernetes.cri.pod-annotations": True}
+    (ds,) = load_yaml("graftd-daemonset.yaml")
+    ctx = graftd_cli.make_context("graftd", list(ds["spec"]["template"]["spec"]["containers"][0]["args"]))
+    assert graft["stateDir"] == ctx.params["state_dir"]
+    # the init container installs it where containerd-graft.toml looks
+    (init,) = ds["spec"]["template"]["spec"]["initContainers"]
+    mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in ds["spec"]["template"]["spec"]["volumes"]}
+    root = {e["name"]: e["value"] for e in init["env"]}["NODE_ROOT"]
+    for node_path in ("/opt/cni/bin", "/usr/local/bin", CNI_CONF_DIR, "/opt/sockgraft"):
+        assert any(node_path.startswith(volumes[name]) and path == root + volumes[name] for path, name in mounts.items()), node_path
+
+
+def test_install_node_script(tmp_path):
+    """install-node.sh puts a working graft-runtime and CNI plugin in place (here: from this
+    machine's Python, through a prefix of links; paths under tmp instead of the node's)."""
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    real = os.path.realpath(sys.executable)
+    os.symlink(real, prefix / "bin" / os.path.basename(real))
+    os.symlink(os.path.join(sys.base_prefix, "lib"), prefix / "lib")
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "NODE_ROOT": "", "SOCKGRAFT_PREFIX": str(prefix),
+           "SOCKGRAFT_DIR": str(tmp_path / "opt" / "sockgraft"), "RUNTIME_BIN_DIR": str(tmp_path / "bin"),
+           "CNI_BIN_DIR": str(tmp_path / "cni"), "CNI_CONF_DIR": str(tmp_path / "conf")}
+    script = os.path.join(DEPLOY, "kubernetes", "install-node.sh")
+    for _ in range(2):  # again: an update in place
+        p = subprocess.run(["sh", script], env=env, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+    # the plugin with the bare environment a runtime gives it
+    p = subprocess.run([str(tmp_path / "cni" / "graft")], env={"CNI_COMMAND": "VERSION"}, capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0 and "1.0.0" in json.loads(p.stdout)["supportedVersions"]
+    p = subprocess.run([str(tmp_path / "bin" / "graft-runtime"), "--version"], env={"PATH": "/usr/sbin:/usr/bin"},
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.startswith("runc version"), p.stderr  # everything else is runc's
+    with open(tmp_path / "conf" / "10-graft.conflist") as f:
+        assert json.load(f)["plugins"][1]["type"] == "graft"
