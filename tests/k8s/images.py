@@ -118,3 +118,55 @@ def pause_archive(workdir: str) -> str:
         binary = f.read()
     files = {"pause": (binary, 0o755, None), **_dirs("dev", "proc", "sys", "etc")}
     return oci_archive(os.path.join(workdir, "pause.tar"), PAUSE_IMAGE, files, ["/pause"])
+
+
+NGINX_IMAGE = "docker.io/local/nginx:1"
+NGINX_CONF = """user root;
+worker_processes 1;
+daemon off;
+error_log stderr;
+pid /tmp/nginx.pid;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path /tmp/body;
+    proxy_temp_path /tmp/proxy;
+    fastcgi_temp_path /tmp/fastcgi;
+    uwsgi_temp_path /tmp/uwsgi;
+    scgi_temp_path /tmp/scgi;
+    keepalive_requests 1000000;
+    server {
+        listen 8080;
+        listen [::]:8080;
+        location / { return 200 "sockgraft-k8s-nginx-ok-0123456789-0123456789-0123456789-01234567\\n"; }
+        location = /status { stub_status; }
+    }
+}
+"""
+
+
+def _ldd(binary: str) -> list[str]:
+    p = subprocess.run(["ldd", binary], capture_output=True, text=True, timeout=30, check=True)
+    out = []
+    for line in p.stdout.splitlines():
+        words = line.split()
+        path = words[2] if "=>" in words and len(words) > 2 else words[0]
+        if path.startswith("/"):
+            out.append(path)
+    return out
+
+
+def nginx_archive(workdir: str, binary: str = "/usr/sbin/nginx") -> str:
+    """Debian's nginx with the libraries it links (as ldd finds them) and a one-server config
+    (port 8080 on 0.0.0.0 and [::], 64-byte answers, stub_status): for the hostPort benchmark."""
+    files = _dirs("bin", "etc", "etc/nginx", "tmp", "proc", "sys", "dev", "run", "usr", "usr/sbin", "var", "var/log",
+                  "var/log/nginx", "var/lib", "var/lib/nginx", "lib", "lib64", "lib/x86_64-linux-gnu")
+    files["tmp"] = (None, 0o1777, None)
+    for path in [binary, *_ldd(binary)]:
+        with open(os.path.realpath(path), "rb") as f:
+            files[path.lstrip("/")] = (f.read(), 0o755, None)
+    files["etc/nginx/nginx.conf"] = (NGINX_CONF.encode(), 0o644, None)
+    files["etc/passwd"] = (b"root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644, None)
+    files["etc/group"] = (b"root:x:0:\nnogroup:x:65534:\n", 0o644, None)
+    return oci_archive(os.path.join(workdir, "nginx.tar"), NGINX_IMAGE, files,
+                       [binary, "-c", "/etc/nginx/nginx.conf"])

@@ -118,3 +118,17 @@ def test_bad_messages_are_refused(msg, fds_sent, error):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_cri_names_from_containerd_and_cri_o_annotations():
+    from sockgraft.runtime.wrapper import cri_names
+
+    containerd = {"annotations": {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": "abc",
+                                  "io.kubernetes.cri.sandbox-name": "web", "io.kubernetes.cri.sandbox-namespace": "prod",
+                                  "io.kubernetes.cri.container-name": "nginx"}}
+    assert cri_names(containerd) == {"namespace": "prod", "pod": "web", "container": "nginx", "type": "container",
+                                     "sandbox_id": "abc"}
+    crio = {"annotations": {"io.kubernetes.pod.name": "web", "io.kubernetes.pod.namespace": "prod"}}
+    assert cri_names(crio) == {"namespace": "prod", "pod": "web"}
+    assert cri_names({"annotations": {"io.kubernetes.cri.container-name": "x"}}) == {}  # no pod: not CRI's
+    assert cri_names({}) == {}

@@ -7,6 +7,12 @@ seccomp notify rules with graftd's agent socket as `listenerPath`, and runs the 
 original arguments. `delete` removes the table and the netns it created once runc has deleted the
 container. Everything else goes to runc untouched.
 
+Inside a Kubernetes pod (containerd's CRI) the netns is the sandbox's, named in config.json, and the
+`graft` CNI plugin has already written the pod's table (hostPorts, pod annotations): every
+container of the pod, the sandbox's pause included, joins that table and is supervised by graftd;
+its `delete` leaves the table to CNI's DEL while CNI still holds it. The CRI names of the container
+(namespace, pod, container) go into its record for `graft status` and the metrics.
+
 Settings (flags before the subcommand, which runc never sees, or environment):
   --graft-state-dir DIR  / GRAFT_STATE_DIR      tables (must be graftd's)
   --graft-agent PATH     / GRAFT_AGENT_SOCKET   graftd's OCI agent socket
