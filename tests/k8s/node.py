@@ -122,9 +122,12 @@ def _unmount_under(base: str) -> None:
         subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
-def undo(mark: dict) -> None:
-    """Remove what a node (alive or dead) made outside and inside its base dir."""
+def undo(mark: dict, dead: bool = False) -> None:
+    """Remove what a node (alive or dead) made outside and inside its base dir; for a dead run's
+    node, also the graftd its test started (named by its state dir)."""
     base = mark["base"]
+    if dead and mark.get("graftd_state"):
+        _kill_under(mark["graftd_state"])
     ids = _kill_under(base) + mark.get("sandboxes", [])
     time.sleep(0.2)
     _unmount_under(base)
@@ -133,8 +136,11 @@ def undo(mark: dict) -> None:
     remove_nat_chains(set(mark.get("nat_chains_made", [])) | (nat_chains() - set(mark.get("nat_chains_before", []))
                                                                if mark.get("nat_chains_before") is not None else set()))
     _rmdir_cgroups(ids + mark.get("containers", []))
-    for net in mark.get("networks", []):
+    for net in mark.get("networks", []):  # libcni's cache of each ADD: our networks, containerd's loopback
         for p in glob.glob(f"/var/lib/cni/results/{net}-*"):
+            os.unlink(p)
+    for sid in mark.get("sandboxes", []):
+        for p in glob.glob(f"/var/lib/cni/results/cni-loopback-{sid}-*"):
             os.unlink(p)
     for d in mark.get("dirs_made", []):
         try:
@@ -166,7 +172,7 @@ def sweep() -> None:
         try:
             with open(path) as f:
                 mark = json.load(f)
-            undo(mark)
+            undo(mark, dead=True)
         except (OSError, ValueError):
             pass
         try:
@@ -200,7 +206,7 @@ class Node:
         self.gateway_std = "10.251.1.1"
         with open(IP_FORWARD) as f:
             ip_forward = f.read().strip()
-        self.mark = {"base": self.base, "bridges": [self.bridge_graft, self.bridge_std],
+        self.mark = {"base": self.base, "graftd_state": graftd.state, "bridges": [self.bridge_graft, self.bridge_std],
                      "networks": [self.net_graft, self.net_std], "ip_forward": ip_forward,
                      "nat_chains_before": sorted(nat_chains()), "sandboxes": [], "containers": [], "shim_sockets": [],
                      # made by containerd and CNI if not there yet: removed again when empty
@@ -383,5 +389,6 @@ oom_score = 0
         undo(self.mark)
         try:
             os.unlink(os.path.join(MARKS, f"{os.getpid()}.json"))
-        except FileNotFoundError:
+            os.rmdir(MARKS)  # the last node of all
+        except OSError:
             pass
