@@ -202,8 +202,9 @@ class Node:
         self.sock = os.path.join(self.base, "containerd.sock")
         self.bridge_graft, self.bridge_std = f"sgkg{pid}"[:15], f"sgks{pid}"[:15]
         self.net_graft, self.net_std = f"sgk-graft-{pid}", f"sgk-std-{pid}"
-        self.subnet_graft, self.subnet_std = "10.251.0.0/24", "10.251.1.0/24"
-        self.gateway_std = "10.251.1.1"
+        n = (pid % 120) * 2  # two /24s per test process: runs side by side do not share a subnet
+        self.subnet_graft, self.subnet_std = f"10.251.{n}.0/24", f"10.251.{n + 1}.0/24"
+        self.gateway_std = f"10.251.{n + 1}.1"
         with open(IP_FORWARD) as f:
             ip_forward = f.read().strip()
         self.mark = {"base": self.base, "graftd_state": graftd.state, "bridges": [self.bridge_graft, self.bridge_std],

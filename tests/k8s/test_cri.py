@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -99,9 +100,11 @@ HTTPD = ["httpd", "-f", "-p", "8080", "-h", "/www"]  # busybox binds [::]:8080, 
 
 
 def nat_rules_for(port: int) -> list[str]:
-    """Lines of the nftables ruleset (iptables-nft writes there too) that rewrite to or from `port`."""
+    """Rules of the nftables ruleset (iptables-nft writes there too) that DNAT connections to `port`:
+    portmap's per-pod rule matches the host port (`dport H`) and jumps to its DNAT chain."""
     out = subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True, timeout=30).stdout
-    return [line for line in out.splitlines() if str(port) in line and ("dnat" in line.lower() or "DNAT" in line)]
+    return [line for line in out.splitlines()
+            if re.search(rf"\bdport {port}\b", line) and re.search(r"dnat|DN-|HOSTPORT", line, re.I)]
 
 
 def listener_of(port: int) -> tuple[int, str]:
@@ -155,7 +158,7 @@ def test_graft_pods_on_their_host_ports(node, k8s_graftd):
         pid, comm = listener_of(h1)
         assert comm == "httpd" and os.stat(f"/proc/{pid}/ns/net").st_ino == a.netns_ino()
         st = a.status().status
-        assert st.network.ip.startswith("10.251.0.")  # the pod network (bridge + host-local) is there too
+        assert st.network.ip.startswith(node.subnet_graft.rsplit(".", 1)[0] + ".")  # the pod network (bridge + host-local) is there too
         # the table: hostPort endpoints and pairs from CNI, egress from the pod annotation
         key = f"netns:{a.netns_ino()}"
         shown = subprocess.run(["graft", "--pid", str(pid), "show"], env=g.env(), capture_output=True,
@@ -244,7 +247,7 @@ def test_plain_runc_pod_beside_graft_pods(node, k8s_graftd):
         events = k8s_graftd.events()
         assert not [e for e in events if e.get("container_id") in (p.id, *p.containers)]
         r = p.exec("sh", "-c", "ifconfig eth0")
-        assert "10.251.1." in r.stdout.decode()
+        assert node.subnet_std.rsplit(".", 1)[0] + "." in r.stdout.decode()
     finally:
         p.remove()
     assert refused(h)
