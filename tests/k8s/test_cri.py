@@ -88,8 +88,10 @@ class Pod:
     def exec(self, *cmd: str, timeout: int = 15):
         return self.node.cri.ExecSync(container_id=self.containers[0], cmd=list(cmd), timeout=timeout)
 
-    def remove(self) -> None:
-        for cid in self.containers:
+    def remove(self, containers_first: bool = True) -> None:
+        """As the kubelet tears a pod down; without `containers_first`, StopPodSandbox and
+        RemovePodSandbox alone (they must stop and remove the containers themselves)."""
+        for cid in self.containers if containers_first else ():
             self.node.cri.StopContainer(container_id=cid, timeout=2)
             self.node.cri.RemoveContainer(container_id=cid)
         self.node.cri.StopPodSandbox(pod_sandbox_id=self.id)
@@ -213,7 +215,7 @@ def test_graft_pods_on_their_host_ports(node, k8s_graftd):
         for p in list(pods):
             ino, pid, netns_path = p.netns_ino(), p.pid(), json.loads(p.status().info["info"])["runtimeSpec"]
             netns_path = [n for n in netns_path["linux"]["namespaces"] if n["type"] == "network"][0]["path"]
-            p.remove()
+            p.remove(containers_first=p is not d)
             pods.remove(p)
             assert not os.path.exists(netns_path)
             assert pids_in_netns(ino) == [] and not os.path.exists(f"/proc/{pid}")
