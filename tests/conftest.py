@@ -40,21 +40,39 @@ def leftover_netns() -> list[str]:
 
 
 def pytest_sessionstart(session):
-    """The one sweeper of leftover namespaces (for every folder of tests)."""
-    from sockgraft.host import netns
+    """The one sweeper of leftover namespaces and egress tables (for every folder of tests)."""
+    from sockgraft.host import egress, netns
 
     for name in leftover_netns():
         try:
             netns.remove(name)
         except OSError:
             pass  # in use after all, or gone meanwhile: the next session tries again
+    egress.sweep()  # nftables tables of state dirs that are gone (a killed run's)
+
+
+def pytest_sessionfinish(session):
+    """Tables of this session's state dirs that a test left (containers it did not remove)."""
+    from sockgraft.host import egress
+
+    try:
+        base = os.path.realpath(str(session.config._tmp_path_factory.getbasetemp()))
+    except (AttributeError, OSError, ValueError):
+        return
+    egress.sweep(keep=lambda d: not d.startswith(base + os.sep))
 
 
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch) -> str:
+    from sockgraft.host import egress
+
     d = str(tmp_path / "state")
     monkeypatch.setenv("GRAFT_STATE_DIR", d)
-    return d
+    yield d
+    try:
+        egress.remove(d)  # whatever the test left in its store: its kernel table goes
+    except egress.EgressError:
+        pass
 
 
 _counter = iter(range(1, 1 << 30))

@@ -97,5 +97,7 @@ def sweep() -> dict[str, list]:
         sh("nft", "delete", "table", family, name, check=False)
     for d in found["dirs"]:
         shutil.rmtree(d, ignore_errors=True)
+    from sockgraft.host import egress  # egress tables (host/egress.py) of state dirs now gone
+    egress.sweep()
     forward_update()  # drops dead owners, restores the original value if none is left
     return found

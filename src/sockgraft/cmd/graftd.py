@@ -22,6 +22,7 @@ import click
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.modes.api.fdservice import FdService
+from sockgraft.host import egress
 from sockgraft.host.metrics import Metrics, MetricsAudit
 from sockgraft.host.paths import RUNTIME_DIR, fd_socket_path, state_dir
 from sockgraft.host.store import Store, StoreError
@@ -143,6 +144,7 @@ class Daemon:
             if self.agent_socket:
                 self.start_agent()
             self.service.audit.record("start", pid=os.getpid(), state_dir=self.state)
+            egress.sync(self.service.store)  # the kernel's egress table rebuilt from the tables
             self.sync()
             self.service.serve_forever(tick=self.tick)
             self.service.audit.record("stop", pid=os.getpid())

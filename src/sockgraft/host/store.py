@@ -12,6 +12,7 @@ from sockgraft.core.endpoint import Endpoint, SpecError, conflicts
 from sockgraft.core.engine import Policy
 from sockgraft.core.tables import MARK_MAX, MARK_TAG
 from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_ingress
+from sockgraft.host import egress
 from sockgraft.host.paths import state_dir
 
 SCHEMA_VERSION = 2  # 2: the marks table
@@ -128,6 +129,7 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                egress.sync(self)  # the kernel's egress table follows, applied in commit order (host/egress.py)
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise

@@ -64,6 +64,7 @@ def test_client_inside_leaves_by_dynamic_endpoint(tmp_path, state_dir, ns, famil
         port = server.getsockname()[1]
         cli = script(tmp_path, "cli.py", CLIENT)
         p = graft_run("-n", ns, "--endpoint", f"ep-out type {family} addr {src} port dynamic",
+                      "--egress", f"{host}/{32 if family == 'ipv4' else 128}=ep-out",  # the kernel's egress table
                       "--", sys.executable, cli, host, str(port), "ep-out")
         server.settimeout(10)
         conn, peer = server.accept()
@@ -324,8 +325,8 @@ def test_connect_from_hands_over_a_connected_socket(tmp_path, state_dir, ns):
         server.bind(("127.0.0.1", 0))
         server.listen(16)
         port = server.getsockname()[1]
-        p = graft_run("-n", ns, "--endpoint", "ep-out type ipv4 addr 127.0.0.1 port dynamic", "--",
-                      sys.executable, script(tmp_path, "cf.py", CONNECT_FROM), str(port), str(free_port()))
+        p = graft_run("-n", ns, "--endpoint", "ep-out type ipv4 addr 127.0.0.1 port dynamic", "--egress", "127.0.0.1/32=ep-out",
+                      "--", sys.executable, script(tmp_path, "cf.py", CONNECT_FROM), str(port), str(free_port()))
         out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert dict(line.rsplit(" ", 1) for line in out.splitlines()) == {

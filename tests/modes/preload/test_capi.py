@@ -34,7 +34,7 @@ def test_af_graft_dynamic_endpoint_then_connect(cc, run_preload):
 
         t = threading.Thread(target=serve, daemon=True)
         t.start()
-        p = run_preload(ep("ep-out", None), [exe, "dial", "127.0.0.1", str(srv.getsockname()[1])])
+        p = run_preload([*ep("ep-out", None), "--egress", "127.0.0.1/32=ep-out"], [exe, "dial", "127.0.0.1", str(srv.getsockname()[1])])
         out, err = p.communicate(timeout=20)
         t.join(5)
     assert p.returncode == 0, err

@@ -1,0 +1,208 @@
+"""The kernel's egress table (host/egress.py): the ruleset builder (pure: store content -> nft
+script), and the table following the store: built at a write, changed with the rules, removed with
+the last container, rebuilt by graftd, swept when its state dir is gone."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import subprocess
+
+import pytest
+
+from sockgraft.core.endpoint import parse_endpoint
+from sockgraft.core.engine import Op, Policy
+from sockgraft.core.rules import parse_egress, parse_ingress
+from sockgraft.core.tables import MARK_TAG
+from sockgraft.host import egress
+from sockgraft.host.store import Store, StoreError
+
+EP = {e.name: e for e in map(parse_endpoint, [
+    "ep-out type ipv4 addr 127.0.0.1 port dynamic",
+    "ep6 type ipv6 addr ::1 port dynamic",
+    "web type ipv4 addr 127.0.0.1 port 8080",
+    "any type ipv4 addr 0.0.0.0 port 9000",
+    "sock type unix path /tmp/x.sock",
+])}
+
+
+def policy(*egress_rules: str, endpoints=EP, mark: int = MARK_TAG | 7) -> Policy:
+    return Policy(dict(endpoints), [], [parse_egress(r) for r in egress_rules], mark)
+
+
+def nft(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["nft", *args], capture_output=True, text=True, check=check)
+
+
+def table_text(state_dir: str) -> str | None:
+    p = nft("list", "table", "inet", egress.table_name(state_dir), check=False)
+    return p.stdout if p.returncode == 0 else None
+
+
+# -- the builder -------------------------------------------------------------------------------
+def test_container_rules_mirror_the_engine_on_grafted_sockets():
+    """Longest prefix first; a longer rule naming a missing endpoint refuses what a shorter one
+    allows (Policy._on_grafted: a rule whose endpoint exists names its prefix)."""
+    p = policy("10.0.0.0/8=ep-out", "10.1.0.0/16=gone", "10.1.2.0/24=ep-out", "127.0.0.2/32=ep-out",
+               "::/0=ep6", "192.168.0.0/16=ep6", "172.16.0.0/12=sock")
+    c = egress.container_egress("netns:1", p)
+    assert [(ok, [str(n) for n in nets]) for ok, nets in c.groups] == [
+        (True, ["127.0.0.2/32", "10.1.2.0/24"]), (False, ["10.1.0.0/16"]),
+        (True, ["192.168.0.0/16", "172.16.0.0/12", "10.0.0.0/8", "::/0"])]
+    # the same verdicts as the engine's for a grafted socket, on sample destinations
+    for addr in ["10.1.2.3", "10.1.9.9", "10.9.9.9", "127.0.0.2", "127.0.0.3", "192.168.1.1", "172.16.0.1",
+                 "::1", "2001:db8::1", "11.0.0.1", "10.2.0.1"]:
+        engine = p.decide(Op("sendto", 10 if ":" in addr else 2, addr, 53, 2, 0, grafted=True)).granted
+        ip = ipaddress.ip_address(addr)
+        kernel = next((ok for ok, nets in c.groups if any(ip.version == n.version and ip in n for n in nets)), False)
+        assert kernel == engine, addr
+    # fixed-port IP endpoints are reachable (dial); a wildcard one at the loopback
+    assert [(str(a), port) for a, port in c.dials] == [("127.0.0.1", 8080), ("127.0.0.1", 9000)]
+
+
+def test_ruleset_text():
+    a = egress.container_egress("netns:1", policy("127.0.0.2/32=ep-out", "::/0=ep6", endpoints={
+        k: EP[k] for k in ("ep-out", "ep6", "web")}, mark=MARK_TAG | 0x12))
+    b = egress.container_egress('weird"key\n', policy(mark=MARK_TAG | 0x3))
+    text = egress.ruleset("/nonexistent/state", [a, b])
+    table = egress.table_name("/nonexistent/state")
+    assert re.fullmatch(r"sockgraft-[0-9a-f]{12}", table)
+    assert text == f"""add table inet {table}
+delete table inet {table}
+table inet {table} {{
+\tcomment "/nonexistent/state"
+\tchain output {{
+\t\ttype filter hook output priority filter; policy accept;
+\t\tmeta mark & 0xffff0000 != 0x5ca00000 return
+\t\tmeta mark vmap {{ 0x5ca00003 : jump mark-5ca00003, 0x5ca00012 : jump mark-5ca00012 }}
+\t}}
+\tchain refuse {{
+\t\ttcp flags & (syn | ack) == syn reject with tcp reset
+\t\tdrop
+\t}}
+\tchain mark-5ca00003 {{
+\t\tcomment "{b.digest()} weird?key?"
+\t\tct state established,related accept
+\t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080, 127.0.0.1 . tcp . 9000, 127.0.0.1 . udp . 9000 }} accept
+\t\tgoto refuse
+\t}}
+\tchain mark-5ca00012 {{
+\t\tcomment "{a.digest()} netns:1"
+\t\tct state established,related accept
+\t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080 }} accept
+\t\tip daddr {{ 127.0.0.2/32 }} accept
+\t\tmeta nfproto ipv6 accept
+\t\tgoto refuse
+\t}}
+}}
+"""
+    # no container: the table is only removed; pure: the same input, the same text
+    assert egress.ruleset("/nonexistent/state", []) == f"add table inet {table}\ndelete table inet {table}\n"
+    assert egress.ruleset("/nonexistent/state", [b, a]) == text
+
+
+def test_tables_of_two_state_dirs_differ(tmp_path):
+    assert egress.table_name(str(tmp_path / "a")) != egress.table_name(str(tmp_path / "b"))
+    os.symlink(tmp_path, tmp_path.parent / (tmp_path.name + "-link"))
+    try:  # one state dir, however it is spelled
+        assert egress.table_name(str(tmp_path)) == egress.table_name(str(tmp_path.parent / (tmp_path.name + "-link")))
+    finally:
+        os.unlink(tmp_path.parent / (tmp_path.name + "-link"))
+
+
+def test_every_built_ruleset_is_accepted_by_nft(tmp_path):
+    """nft -c (check only) accepts what the builder makes, for assorted tables."""
+    cases = [policy(), policy("0.0.0.0/0=ep-out"), policy("::/0=ep6", "::1/128=ep-out"),
+             policy("10.0.0.0/8=gone"), policy(*[f"10.{i}.0.0/16=ep-out" for i in range(200)])]
+    cs = [egress.container_egress(f"netns:{i}", Policy(p.endpoints, [], p.egress, MARK_TAG | (i + 1)))
+          for i, p in enumerate(cases)]
+    script = egress.ruleset(str(tmp_path / "state"), cs)
+    p = subprocess.run(["nft", "-c", "-f", "-"], input=script, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+
+
+# -- the table follows the store ---------------------------------------------------------------
+def test_table_follows_the_store(state_dir, monkeypatch):
+    monkeypatch.delenv(egress.ENV, raising=False)
+    ep = parse_endpoint("ep-out type ipv4 addr 127.0.0.1 port dynamic")
+    with Store(state_dir) as store:
+        assert table_text(state_dir) is None
+        undo = store.install("netns:101", 101, "api", [ep], [], [parse_egress("127.0.0.2/32=ep-out")], fresh=True)
+        mark = store.marks()["netns:101"]
+        text = table_text(state_dir)
+        assert text and f"comment \"{os.path.realpath(state_dir)}\"" in text
+        assert f"0x{mark:08x} : jump mark-{mark:08x}" in text and "ip daddr 127.0.0.2 accept" in text
+        assert egress.pools_off(store, "netns:101") == ""
+        # a rule change: at once
+        store.set_rules("netns:101", [], [parse_egress("127.0.0.5/32=ep-out")])
+        text = table_text(state_dir)
+        assert "127.0.0.5" in text and "127.0.0.2" not in text
+        # a second container, then the endpoint its rule names goes: the rule names nothing
+        store.install("netns:102", 102, "seccomp", [parse_endpoint("e2 type ipv4 addr 127.0.0.1 port dynamic")], [],
+                      [parse_egress("127.0.0.9/32=e2")], fresh=True)
+        assert "127.0.0.9" in table_text(state_dir)
+        store.delete("netns:102", "e2")
+        text = table_text(state_dir)
+        assert "127.0.0.9" not in text and f"mark-{store.marks()['netns:102']:08x}" in text
+        store.forget("netns:102")
+        undo()  # the last container goes: so does the table
+        assert table_text(state_dir) is None
+
+
+def test_graftd_start_rebuilds_the_table(state_dir, tmp_path):
+    from tests.helpers import graftd, stop
+
+    with Store(state_dir) as store:
+        store.install("netns:103", 103, "api", [parse_endpoint("ep type ipv4 addr 127.0.0.1 port dynamic")], [],
+                      [parse_egress("127.0.0.7/32=ep")], fresh=True)
+        want = table_text(state_dir)
+        egress.remove(state_dir)  # as after a reboot: the tables are there, the kernel's table is not
+        assert table_text(state_dir) is None
+        d = graftd(state_dir, str(tmp_path / "run"), "--no-agent")
+        try:
+            assert table_text(state_dir) == want
+        finally:
+            stop(d)
+        store.forget("netns:103")
+    assert table_text(state_dir) is None
+
+
+def test_enforce_settings(state_dir, monkeypatch, capsys):
+    ep = parse_endpoint("ep type ipv4 addr 127.0.0.1 port dynamic")
+    with Store(state_dir) as store:
+        monkeypatch.setenv(egress.ENV, "0")  # off: no table, and pools are told so
+        store.install("netns:104", 104, "api", [ep], [], [], fresh=True)
+        assert table_text(state_dir) is None
+        assert "off" in egress.pools_off(store, "netns:104")
+        monkeypatch.setenv(egress.ENV, "1")
+        store.register("netns:104", 104)
+        assert table_text(state_dir) is not None
+        # nftables unusable: required -> the write fails (rolled back); default -> said once, carried on
+        monkeypatch.setattr(egress, "_nft", lambda script: (_ for _ in ()).throw(egress.EgressError("no nftables here")))
+        with pytest.raises(StoreError, match="egress cannot be enforced by the kernel.*no nftables here"):
+            store.install("netns:105", 105, "api", [], [], [], fresh=True)
+        assert store.container("netns:105") is None
+        monkeypatch.delenv(egress.ENV)
+        monkeypatch.setattr(egress, "_warned", False)
+        store.install("netns:105", 105, "api", [], [], [], fresh=True)
+        store.forget("netns:105")
+        assert capsys.readouterr().err.count("egress is not enforced by the kernel (nftables: no nftables here)") == 1
+        monkeypatch.undo()
+        monkeypatch.setenv("GRAFT_STATE_DIR", state_dir)
+        store.forget("netns:104")
+    assert table_text(state_dir) is None
+
+
+def test_sweep_removes_tables_of_state_dirs_that_are_gone(tmp_path):
+    gone, alive = str(tmp_path / "gone"), str(tmp_path / "alive")
+    with Store(gone) as s1, Store(alive) as s2:
+        for s in (s1, s2):
+            s.register("netns:106", 106)
+    try:
+        os.unlink(os.path.join(gone, "tables.db"))
+        assert egress.table_name(gone) in egress.tables()
+        assert egress.table_name(gone) in egress.sweep()
+        assert table_text(gone) is None and table_text(alive) is not None
+    finally:
+        egress.remove(gone)
+        egress.remove(alive)
