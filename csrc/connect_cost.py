@@ -6,7 +6,8 @@ by commands, never asserted by a test:
 
 1. One blocking connect() to a host listener on loopback (client closes first), p50/p99/mean in
    µs: native; grafted by an egress rule with the fd service's native fast path off
-   (GRAFT_FDSERVICE_FAST=0: Python answers) and on (the default). With --old-src/--old-prefix
+   (GRAFT_FDSERVICE_FAST=0: Python answers) and on, the service connecting (GRAFT_POOLS=0), and
+   the default: pooled host sockets, the program's own connect. With --old-src/--old-prefix
    (a checkout of the previous tree and its installed library) also the previous design.
 2. Operations no rule matches: connect to a listener in the container's own netns, bind to
    127.0.0.1:0 — native, under preload (prefilter: no round trip), and with GRAFT_PREFILTER=0.
@@ -116,7 +117,9 @@ def main() -> int:
                 row("preload, previous design (bind, then connect)", graft_run(netns, egress, [exe, "connect", "127.0.0.1", str(port), n], old=old))
             row("preload, grafted, GRAFT_FDSERVICE_FAST=0", graft_run(netns, egress, [exe, "connect", "127.0.0.1", str(port), n],
                                                                  {"GRAFT_FDSERVICE_FAST": "0"}))
-            row("preload, grafted (fd service fast path)", graft_run(netns, egress, [exe, "connect", "127.0.0.1", str(port), n]))
+            row("preload, grafted, service connects (GRAFT_POOLS=0)",
+                graft_run(netns, egress, [exe, "connect", "127.0.0.1", str(port), n], {"GRAFT_POOLS": "0"}))
+            row("preload, grafted, pooled sockets (default)", graft_run(netns, egress, [exe, "connect", "127.0.0.1", str(port), n]))
             print("operations no rule matches (µs):")
             native_local = subprocess.run(["unshare", "-n", "sh", "-c", f'ip link set lo up && exec "$0" local {n}', exe],
                                           capture_output=True, text=True, check=True).stdout

@@ -92,12 +92,14 @@ static void fork_prepare(void)
 {
 	prefilter_lock();
 	service_lock();
+	pool_lock();
 	table_lock();
 }
 
 static void fork_after(void)
 {
 	table_unlock();
+	pool_unlock();
 	service_unlock();
 	prefilter_unlock();
 }

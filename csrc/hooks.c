@@ -78,10 +78,12 @@ static int gr_name(const struct sockaddr *sa, socklen_t len, char name[AF_GRAFT_
 	return 0;
 }
 
-/* An unbound socket is about to reach `sa`: the egress decision. `verb` is PF_CONNECT (the service
+/* An unbound socket is about to reach `sa`: the egress decision. `verb` is PF_CONNECT (a pooled
+ * host socket, not connected: the caller connects it itself (pool.c); or, without pools, the service
  * hands over a socket connected or connecting to `sa`: the caller only waits for it) or PF_SENDTO
  * (a socket bound to the source endpoint with a port of its own: the caller then sends).
- * Returns 0 to go on with the real call, 1 when the grafted socket is in place, -1 with errno. */
+ * Returns 0 to go on with the real call, 1 when the grafted socket is in place and connecting,
+ * 2 when a pooled one is in place (the real connect follows), -1 with errno. */
 static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len, int verb)
 {
 	char addr[INET6_ADDRSTRLEN], head[160];
@@ -91,6 +93,17 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 	if (!might_graft(verb, fam, addr, port, 0)) {
 		st_mark_decided(fd); /* no rule can apply: no round trip */
 		return 0;
+	}
+	if (verb == PF_CONNECT) {
+		int pooled = pool_get(fam, addr, port, st->type, st->proto);
+		if (pooled >= 0)
+			return st_install(fd, pooled, st) == 0 ? 2 : -1;
+		if (pooled == POOL_LOCAL) {
+			st_mark_decided(fd);
+			return 0;
+		}
+		if (pooled == POOL_ERR)
+			return -1;
 	}
 	int n = verb == PF_CONNECT ? wire_connect(head, sizeof(head), fam, addr, port, st->type, st->proto)
 				   : wire_sendto(head, sizeof(head), fam, addr, port, st->type, st->proto);
@@ -270,6 +283,8 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 	int g = egress(fd, &st, sa, len, PF_CONNECT);
 	if (g < 0)
 		return -1;
+	if (g == 2)
+		return real_connect(fd, sa, len);
 	if (g > 0)
 		return finish_connect(fd, st.type);
 	int r = real_connect(fd, sa, len);

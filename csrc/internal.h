@@ -7,6 +7,7 @@
  *   hooks.c    the wrapped socket calls: socket, bind, connect, send*, getsockname, close, dup...
  *   gai.c      getaddrinfo("graft:NAME")
  *   prefilter.c  Prefilter.might_graft of the Python engine, in C (pure; the cache is service.c's)
+ *   pool.c     host sockets fetched ahead of their connects (the `pool` request)
  */
 #ifndef GRAFT_INTERNAL_H
 #define GRAFT_INTERNAL_H
@@ -96,12 +97,24 @@ int wire_sendto(char *buf, size_t cap, int family, const char *addr, int port, i
 int wire_named(char *buf, size_t cap, const char *name, int family, int type, int proto, unsigned flags);
 int wire_dial(char *buf, size_t cap, const char *name, int type, int proto);
 int wire_resolve(char *buf, size_t cap, const char *name);
+int wire_pool(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, int count);
 int ask(const char *req, int *newfd, char *out, size_t outcap);
+int ask_fds(const char *req, int *fds, int max, int *nfds, char *out, size_t outcap);
 int decide(const char *head, char **tailp, const char *vars, int *newfd);
+int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds);
 void service_lock(void);
 void service_unlock(void);
 /* 0 when no rule of this process's policy can apply (prefilter.h: PF_BIND, PF_CONNECT, PF_SENDTO) */
 int might_graft(int verb, int family, const char *addr, int port, int v6only);
+int egress_row(const char *addr, unsigned *gen);
+
+/* -- pool.c ----------------------------------------------------------------------------------- */
+enum { POOL_LOCAL = -1, POOL_OFF = -2, POOL_ERR = -3 };
+/* a pooled host socket for a connect (>= 0: install it, then connect), or POOL_LOCAL (no rule:
+ * the real call), POOL_OFF (no pool: ask `connect`), POOL_ERR (denied, errno set) */
+int pool_get(int family, const char *addr, int port, int type, int proto);
+void pool_lock(void);
+void pool_unlock(void);
 void prefilter_lock(void);
 void prefilter_unlock(void);
 

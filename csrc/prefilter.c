@@ -63,7 +63,7 @@ void pf_free(struct pf *pf)
 	memset(pf, 0, sizeof(*pf));
 }
 
-/* Lines `bind V ADDR LO HI` and `egress V NET PLEN`, separated by '\n'; 0, or -1 on anything else
+/* Lines `bind V ADDR LO HI`, `egress V NET PLEN` and `version DIGEST`, separated by '\n'; 0, or -1 on anything else
  * (a table the library cannot read is not used: every operation is then asked about). */
 int pf_parse(const char *text, struct pf *out)
 {
@@ -105,6 +105,8 @@ int pf_parse(const char *text, struct pf *out)
 			memcpy(r->net, raw, v == 4 ? 4 : 16);
 			r->plen = a;
 			out->negress++;
+		} else if (sscanf(buf, "version %63s %1s", addr, extra) == 1) {
+			/* the policy's digest: nothing to match (service.c drops the pools when it changes) */
 		} else if (n) {
 			goto bad;
 		}
@@ -141,4 +143,20 @@ int pf_might(const struct pf *pf, int verb, int family, const char *addr, int po
 			return 1;
 	}
 	return 0;
+}
+
+/* The egress row (index) whose prefix holds `addr` longest, or -1: the key of the preload
+ * library's pools (csrc/pool.c), never a decision (the service decides each pool). */
+int pf_egress_row(const struct pf *pf, const char *addr)
+{
+	struct pf_ip ip;
+	int best = -1;
+	if (parse_ip(addr, &ip, NULL) != 0)
+		return -1;
+	for (size_t i = 0; i < pf->negress; i++) {
+		const struct pf_egress *r = &pf->egress[i];
+		if (r->version == ip.version && in_prefix(ip.b, r->net, r->plen) && (best < 0 || r->plen > pf->egress[best].plen))
+			best = (int)i;
+	}
+	return best;
 }

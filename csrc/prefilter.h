@@ -32,6 +32,7 @@ struct pf {
 
 int pf_parse(const char *text, struct pf *out);
 void pf_free(struct pf *pf);
+int pf_egress_row(const struct pf *pf, const char *addr);
 int pf_might(const struct pf *pf, int verb, int family, const char *addr, int port, int v6only);
 
 #endif

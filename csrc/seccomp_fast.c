@@ -43,7 +43,10 @@
 #endif
 #define N_OPTIONS (sizeof(graft_copied_options) / sizeof(*graft_copied_options))
 
-EXPORT int gs_abi(void) { return (int)sizeof(struct gs_out) * 1000 + (int)sizeof(struct gs_row); }
+EXPORT int gs_abi(void)
+{
+	return (int)sizeof(struct gs_table) * 1000000 + (int)sizeof(struct gs_out) * 1000 + (int)sizeof(struct gs_row);
+}
 
 /* -- the lookup: EgressTable.lookup in C ------------------------------------------------------- */
 static int in_prefix(const uint8_t *ip, const uint8_t *net, int plen)
@@ -141,6 +144,13 @@ EXPORT int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, ui
 static int send_resp(int listener, uint64_t id, int err)
 {
 	struct seccomp_notif_resp r = {.id = id, .val = 0, .error = err ? -err : 0, .flags = 0};
+	return ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &r) == 0 ? 0 : errno;
+}
+
+/* Let the trapped call run in the kernel as the task made it (on the fd we just replaced). */
+static int send_continue(int listener, uint64_t id)
+{
+	struct seccomp_notif_resp r = {.id = id, .val = 0, .error = 0, .flags = SECCOMP_USER_NOTIF_FLAG_CONTINUE};
 	return ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, &r) == 0 ? 0 : errno;
 }
 
@@ -273,11 +283,38 @@ static int failed(int listener, struct gs_out *out, int err)
 	return done(out, GS_DONE_FAILED, err);
 }
 
+/* A granted connect with a pooled host socket: it takes the application's options and blocking
+ * mode, replaces its fd, and the application's own connect() then runs on it (CONTINUE). The
+ * destination is read again by the kernel: a thread that changed it meanwhile meets the kernel's
+ * egress table (the socket's mark), which the pool requires; the socket cannot be re-bound
+ * (bind guard). Returns what gs_serve returns. */
+static int handover(int listener, struct gs_out *out, int dup, int h)
+{
+	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
+	out->cloexec = fd_cloexec(out->pid, out->appfd);
+	copy_options(dup, h, out->family, out->type, out->family);
+	fcntl(h, F_SETFL, nonblock ? (fcntl(h, F_GETFL) | O_NONBLOCK) : (fcntl(h, F_GETFL) & ~O_NONBLOCK));
+	stamp(out, GS_T_SOCKET);
+	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
+					  .newfd = (uint32_t)out->appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
+	int e = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0 ? errno : 0;
+	close(h);
+	if (e)
+		return e == ENOENT ? done(out, GS_DONE_GONE, 0) : failed(listener, out, e);
+	stamp(out, GS_T_ADDFD);
+	out->pooled = 1;
+	int sent = send_continue(listener, out->id);
+	stamp(out, GS_T_SEND);
+	return sent == ENOENT ? done(out, GS_DONE_GONE, 0) : done(out, GS_DONE_GRANT, 0);
+}
+
 /* The granted connect of a native socket `dup` (graft_connect): returns what gs_serve returns. */
 static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint8_t *haddr, uint16_t hport,
-		 uint32_t mark)
+		 uint32_t mark, struct gs_pool *pool)
 {
 	int type = out->type, appfd = out->appfd;
+	if (pool && pool->n > 0 && pool->family == hfam && pool->type == type && hport == 0)
+		return handover(listener, out, dup, pool->fds[--pool->n]);
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
 	out->cloexec = fd_cloexec(out->pid, appfd);
 	int h = socket(hfam, type | SOCK_NONBLOCK | SOCK_CLOEXEC, out->proto);
@@ -414,7 +451,7 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	out->decided = GS_GRANT;
 	out->row = row;
 	stamp(out, GS_T_JUDGE);
-	return graft(listener, out, dup, hfam, haddr, hport, t->mark);
+	return graft(listener, out, dup, hfam, haddr, hport, t->mark, t->pools ? &t->pools[row] : NULL);
 }
 
 /* Receive and serve one notification (see seccomp_fast.h). Returns GS_NOTHING (the target went
@@ -428,6 +465,7 @@ EXPORT int gs_serve(int listener, const struct gs_table *t, struct gs_out *out)
 		return errno == ENOENT || errno == EINTR ? GS_NOTHING : -errno;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	memset(out->ns, 0, sizeof(out->ns));
+	out->pooled = 0;
 	out->id = n.id, out->pid = n.pid, out->flags = n.flags, out->nr = n.data.nr, out->arch = n.data.arch;
 	out->ip = n.data.instruction_pointer;
 	memcpy(out->args, n.data.args, sizeof(out->args));

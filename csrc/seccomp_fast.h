@@ -19,12 +19,24 @@ struct gs_row {
 	uint8_t epaddr[16]; /* endpoint address (IPv4 in the first 4 bytes) */
 };
 
+/* Host sockets made ahead for one row (issue 11, lever 4): the endpoint's address bound with
+ * IP_BIND_ADDRESS_NO_PORT, marked, not connected. The Python loop fills them between calls (only
+ * while the kernel guards such sockets: host/bindguard.py, host/egress.py); C takes them. */
+#define GS_POOL 16
+struct gs_pool {
+	int32_t family;   /* of the sockets (0: this row has no pool) */
+	int32_t type;
+	uint32_t n;       /* fds[0..n) are ready */
+	int32_t fds[GS_POOL];
+};
+
 struct gs_table {
 	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
 	uint64_t target_netns_ino;  /* the container's netns inode (0: unknown, never foreign) */
 	uint32_t nrows;
 	uint32_t mark;              /* SO_MARK of every host socket made (the container's; 0: none) */
 	const struct gs_row *rows;
+	struct gs_pool *pools;      /* one per row, or NULL: no pools */
 };
 
 enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3 };
@@ -57,7 +69,7 @@ struct gs_out {
 	/* nanoseconds since the RECV returned, at the end of each step (0: not reached); see GS_STEPS */
 	uint32_t ns[8];
 	int32_t kind;     /* gs_serve_batch: what gs_serve returned for this record */
-	uint32_t pad;
+	uint32_t pooled;  /* GS_DONE_GRANT with a pooled socket: the application's connect ran (CONTINUE) */
 };
 
 int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);

@@ -49,6 +49,11 @@ int wire_connect(char *buf, size_t cap, int family, const char *addr, int port, 
 	return fits(snprintf(buf, cap, "connect %d %s %d %d %d", family, addr, port, type, proto), cap);
 }
 
+int wire_pool(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, int count)
+{
+	return fits(snprintf(buf, cap, "pool %d %s %d %d %d %d", family, addr, port, type, proto, count), cap);
+}
+
 int wire_sendto(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto)
 {
 	return fits(snprintf(buf, cap, "sendto %d %s %d %d %d", family, addr, port, type, proto), cap);
@@ -111,13 +116,14 @@ static int conn_get(void) /* under conn_lock; the fd or -errno */
 	return s;
 }
 
-/* One request and its reply on the connection; the reply length, or -errno. */
-static ssize_t exchange(int s, const char *req, char *buf, int *newfd)
+/* One request and its reply on the connection; the reply length, or -errno. The fds sent with
+ * the reply go to fds[0..max) (*nfds of them; more are closed). */
+static ssize_t exchange(int s, const char *req, char *buf, int *fds, int max, int *nfds)
 {
 	if (real_sendto(s, req, strlen(req), MSG_NOSIGNAL, NULL, 0) < 0)
 		return -errno;
 	union {
-		char b[CMSG_SPACE(sizeof(int) * 8)];
+		char b[CMSG_SPACE(sizeof(int) * 16)]; /* a `pool` reply: POOL_BATCH */
 		struct cmsghdr align;
 	} cbuf;
 	struct iovec iov = { buf, MAX_MESSAGE };
@@ -136,8 +142,8 @@ static ssize_t exchange(int s, const char *req, char *buf, int *newfd)
 		for (size_t i = 0; i < k; i++) {
 			int fd;
 			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			if (*newfd < 0)
-				*newfd = fd;
+			if (*nfds < max)
+				fds[(*nfds)++] = fd;
 			else
 				real_close(fd);
 		}
@@ -145,14 +151,21 @@ static ssize_t exchange(int s, const char *req, char *buf, int *newfd)
 	return n ? n : -ECONNRESET;
 }
 
-/* Send one request; return D_GRANT with *newfd, D_LOCAL, or D_ERR with errno set.
- * For `resolve`, the reply text is copied into out (NUL-terminated). */
-int ask(const char *req, int *newfd, char *out, size_t outcap)
+static void close_all(int *fds, int *nfds)
+{
+	for (int i = 0; i < *nfds; i++)
+		real_close(fds[i]);
+	*nfds = 0;
+}
+
+/* Send one request; return D_GRANT with the fds sent (fds[0..*nfds), at most max), D_LOCAL, or
+ * D_ERR with errno set. For `resolve`, the reply text is copied into out (NUL-terminated). */
+int ask_fds(const char *req, int *fds, int max, int *nfds, char *out, size_t outcap)
 {
 	int saved = errno, err = 0;
 	char buf[MAX_MESSAGE + 1];
 	ssize_t n = -EIO;
-	*newfd = -1;
+	*nfds = 0;
 	if (g_trace)
 		say("graft: request: %s", req);
 	service_lock();
@@ -162,7 +175,8 @@ int ask(const char *req, int *newfd, char *out, size_t outcap)
 			n = s;
 			break;
 		}
-		n = exchange(s, req, buf, newfd);
+		close_all(fds, nfds);
+		n = exchange(s, req, buf, fds, max, nfds);
 		if (n > 0 || (n != -EPIPE && n != -ECONNRESET && n != -ENOTCONN && n != -EBADF))
 			break;
 		conn_forget();
@@ -175,9 +189,7 @@ int ask(const char *req, int *newfd, char *out, size_t outcap)
 		goto fail;
 	}
 	if (strcmp(buf, "local") == 0) {
-		if (*newfd >= 0)
-			real_close(*newfd);
-		*newfd = -1;
+		close_all(fds, nfds);
 		errno = saved;
 		return D_LOCAL;
 	}
@@ -193,52 +205,66 @@ int ask(const char *req, int *newfd, char *out, size_t outcap)
 	if (strncmp(buf, "ok", 2) == 0 && (buf[2] == 0 || buf[2] == ' ' || buf[2] == '\n')) {
 		if (out && outcap) {
 			snprintf(out, outcap, "%s", buf);
-			if (*newfd >= 0)
-				real_close(*newfd);
-			*newfd = -1;
+			close_all(fds, nfds);
 			errno = saved;
 			return D_GRANT;
 		}
-		if (*newfd >= 0) {
+		if (*nfds > 0) {
 			errno = saved;
 			return D_GRANT;
 		}
 	}
 	err = EIO;
 fail:
-	if (*newfd >= 0)
-		real_close(*newfd);
-	*newfd = -1;
+	close_all(fds, nfds);
 	errno = err;
 	return D_ERR;
+}
+
+int ask(const char *req, int *newfd, char *out, size_t outcap)
+{
+	int n;
+	int r = ask_fds(req, newfd, 1, &n, out, outcap);
+	if (n == 0)
+		*newfd = -1;
+	return r;
 }
 
 /* Ask `head` with the environment's rules (*tailp) appended. Rules the service refuses as
  * malformed (or too long to send) are the user's to fix: say so once, on one line, and go on
  * without them (the container's stored rules apply) rather than fail every call of the program. */
-int decide(const char *head, char **tailp, const char *vars, int *newfd)
+int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds)
 {
 	char req[MAX_MESSAGE + 1];
 	char *tail = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
 	if (!tail)
-		return ask(head, newfd, NULL, 0);
+		return ask_fds(head, fds, max, nfds, NULL, 0);
 	int n = snprintf(req, sizeof(req), "%s%s", head, tail);
 	if (n < 0 || n > MAX_MESSAGE) {
 		if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
 			say("graft: %s ignored: longer than a request may be (%d bytes)", vars, MAX_MESSAGE);
-		return ask(head, newfd, NULL, 0);
+		return ask_fds(head, fds, max, nfds, NULL, 0);
 	}
-	int r = ask(req, newfd, NULL, 0);
+	int r = ask_fds(req, fds, max, nfds, NULL, 0);
 	if (r != D_ERR || errno != EINVAL)
 		return r;
 	char why[sizeof(last_error)];
 	snprintf(why, sizeof(why), "%s", last_error);
-	int r2 = ask(head, newfd, NULL, 0);
+	int r2 = ask_fds(head, fds, max, nfds, NULL, 0);
 	if (r2 == D_ERR && errno == EINVAL) /* the request itself is bad, not the rules */
 		return r2;
 	if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
 		say("graft: %s ignored: %s", vars, why);
 	return r2;
+}
+
+int decide(const char *head, char **tailp, const char *vars, int *newfd)
+{
+	int n;
+	int r = decide_fds(head, tailp, vars, newfd, 1, &n);
+	if (n == 0)
+		*newfd = -1;
+	return r;
 }
 
 /* -- the prefilter ---------------------------------------------------------------------------- */
@@ -254,6 +280,8 @@ static struct pf pf_cur;
 static int pf_ok;          /* pf_cur is a table of process pf_pid */
 static pid_t pf_pid;       /* the process the table (or the last attempt) belongs to */
 static long long pf_at;    /* when it was fetched or last tried (CLOCK_MONOTONIC_COARSE, ns) */
+static unsigned pf_gen;    /* changes whenever the table's text does (pools of an older one are dropped) */
+static unsigned long pf_hash;
 
 static long long now_ns(void)
 {
@@ -273,7 +301,13 @@ static void pf_fetch(pid_t pid, long long now)
 	if (n > 0 && n <= MAX_MESSAGE && ask(req, &newfd, reply, sizeof(reply)) == D_GRANT &&
 	    strncmp(reply, "ok", 2) == 0 && (reply[2] == 0 || reply[2] == '\n'))
 		ok = pf_parse(reply[2] ? reply + 3 : "", &fresh) == 0;
+	unsigned long h = 5381;
+	for (const char *c = reply; ok && *c; c++)
+		h = h * 33 + (unsigned char)*c;
 	pthread_mutex_lock(&pf_lock);
+	if (!ok || h != pf_hash || pid != pf_pid)
+		pf_gen++;
+	pf_hash = ok ? h : 0;
 	if (pf_ok)
 		pf_free(&pf_cur);
 	pf_ok = ok;
@@ -305,6 +339,17 @@ int might_graft(int verb, int family, const char *addr, int port, int v6only)
 	pthread_mutex_unlock(&pf_lock);
 	errno = saved;
 	return r;
+}
+
+/* The pool key of a connect to addr (csrc/pool.c): the row of the prefilter's longest egress prefix
+ * holding it and the table's generation; -1 when there is no table of this process to go by. */
+int egress_row(const char *addr, unsigned *gen)
+{
+	pthread_mutex_lock(&pf_lock);
+	int row = pf_ok && pf_pid == getpid() ? pf_egress_row(&pf_cur, addr) : -1;
+	*gen = pf_gen;
+	pthread_mutex_unlock(&pf_lock);
+	return row;
 }
 
 void prefilter_lock(void) { pthread_mutex_lock(&pf_fetching); pthread_mutex_lock(&pf_lock); }

@@ -246,13 +246,25 @@ def test_prefilter_never_skips_what_the_engine_would_graft(pairs, rules, verb, v
 
 
 def test_prefilter_skips_what_no_rule_can_match():
-    pf = policy(EPS, ["0.0.0.0:80=ep-http"], ["127.0.0.2/32=ep-out"]).pol.prefilter()
+    pol = policy(EPS, ["0.0.0.0:80=ep-http"], ["127.0.0.2/32=ep-out"]).pol
+    pf = pol.prefilter()
     assert not pf.might_graft(Op("bind", V4, "0.0.0.0", 81))
     assert not pf.might_graft(Op("bind", V6, "::", 80, v6only=True))
     assert pf.might_graft(Op("bind", V6, "::", 80))  # dual-stack
     assert not pf.might_graft(Op("connect", V4, "127.0.0.3", 80))
     assert pf.might_graft(Op("connect", V6, "::ffff:127.0.0.2", 80))
-    assert pf.lines() == ("bind 4 0.0.0.0 80 80", "egress 4 127.0.0.2 32")
+    assert pf.lines() == ("bind 4 0.0.0.0 80 80", "egress 4 127.0.0.2 32", f"version {pol.version()}")
+
+
+def test_the_policy_version_changes_with_anything_in_it():
+    """The preload library drops its pooled sockets when the prefilter's text changes: an endpoint
+    moved to another address must change it even though no prefix did."""
+    def pol(addr, mark=0):
+        return Policy({"o": parse_endpoint(f"o type ipv4 addr {addr} port dynamic")}, [],
+                      [parse_egress("127.0.0.0/8=o")], mark)
+
+    assert pol("127.0.0.1").version() == pol("127.0.0.1").version()
+    assert len({pol("127.0.0.1").version(), pol("127.0.0.2").version(), pol("127.0.0.1", 5).version()}) == 3
 
 
 @given(st.lists(_rules, max_size=5), st.booleans(), _addrs4, _addrs6, _ports, st.sampled_from([S, D]),

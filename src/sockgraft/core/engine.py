@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -103,6 +104,7 @@ class Prefilter:
 
     binds: tuple[tuple[int, str, int, int], ...] = ()  # (4|6, address, port_lo, port_hi)
     egress: tuple[tuple[int, str, int], ...] = ()  # (4|6, network address, prefix length)
+    version: str = ""  # changes with anything of the policy: the library drops its pools (csrc/pool.c)
 
     def might_graft(self, op: Op) -> bool:
         if op.grafted:
@@ -122,7 +124,8 @@ class Prefilter:
 
     def lines(self) -> tuple[str, ...]:
         return tuple([f"bind {v} {a} {lo} {hi}" for v, a, lo, hi in self.binds] +
-                     [f"egress {v} {n} {plen}" for v, n, plen in self.egress])
+                     [f"egress {v} {n} {plen}" for v, n, plen in self.egress] +
+                     ([f"version {self.version}"] if self.version else []))
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,13 @@ class Policy:
     def prefilter(self) -> Prefilter:
         return Prefilter(tuple((p.addr.version, str(p.addr), p.port_lo, p.port_hi) for p in self.ingress),
                          tuple((r.network.version, str(r.network.network_address), r.network.prefixlen)
-                               for r in self.egress))
+                               for r in self.egress), self.version())
+
+    def version(self) -> str:
+        """A short digest of everything in this policy (endpoints, rules, mark)."""
+        text = repr((sorted(ep.line() for ep in self.endpoints.values()), [str(p) for p in self.ingress],
+                     [str(r) for r in self.egress], self.mark))
+        return hashlib.blake2s(text.encode(), digest_size=8).hexdigest()
 
     def egress_table(self) -> EgressTable:
         rows = []

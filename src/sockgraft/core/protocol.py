@@ -15,6 +15,11 @@ Requests::
                                              (source: the endpoint, port chosen at connect time,
                                              IP_BIND_ADDRESS_NO_PORT) and hands it over connected
                                              or connecting, never bound and unconnected
+    pool FAMILY ADDR PORT TYPE PROTO N       the same judgement as `connect`; a grant is answered
+                                             with N host sockets of the endpoint, bound with NO_PORT
+                                             and marked, NOT connected: only where the kernel guards
+                                             them (host/bindguard: no re-bind; host/egress: only the
+                                             container's destinations); else `err EOPNOTSUPP`
     sendto FAMILY ADDR PORT TYPE PROTO       egress of an unconnected send: a socket bound to the
                                              source endpoint with a port of its own
     prefilter                                the caller's effective rules, flat (engine.Prefilter
@@ -24,12 +29,12 @@ Requests::
 
 FLAGS is `-` or a comma list of: reuseaddr, reuseport, v6only.
 
-Caller rules (optional, additive): `bind`, `connect`, `sendto` and `prefilter` may carry extra
+Caller rules (optional, additive): `bind`, `connect`, `sendto`, `pool` and `prefilter` may carry extra
 words after their fixed arguments, the rules of the caller's environment (the preload library's
 GRAFT_CONV_PAIRS, GRAFT_EGRESS, GRAFT_BBCONN)::
 
     bind ... FLAGS in:ADDR:PORT[-PORT]=NAME ...     ingress pairs, in order
-    connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME     (sendto: the same)
+    connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME     (sendto, pool: the same)
     prefilter in:... out:... bbconn:...             all of them
 
 When a request carries rules of its kind, they replace the container's stored rules of that kind
@@ -56,8 +61,10 @@ from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_in
 MAX_MESSAGE = 4096
 FLAGS = frozenset({"reuseaddr", "reuseport", "v6only"})
 FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
-_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "prefilter": 0, "resolve": 1, "show": 0}
-_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"),
+_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "prefilter": 0, "resolve": 1,
+          "show": 0}
+MAX_POOL = 16  # host sockets one `pool` request may ask for (csrc/pool.c POOL_BATCH)
+_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"), "pool": ("out", "bbconn"),
                   "prefilter": ("in", "out", "bbconn")}
 
 
@@ -79,6 +86,7 @@ class Request:
     ingress: tuple[IngressPair, ...] = ()
     egress: tuple[EgressRule, ...] = ()
     bbconn: tuple[str, ...] = ()
+    count: int = 0  # pool: how many host sockets
 
     @property
     def has_rules(self) -> bool:
@@ -93,6 +101,7 @@ class Request:
             "bind": [self.family, self.addr, self.port, self.type, self.proto, flags],
             "connect": [self.family, self.addr, self.port, self.type, self.proto],
             "sendto": [self.family, self.addr, self.port, self.type, self.proto],
+            "pool": [self.family, self.addr, self.port, self.type, self.proto, self.count],
             "prefilter": [],
             "resolve": [self.name],
             "show": [],
@@ -171,7 +180,8 @@ def parse_request(data: bytes) -> Request:
         raise ProtocolError(str(e)) from None
     return Request(verb, family=family, addr=ip.compressed, port=_int(args[2], 0, 65535, "port"),
                    type=_int(args[3], 0, 15, "type"), proto=_int(args[4], 0, 65535, "protocol"),
-                   flags=_flags(args[5]) if verb == "bind" else frozenset(), **_rules(verb, extra))
+                   flags=_flags(args[5]) if verb == "bind" else frozenset(),
+                   count=_int(args[5], 1, MAX_POOL, "count") if verb == "pool" else 0, **_rules(verb, extra))
 
 
 _PARSERS = {"in": ("ingress", parse_ingress), "out": ("egress", parse_egress), "bbconn": ("bbconn", _name)}

@@ -85,6 +85,31 @@ def open_connecting(d: Decision, sotype: int, proto: int, dest: tuple | bytes,
         raise
 
 
+def open_pooled(d: Decision, sotype: int, proto: int) -> socket.socket:
+    """A host socket of an egress grant made ahead of its connect (fd service `pool`): see pooled."""
+    if not d.mark or d.family not in (socket.AF_INET, socket.AF_INET6) or d.host[1] != 0:
+        raise OSError(errno.EOPNOTSUPP, "only a marked socket of a dynamic IP endpoint is pooled")
+    return pooled(d.family, d.host[0], sotype, proto, d.mark)
+
+
+def pooled(family: int, addr: str, sotype: int, proto: int, mark: int) -> socket.socket:
+    """The source address bound with IP_BIND_ADDRESS_NO_PORT, then marked, NOT connected. Only for
+    a container whose sockets the kernel guards: the bind guard refuses a re-bind of a marked socket
+    without a port (host/bindguard.py) and the egress table lets it reach only the container's
+    destinations (host/egress.py); the receiver's connect() picks the port per 4-tuple, as natively."""
+    s = socket.socket(family, sotype | socket.SOCK_CLOEXEC, proto)
+    try:
+        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if family == socket.AF_INET6:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind((addr, 0))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
 def open_dialed(d: Decision, sotype: int, proto: int = 0) -> tuple[socket.socket, int]:
     """A host socket whose non-blocking connect to the granted address has started.
     Returns the socket and 0 or EINPROGRESS; the caller completes the connect."""

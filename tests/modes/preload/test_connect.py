@@ -58,7 +58,10 @@ def grafted_args(source: str, hole_net: str) -> list[str]:
             "--egress", "127.0.0.1/32=ep-out", "--egress", f"{hole_net}/30=ep-bh"]
 
 
-def test_connect_outcomes_equal_native(run_preload, acceptor, blackhole):
+@pytest.mark.parametrize("pools", ["1", "0"])
+def test_connect_outcomes_equal_native(run_preload, acceptor, blackhole, pools):
+    """With pools the program's own connect runs on a pooled host socket; without, the service
+    connects and the library keeps the semantics: the same outcomes either way."""
     source, hole = blackhole
     args = [str(acceptor), str(free_port()), hole, "80"]
     native = subprocess.run([PY, CASES, *args], capture_output=True, text=True, timeout=60, check=True)
@@ -66,12 +69,16 @@ def test_connect_outcomes_equal_native(run_preload, acceptor, blackhole):
     assert want["blocking"] == "0" and want["rebind"] == "EINVAL" and want["reaim"] == "EISCONN"
     assert want["refused blocking"] == "ECONNREFUSED" and want["timeout blocking"] == "EINPROGRESS"
     p = run_preload(grafted_args(source, hole.rsplit(".", 1)[0] + ".0"), [PY, CASES, *args],
-                    env={"GRAFT_TRACE": "1"})
+                    env={"GRAFT_TRACE": "1", "GRAFT_POOLS": pools})
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert json.loads(out) == want
-    # every socket went through the service, none was connected inside
-    assert err.count("graft: request: connect ") == 7, err  # one per socket
+    # every socket went through the service, none was connected inside: one request per socket, or
+    # one pool per (endpoint, type) with pools (ep-out stream and datagram, ep-bh stream)
+    if pools == "1" and os.geteuid() == 0:
+        assert err.count("graft: request: pool ") == 3 and "request: connect " not in err, err
+    else:
+        assert err.count("graft: request: connect ") == 7, err
 
 
 def test_churn_client_closes_first(run_preload, acceptor):

@@ -208,6 +208,8 @@ def test_fast_path_serves_connects_as_python_does(state_dir, ns, tmp_path, monke
     port, refused = host.getsockname()[1], closed.getsockname()[1]
     try:
         monkeypatch.setenv(F.ENV, "1")
+        pooled, pooled_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
+        monkeypatch.setenv("GRAFT_POOLS", "0")
         fast, fast_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
         monkeypatch.setenv(F.ENV, "0")
         slow, slow_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
@@ -215,7 +217,12 @@ def test_fast_path_serves_connects_as_python_does(state_dir, ns, tmp_path, monke
         stop.set()
         host.close()
         closed.close()
-    assert fast == slow
+    # pooled sockets (the app's own connect runs on one: CONTINUE), sockets made and connected by
+    # the C, and Python: the program sees the same outcomes
+    assert pooled == fast == slow
+    if os.geteuid() == 0:  # pools: with the bind guard and the kernel's egress table
+        assert pooled_stats.get("fast_pooled", 0) >= 3 and "fast_park" not in pooled_stats, pooled_stats
+    assert "fast_pooled" not in fast_stats, fast_stats
     assert fast["grant blocking"] == "ok" and fast["grant blocking again"] == "EISCONN"
     assert fast["grant nonblocking"] == "ok" and fast["grant udp"] == "ok" and fast["grant v6 socket"] == "ok"
     assert fast["grant refused"] == "ECONNREFUSED" and fast["denied"] == "EADDRNOTAVAIL"
@@ -225,3 +232,36 @@ def test_fast_path_serves_connects_as_python_does(state_dir, ns, tmp_path, monke
     assert fast_stats.get("fast_local", 0) >= 2 and fast_stats.get("fast_handback", 0) >= 3, fast_stats
     assert not any(k.startswith("fast_") for k in slow_stats), slow_stats
     assert slow_stats["grafted_connect"] == fast_stats["grafted_connect"], (fast_stats, slow_stats)
+
+
+def test_pools_are_filled_for_dynamic_endpoints_and_closed_with_their_table():
+    """The host sockets a target's table holds ahead (struct gs_pool): only for rows of a dynamic IP
+    endpoint, bound with NO_PORT to its address and marked; none while pools are off; all closed
+    when the table is replaced or the target goes (no fd kept)."""
+    from sockgraft.core.tables import MARK_TAG
+
+    pol = Policy({"dyn": parse_endpoint("dyn type ipv4 addr 127.0.0.2 port dynamic"),
+                  "fixed": parse_endpoint("fixed type ipv4 addr 127.0.0.3 port 9")},
+                 [], [parse_egress("127.0.0.0/8=dyn"), parse_egress("10.0.0.0/8=fixed")], MARK_TAG | 3)
+    off = F.Compiled(pol, 0, 0)
+    off.fill(lambda: "pools off")
+    assert off.pools is None and not off.table.pools
+    c = F.Compiled(pol, 0, 0)
+    c.fill(lambda: "")
+    rows = [c.rows[i] for i in range(c.table.nrows)]
+    pools = [c.pools[i] for i in range(c.table.nrows)]
+    dyn = next(i for i, r in enumerate(rows) if r.epport == 0)
+    assert pools[dyn].n == F.POOL and all(p.n == 0 for i, p in enumerate(pools) if i != dyn)
+    fds = list(pools[dyn].fds[:F.POOL])
+    for fd in fds:
+        s = socket.socket(fileno=os.dup(fd))
+        try:
+            assert s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) == MARK_TAG | 3
+            assert s.getsockname() == ("127.0.0.2", 0) and s.type == socket.SOCK_STREAM
+        finally:
+            s.close()
+    c.close()
+    assert c.pools is None and not c.table.pools
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

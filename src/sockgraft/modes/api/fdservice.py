@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sockgraft.host import hostsock
+from sockgraft.host import bindguard, egress, hostsock
 from sockgraft.modes.api import fast
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
@@ -54,6 +54,13 @@ class FdService:
         self._stopping = False
         lib = fast.load()
         self.fast = fast.FastPath(lib) if lib is not None else None  # csrc/fdservice_fast.c
+        self._guard, self._guard_checked = False, -1e9  # the bind guard, looked at once a second
+        self._pools = os.environ.get("GRAFT_POOLS", "1") != "0"
+        if self._pools and os.geteuid() == 0:
+            try:
+                bindguard.ensure()
+            except OSError:
+                pass  # no pools: `pool` is answered EOPNOTSUPP and the library asks `connect`
 
     # -- listening sockets -----------------------------------------------------------------------
     def listen(self, key: str, path: str) -> None:
@@ -190,17 +197,18 @@ class FdService:
                 self.on_request(time.perf_counter() - t0)
         self._reply(conn, reply, sock)
 
-    def _reply(self, conn: socket.socket, reply: Reply, sock: socket.socket | None) -> None:
+    def _reply(self, conn: socket.socket, reply: Reply, sock: socket.socket | list | None) -> None:
+        socks = sock if isinstance(sock, list) else [sock] if sock is not None else []
         try:
-            if sock is not None:
-                socket.send_fds(conn, [reply.encode()], [sock.fileno()])
+            if socks:
+                socket.send_fds(conn, [reply.encode()], [s.fileno() for s in socks])
             else:
                 conn.send(reply.encode())
         except OSError:
             self._drop(conn)
         finally:
-            if sock is not None:
-                sock.close()
+            for s in socks:
+                s.close()
 
     def _serve_fast(self, conn: socket.socket, c: _Conn) -> None:
         """One request through csrc/fdservice_fast.c: it answers the `connect` requests the
@@ -282,7 +290,8 @@ class FdService:
             if ep is None:
                 return _err(errno.EADDRNOTAVAIL, f"no endpoint {req.name!r} in this container's table"), None
             return Reply("ok", lines=(ep.line(),)), None
-        decision = policy.decide(Op(req.verb, req.family, req.addr, req.port, req.type, req.proto, req.name,
+        verb = "connect" if req.verb == "pool" else req.verb  # a pool is judged as its connects
+        decision = policy.decide(Op(verb, req.family, req.addr, req.port, req.type, req.proto, req.name,
                                     v6only="v6only" in req.flags, foreign=foreign))
         where = {"addr": req.addr, "port": req.port} if req.addr else {}
         if foreign:
@@ -292,6 +301,8 @@ class FdService:
             if decision.verdict == DENY:
                 return _err(decision.errno, decision.reason), None
             return Reply("local"), None
+        if req.verb == "pool":
+            return self._pool(key, req, decision, where)
         try:
             sock = self._open(req, decision)
         except OSError as e:
@@ -305,6 +316,37 @@ class FdService:
         addr, port = sock.getsockname()[:2]
         self.audit.decision(key, self.mode, req.verb, decision, host=[addr, port], **where)
         return Reply("ok", family=decision.family, addr=addr, port=port), sock
+
+    def _pool(self, key: str, req, decision, where: dict) -> tuple[Reply, list[socket.socket] | None]:
+        """`pool`: host sockets ahead of their connects, where the kernel guards them (else
+        EOPNOTSUPP: the caller asks `connect` instead)."""
+        why = self.pools_off(key)
+        if why:
+            return _err(errno.EOPNOTSUPP, why), None
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(req.count):
+                socks.append(hostsock.open_pooled(decision, req.type, req.proto))
+        except OSError as e:
+            for s in socks:
+                s.close()
+            code = e.errno or errno.EIO
+            return _err(code, f"{decision.endpoint.name}: {e.strerror or os.strerror(code)}"), None
+        addr, port = socks[0].getsockname()[:2]
+        self.audit.decision(key, self.mode, "pool", decision, host=[addr, port], count=req.count, **where)
+        return Reply("ok", family=decision.family, addr=addr, port=port), socks
+
+    def pools_off(self, key: str) -> str:
+        """Why this container's sockets may not be handed over unconnected ("" when they may)."""
+        if not self._pools:
+            return "pools off (GRAFT_POOLS=0)"
+        now = time.monotonic()
+        if now - self._guard_checked > 1.0:
+            self._guard_checked = now
+            self._guard = bindguard.active()
+        if not self._guard:
+            return "pools off: the bind guard is not attached (host/bindguard.py)"
+        return egress.pools_off(self.store, key)
 
     @staticmethod
     def _open(req, decision) -> socket.socket:

@@ -27,6 +27,7 @@ import sys
 import time
 
 from sockgraft.core.engine import Op
+from sockgraft.host import bindguard, egress, hostsock
 from sockgraft.modes.seccomp import kernel as K
 
 LIB_NAME = "libgraft-seccomp.so"
@@ -48,9 +49,19 @@ class Row(ctypes.Structure):
                 ("net", ctypes.c_uint8 * 16), ("epaddr", ctypes.c_uint8 * 16)]
 
 
+POOL = 16  # csrc/seccomp_fast.h GS_POOL (the layout check below holds it)
+POOL_LOW = POOL // 2  # a row's pool is filled again once it holds fewer
+
+
+class Pool(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_int32), ("type", ctypes.c_int32), ("n", ctypes.c_uint32),
+                ("fds", ctypes.c_int32 * POOL)]
+
+
 class Table(ctypes.Structure):
     _fields_ = [("host_cookie", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
-                ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row))]
+                ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row)),
+                ("pools", ctypes.POINTER(Pool))]
 
 
 class Out(ctypes.Structure):
@@ -62,7 +73,7 @@ class Out(ctypes.Structure):
                 ("proto", ctypes.c_int32), ("hostfd", ctypes.c_int32), ("appfd", ctypes.c_int32),
                 ("cloexec", ctypes.c_int32), ("sndtimeo_us", ctypes.c_int64), ("addrlen", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 128), ("ns", ctypes.c_uint32 * 8), ("kind", ctypes.c_int32),
-                ("pad", ctypes.c_uint32)]
+                ("pooled", ctypes.c_uint32)]
 
 
 # the steps gs_serve times (gs_out.ns; seccomp_fast.h GS_T_*): cost.py prints them
@@ -82,7 +93,7 @@ def load(path: str | None = None) -> ctypes.CDLL:
     """The library, its prototypes set and its struct layout checked (OSError otherwise)."""
     lib = ctypes.CDLL(path or library_path(), use_errno=True)
     lib.gs_abi.restype = ctypes.c_int
-    if lib.gs_abi() != ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
+    if lib.gs_abi() != ctypes.sizeof(Table) * 1000000 + ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
         raise OSError(f"{path or library_path()}: struct layout differs from fast.py (rebuild: scripts/setup)")
     lib.gs_serve.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out)]
     lib.gs_serve.restype = ctypes.c_int
@@ -138,19 +149,60 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
 def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0):
     """(Table, the arrays it points to: keep them alive together)."""
     rows, n = compile_rows(egress_table)
-    t = Table(host_cookie, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)))
+    t = Table(host_cookie, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None)
     return t, rows
 
 
 class Compiled:
-    """One target's table, compiled from one policy object."""
+    """One target's table, compiled from one policy object, with its rows' pools of host sockets."""
 
-    __slots__ = ("policy", "table", "rows", "decisions")
+    __slots__ = ("policy", "table", "rows", "decisions", "pools", "pools_said", "checked")
 
     def __init__(self, policy, host_cookie: int, netns_ino: int | None):
         self.policy = policy
         self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0, policy.mark)
         self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
+        self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
+        self.pools_said, self.checked = "", -1e9
+
+    def fill(self, why_off) -> None:
+        """Top up the pools of the rows whose endpoint is a dynamic IP one (off the answer's path:
+        between calls of the C loop). `why_off()` says why pools may not be used ("" when they may),
+        asked at most once a second; while they may not, C makes each socket inline."""
+        now = time.monotonic()
+        if now - self.checked >= 1.0:
+            self.checked = now
+            self.pools_said = why_off()
+            if self.pools_said:
+                self.close()
+            elif self.pools is None:
+                self.pools = (Pool * len(self.rows))()
+                self.table.pools = ctypes.cast(self.pools, ctypes.POINTER(Pool))
+        if self.pools is None:
+            return
+        for i in range(self.table.nrows):
+            r, p = self.rows[i], self.pools[i]
+            if r.eptype not in (4, 6) or r.epport != 0 or p.n >= POOL_LOW:
+                continue
+            family = socket.AF_INET if r.eptype == 4 else socket.AF_INET6
+            addr = str(ipaddress.ip_address(bytes(r.epaddr[:4] if r.eptype == 4 else r.epaddr)))
+            p.family, p.type = family, socket.SOCK_STREAM
+            try:
+                while p.n < POOL:
+                    s = hostsock.pooled(family, addr, socket.SOCK_STREAM, 0, self.policy.mark)
+                    p.fds[p.n] = s.detach()
+                    p.n += 1
+            except OSError:
+                continue  # C makes the socket inline, and says what failed
+
+    def close(self) -> None:
+        if self.pools is not None:
+            self.table.pools = None
+            for p in self.pools:
+                for fd in p.fds[:p.n]:
+                    os.close(fd)
+                p.n = 0
+            self.pools = None
 
 
 class Fast:
@@ -163,12 +215,17 @@ class Fast:
         policy = self.store.cached_policy(t.key)
         c = self.compiled.get(t.fd)
         if c is None or c.policy is not policy:
+            if c is not None:
+                c.close()
             c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino)
+            c.fill(lambda: self.pools_off(t))
             self.stats["fast_tables"] += 1
         return c
 
     def forget(self, t) -> None:
-        self.compiled.pop(t.fd, None)
+        c = self.compiled.pop(t.fd, None)
+        if c is not None:
+            c.close()
 
     def serve(self, t, park):
         """Receive and serve the notifications of `t` that are ready (at least one, at most
@@ -185,6 +242,7 @@ class Fast:
         count = self.lib.gs_serve_batch(t.fd, ctypes.byref(c.table), self.outs, BATCH)
         if count < 0:
             raise OSError(-count, os.strerror(-count))
+        c.fill(lambda: self.pools_off(t))
         if count > 1:
             self.stats["fast_batched"] += count - 1
         for i in range(count):
@@ -192,6 +250,14 @@ class Fast:
             if n is not None:
                 return n
         return None
+
+    def pools_off(self, t) -> str:
+        """Why the sockets of this target's container may not be handed over unconnected."""
+        if os.environ.get("GRAFT_POOLS", "1") == "0":
+            return "pools off (GRAFT_POOLS=0)"
+        if not bindguard.active():
+            return "pools off: the bind guard is not attached (host/bindguard.py)"
+        return egress.pools_off(self.store, t.key)
 
     def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
         r = out.kind
@@ -217,6 +283,8 @@ class Fast:
         if what == DONE_GRANT:
             self.stats["grafted_connect"] += 1
             self.stats["fast_grant"] += 1
+            if out.pooled:
+                self.stats["fast_pooled"] += 1
         elif what == DONE_LOCAL:
             self.stats["fast_local"] += 1
         elif what == DONE_GONE:

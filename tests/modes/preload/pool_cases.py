@@ -1,0 +1,67 @@
+"""A program run under preload to exercise pooled host sockets (csrc/pool.c).
+
+    python3 pool_cases.py batch PORT N         N connects to a listener, each socket's mark and source
+    python3 pool_cases.py rebind REFUSED_PORT  a pooled socket whose connect was refused, bound again
+    python3 pool_cases.py fork PORT            parent connects, forks; the child and the parent connect
+    python3 pool_cases.py closed PORT          connect, close every fd above 2, connect again
+    python3 pool_cases.py table PORT           connect; wait for a line on stdin; connect again
+
+Prints one JSON object."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import time
+
+
+def once(port: int) -> dict:
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", port))
+        return {"err": 0, "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK), "source": s.getsockname()[0]}
+    except OSError as e:
+        return {"err": errno.errorcode.get(e.errno, e.errno)}
+    finally:
+        s.close()
+
+
+def main(case: str, port: int, n: int = 0) -> dict:
+    if case == "batch":
+        got = [once(port) for _ in range(n)]
+        return {"errors": sum(g["err"] != 0 for g in got), "marks": sorted({g.get("mark") for g in got}),
+                "sources": sorted({g.get("source") for g in got})}
+    if case == "rebind":
+        s = socket.socket()
+        refused = errno.errorcode.get(s.connect_ex(("127.0.0.1", port)), "0")
+        try:
+            s.bind(("127.0.0.1", 0))
+            rebind = "0"
+        except OSError as e:
+            rebind = errno.errorcode[e.errno]
+        return {"connect": refused, "rebind": rebind, "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}
+    if case == "fork":
+        first = once(port)
+        pid = os.fork()
+        if pid == 0:
+            ok = all(once(port)["err"] == 0 for _ in range(3))
+            os._exit(0 if ok else 1)
+        status = os.waitpid(pid, 0)[1]
+        return {"first": first["err"], "child": os.waitstatus_to_exitcode(status), "parent": once(port)["err"]}
+    if case == "closed":
+        first = once(port)
+        os.closerange(3, 4096)
+        return {"first": first["err"], "after": once(port)["err"]}
+    if case == "table":
+        before = once(port)
+        print(json.dumps({"ready": True}), flush=True)
+        sys.stdin.readline()
+        time.sleep(1.2)  # the library looks at its table again after a second
+        return {"before": before.get("source"), "after": once(port).get("source")}
+    raise SystemExit(f"unknown case {case}")
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], *map(int, sys.argv[2:]))), flush=True)
