@@ -7,6 +7,7 @@ import ipaddress
 import os
 import re
 import subprocess
+import tempfile
 
 import pytest
 
@@ -206,3 +207,28 @@ def test_sweep_removes_tables_of_state_dirs_that_are_gone(tmp_path):
     finally:
         egress.remove(gone)
         egress.remove(alive)
+
+
+def test_unprivileged_writer_says_it_once_and_carries_on():
+    """Rootless: no CAP_NET_ADMIN, no table; one line on stderr for any number of writes (none
+    from libnftables itself), and GRAFT_EGRESS_ENFORCE=1 refuses the write with one line."""
+    import sockgraft
+
+    src = os.path.dirname(os.path.dirname(sockgraft.__file__))
+    prog = ("import sys; from sockgraft.host.store import Store, StoreError\n"
+            "try:\n    s = Store(sys.argv[1]); [s.register(f'netns:{i}', i) for i in range(3)]; print('carried on')\n"
+            "except StoreError as e:\n    print('refused:', e)\n")
+    with tempfile.TemporaryDirectory(prefix="sgt-rootless-") as d:  # pytest's tmp dirs are root's only
+        os.chown(d, 65534, 65534)  # nobody
+        for setting, want in (("", "carried on"), ("1", "refused: egress cannot be enforced by the kernel")):
+            _as_nobody(prog, src, os.path.join(d, f"state{setting}"), setting, want)
+
+
+def _as_nobody(prog: str, src: str, state: str, setting: str, want: str) -> None:
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", prog,
+                        state], capture_output=True, text=True, timeout=60,
+                       env={"PYTHONPATH": src, "GRAFT_EGRESS_ENFORCE": setting, "PATH": os.environ["PATH"]})
+    assert p.stdout.startswith(want), p.stdout + p.stderr
+    assert p.stderr.splitlines() == ([] if setting else [
+        "graft: egress is not enforced by the kernel (nftables: Operation not permitted: nftables needs "
+        "CAP_NET_ADMIN (root)); set GRAFT_EGRESS_ENFORCE=0 to silence this"]), p.stderr

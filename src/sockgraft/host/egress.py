@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -164,13 +165,8 @@ def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
 
 def plan(store: Store) -> list[ContainerEgress]:
     """Every container of the store as the kernel will judge it, read in the caller's transaction."""
-    marks = store.marks()
-    out = []
-    for row in store.containers():
-        if row.key in marks:
-            policy = store._policy(row.key)
-            out.append(container_egress(row.key, Policy(policy.endpoints, policy.ingress, policy.egress, marks[row.key])))
-    return out
+    policies = [(row.key, store._policy(row.key)) for row in store.containers()]
+    return [container_egress(key, policy) for key, policy in policies if policy.mark]
 
 
 # -- nftables: libnftables through ctypes (one netlink socket per process), else `nft -f -` --------
@@ -244,8 +240,22 @@ _backend: tuple[int, object] | None = None  # (pid, backend): a forked child mak
 _warned = False
 
 
+def _net_admin() -> bool:
+    """Whether this process has CAP_NET_ADMIN (libnftables prints to stderr when it has not)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> 12 & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
 def _nft(script: str) -> str:
     global _backend
+    if not _net_admin():
+        raise EgressError("Operation not permitted: nftables needs CAP_NET_ADMIN (root)")
     with _lock:
         if _backend is None or _backend[0] != os.getpid():
             try:
@@ -254,11 +264,6 @@ def _nft(script: str) -> str:
                 backend = _Cmd()
             _backend = (os.getpid(), backend)
         return _backend[1].run(script)
-
-
-def run_nft(script: str) -> str:
-    """Run an nft script (commands, one transaction); its output. EgressError on failure."""
-    return _nft(script)
 
 
 # -- keeping the table true ------------------------------------------------------------------------
@@ -309,8 +314,6 @@ def pools_off(store: Store, key: str) -> str:
     """Why the kernel does not (yet) judge the sockets of container `key` by exactly its current rules
     ("" when it does): for callers that hand out sockets whose destination nothing else checks.
     Asks the kernel at most once a second per container state."""
-    import time
-
     if enforce_setting() == "0":
         return f"egress enforcement is off ({ENV}=0)"
     policy = store.cached_policy(key)
