@@ -206,7 +206,9 @@ def test_grafted_sockets_reach_only_what_the_rules_name(mode, tmp_path, state_di
     procs.append(p)
     try:
         line = p.stdout.readline()
-        assert line, f"the program said nothing: {p.stderr.read() if p.poll() is not None else ''}"
+        if not line:
+            p.wait(30)
+            raise AssertionError(f"the program said nothing: {p.stderr.read()}")
         out = json.loads(line)
         # the servers: a host client from 127.0.0.4 (no rule names it) gets the UDP server's answer
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
