@@ -12,7 +12,8 @@ with the seccomp listener fd attached (SCM_RIGHTS). runc closes the connection o
 `fds` names the passed descriptors in order. The agent finds the container's table by the netns of
 `pid` (the key graft-runtime registered it under); a container whose runtime pointed it here
 without graft-runtime is registered from its annotations and forgotten when its last listener
-goes. The listener fd then belongs to the seccomp supervisor.
+goes. The listener fd then belongs to the seccomp supervisor; a duplicate goes to the listener
+keeper first (`keep`, see keeper.py), so that a restarted graftd adopts it.
 """
 from __future__ import annotations
 
@@ -130,10 +131,13 @@ def receive(conn: socket.socket) -> tuple[bytes, list[int]]:
 class Agent:
     """Accepts the runtime's connections on `path` and hands each listener to the supervisor.
 
-    `supervisor` has `add_listener(fd, container_key, pid)`; `on_event(event, **fields)` logs."""
+    `supervisor` has `add_listener(fd, container_key, pid)`; `on_event(event, **fields)` logs;
+    `keep(fd, key, pid, container_id, registered)`, if given, keeps a duplicate of each listener
+    before the supervisor takes it (it must not close `fd`)."""
 
-    def __init__(self, path: str, store: Store, supervisor, on_event=None):
+    def __init__(self, path: str, store: Store, supervisor, on_event=None, keep=None):
         self.path = path
+        self.keep = keep
         self.store = store
         self.supervisor = supervisor
         self.on_event = on_event or (lambda event, **fields: None)
@@ -180,6 +184,10 @@ class Agent:
             os.close(ps.listener_fd)  # its trapped syscalls now fail with ENOSYS: never ungrafted
             self.on_event("agent-refused", container_id=ps.container_id, pid=ps.pid, error=str(e))
             return None
+        if self.keep is not None:
+            with self.lock:
+                registered = key in self.registered
+            self.keep(ps.listener_fd, key, ps.pid, ps.container_id, registered)
         self.supervisor.add_listener(ps.listener_fd, key, ps.pid)
         self.on_event("agent-listener", container=key, container_id=ps.container_id, pid=ps.pid, status=ps.status)
         return key
