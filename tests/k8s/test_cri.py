@@ -144,6 +144,7 @@ def test_graft_pods_on_their_host_ports(node, k8s_graftd):
     assert node.cri.ImageStatus(image=M["ImageSpec"](image=images.BUSYBOX_IMAGE)).image.id
     h1, h2 = free_port(), free_port()
     host = HostServer()  # a host service on 127.0.0.1 that the egress rule names
+    ticks = HostServer()  # another one, reached by a pod's container every 0.2 s across the restart
     other = socket.socket()  # one on 127.0.0.2 that no rule names
     other.bind(("127.0.0.2", 0))
     other.listen(4)
@@ -198,9 +199,19 @@ def test_graft_pods_on_their_host_ports(node, k8s_graftd):
                 and p.state == 0] == []
         assert get(h1) == images.PAGE
 
-        # graftd restarts in the middle: both pods keep their tables and their host ports, and a
-        # pod started afterwards is supervised by the new graftd
+        # graftd restarts in the middle: both pods keep their tables and their host ports, a pod
+        # started before the restart keeps being supervised (the listener keeper held its seccomp
+        # listeners; the new graftd adopted them: its next trapped connect is served, not ENOSYS),
+        # and a pod started afterwards is supervised by the new graftd
+        a.run("ticker", ["sh", "-c", f"while :; do echo tick | nc 127.0.0.1 {ticks.port}; sleep 0.2; done"])
+        wait_for(lambda: len(ticks.received) >= 2, 15, "the ticker's connects")
         restart_graftd(g)
+        n0 = len(ticks.received)
+        wait_for(lambda: len(ticks.received) >= n0 + 3, 15, "the ticker's connects after the restart")
+        assert all(data == b"tick\n" and peer[0] == "127.0.0.1" for peer, data in ticks.received)
+        adopt = g.wait_event(lambda e: e["event"] == "keeper-adopt")
+        assert key in adopt["containers"] and adopt["listeners"] >= 5  # a: pause, web, ticker; b: pause, web
+        assert g.graftd_view()["seccomp_listeners"].get(key) == 3
         assert get(h1) == images.PAGE and get(h2) == images.PAGE
         keys = {c["key"] for c in g.status()["containers"]}
         assert key in keys and f"netns:{b.netns_ino()}" in keys
@@ -233,6 +244,7 @@ def test_graft_pods_on_their_host_ports(node, k8s_graftd):
             except grpc.RpcError:
                 pass
         host.close()
+        ticks.close()
         other.close()
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from sockgraft.runtime import keeper
-from tests.helpers import free_port, graftd as start_graftd, wait_for
+from tests.helpers import free_port, graftd as start_graftd, stop, wait_for
 from tests.runtime.common import PAGE, Graftd, HostServer, http_get
 from tests.runtime.conftest import container_id
 from tests.runtime.test_runc import make_bundle, runtime
@@ -91,12 +91,6 @@ class Box:
         if self.created:
             runtime(self.g, self.root, "delete", "--force", self.cid, check=False)
             self.created = False
-
-
-def kill9_and_restart(g: Graftd) -> None:
-    g.proc.send_signal(signal.SIGKILL)
-    g.proc.wait()
-    g.proc = start_graftd(g.state, g.runtime, "--metrics", f"127.0.0.1:{g.metrics_port}", log=g._logf)
 
 
 def keeper_pid(g: Graftd) -> int | None:
@@ -187,4 +181,60 @@ def test_kill9_restart_keeps_the_container_supervised(tmp_path, rootfs, with_deb
         server.close()
         if kpid and alive(kpid):
             os.kill(kpid, signal.SIGKILL)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_keeper_killed_sigterm_restart_and_stop_for_good(tmp_path, rootfs):
+    """A keeper killed under a running graftd is replaced (graftd keeps its listeners again); a
+    SIGTERM restart (an upgrade) is as invisible as a kill -9; `graftd --stop` releases everything:
+    the keeper goes, and the container's next trapped call fails with ENOSYS, as without a keeper."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    g = Graftd(str(tmp_path / "g"), metrics=True)
+    server = HostServer()
+    box = Box(tmp_path, rootfs, g, server)
+    pids = []
+    try:
+        box.start()
+        pids.append(keeper_pid(g))
+        box.ask_connect()
+        box.connect_done(1)
+
+        os.kill(pids[0], signal.SIGKILL)
+        wait_for(lambda: (keeper_pid(g) or pids[0]) != pids[0], 15, "graftd to start a new keeper")
+        pids.append(keeper_pid(g))
+        wait_for(lambda: [e["key"] for e in keeper.listing(g.runtime)["entries"]] == [box.key], 10,
+                 "graftd to keep its listener again")
+        g.wait_event(lambda e: e["event"] == "keeper-rekept" and e["listeners"] == 1)
+        assert not alive(pids[0])
+
+        stop(g.proc)  # SIGTERM: graftd goes, the keeper keeps the listener
+        held = keeper.listing(g.runtime)
+        assert held["pid"] == pids[1] and held["owner"] is None and [e["key"] for e in held["entries"]] == [box.key]
+        box.ask_connect()
+        time.sleep(0.5)
+        assert len(server.received) == 1
+        g.proc = start_graftd(g.state, g.runtime, "--metrics", f"127.0.0.1:{g.metrics_port}", log=g._logf)
+        box.connect_done(2)
+        box.bind()
+
+        p = subprocess.run(["graftd", "--stop", "--state-dir", g.state, "--runtime-dir", g.runtime],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert p.stderr == (f"graftd: stopped graftd pid {g.proc.pid}; stopped the listener keeper "
+                            "(1 listeners released)\n")
+        assert g.proc.wait(10) == 0
+        wait_for(lambda: not alive(pids[1]), 10, "the keeper to exit")
+        assert not os.path.exists(keeper.socket_path(g.runtime)) and keeper.listing(g.runtime) is None
+        box.ask_connect()  # nobody supervises it any more: ENOSYS at once, no hang
+        assert box._rc("connect.rc", 10) != 0
+        p = subprocess.run(["graftd", "--stop", "--state-dir", g.state, "--runtime-dir", g.runtime],
+                           capture_output=True, text=True, timeout=60)
+        assert (p.returncode, p.stderr) == (0, "graftd: nothing was running\n")
+    finally:
+        box.delete()
+        g.close()
+        server.close()
+        for pid in pids:
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGKILL)
     assert len(os.listdir("/proc/self/fd")) == fds_before

@@ -448,6 +448,8 @@ def listing(runtime_dir: str) -> dict | None:
         return None
     try:
         return c.call({"op": "list"})
+    except (KeeperError, ConnectionResetError):
+        return None  # it was exiting (or was killed) as we asked
     finally:
         c.close()
 
