@@ -73,9 +73,10 @@ def show(ctx: click.Context) -> None:
 @click.option("--ingress", multiple=True, metavar="ADDR:PORT[-PORT]=NAME", help="Graft binds of this address.")
 @click.option("--egress", multiple=True, metavar="PREFIX/LEN=NAME", help="Graft connects to this prefix.")
 @click.option("--endpoint", "endpoints", multiple=True, metavar="'NAME type ...'", help="Add this endpoint for the run.")
+@click.option("--userns", is_flag=True, help="As root: run CMD as root of a user namespace (an unprivileged uid outside). Rootless runs always do.")
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED, required=True)
 @click.pass_context
-def run(ctx, netns_name, mode, ingress, egress, endpoints, cmd) -> None:
+def run(ctx, netns_name, mode, ingress, egress, endpoints, userns, cmd) -> None:
     """Run CMD in a container netns with its sockets grafted; exits with CMD's status."""
     from sockgraft.cmd.run import run as run_cmd
     from sockgraft.modes.base import RunSpec
@@ -87,6 +88,7 @@ def run(ctx, netns_name, mode, ingress, egress, endpoints, cmd) -> None:
         endpoints=[parse_endpoint(e) for e in endpoints],
         ingress=[parse_ingress(p) for p in ingress],
         egress=[parse_egress(r) for r in egress],
+        userns=userns,
     )
     if ctx.obj["pid"] is not None:
         raise SpecError("graft run takes -n NETNS, not --pid")

@@ -30,3 +30,55 @@ def wait_forwarding(proc: subprocess.Popen) -> int:
     """Wait for `proc`, passing signals on; its exit status (EINTR is retried by Python, PEP 475)."""
     with forwarding_signals(proc):
         return exit_status(proc.wait())
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Orphans among our descendants (a daemon's double fork) become our children, not init's."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def wait_container(proc: subprocess.Popen, others) -> int:
+    """Wait for `proc` (the foreground command) AND every descendant left after it (a daemon that
+    forked away: this process must be a subreaper), passing signals on: to `proc` while it runs,
+    then to `others()` (the container's remaining pids). Returns `proc`'s exit status the shell's
+    way. Reaps with waitpid(-1): call it only where no other thread waits for children of its own."""
+    import os
+
+    status: int | None = None
+
+    def forward(sig, _frame):
+        if status is None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            return
+        for pid in others():
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    try:
+        while True:
+            try:
+                pid, st = os.waitpid(-1, 0)  # EINTR is retried by Python (PEP 475)
+            except ChildProcessError:
+                break
+            if pid == proc.pid:
+                proc.returncode = os.waitstatus_to_exitcode(st)
+                status = exit_status(proc.returncode)
+        if status is None:  # someone else reaped it (cannot happen here): ask Popen
+            status = exit_status(proc.wait())
+        return status
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)

@@ -318,5 +318,16 @@ class Store:
             {ep.name: ep for ep in eps},
             [parse_ingress(s) for k, s in rules if k == "ingress"],
             [parse_egress(s) for k, s in rules if k == "egress"],
-            MARK_TAG | mark[0][0] if mark else 0,
+            MARK_TAG | mark[0][0] if mark and _can_mark() else 0,  # rootless: no mark (see _can_mark)
         )
+
+
+def _can_mark() -> bool:
+    """Whether this process can put a mark on a host socket (SO_MARK needs CAP_NET_ADMIN in the host's
+    user namespace). A rootless fd service or supervisor cannot, and nftables is root's anyway: its
+    containers' sockets go unmarked, which also tells egress.pools_off that the kernel does not guard
+    them (no pooled sockets). egress.sync still says once that egress is not enforced."""
+    from sockgraft.host.egress import _net_admin
+    from sockgraft.host.paths import in_initial_userns
+
+    return in_initial_userns() and _net_admin()

@@ -21,6 +21,7 @@ class RunSpec:
     ingress: list[IngressPair] = field(default_factory=list)
     egress: list[EgressRule] = field(default_factory=list)
     state_dir: str | None = None
+    userns: bool = False  # root: run the command as root of a user namespace (rootless: always)
 
 
 @dataclass
