@@ -83,12 +83,14 @@ table inet {table} {{
 \t}}
 \tchain mark-5ca00003 {{
 \t\tcomment "{b.digest()} weird?key?"
+\t\ttcp flags & (syn | ack) != syn accept
 \t\tct state established,related accept
 \t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080, 127.0.0.1 . tcp . 9000, 127.0.0.1 . udp . 9000 }} accept
 \t\tgoto refuse
 \t}}
 \tchain mark-5ca00012 {{
 \t\tcomment "{a.digest()} netns:1"
+\t\ttcp flags & (syn | ack) != syn accept
 \t\tct state established,related accept
 \t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080 }} accept
 \t\tip daddr {{ 127.0.0.2/32 }} accept

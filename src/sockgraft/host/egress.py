@@ -6,8 +6,10 @@ host's user namespace). This module turns the store into an `inet` table whose `
 every locally generated packet of a socket carrying one of THIS store's marks, whatever the send
 path (connect, sendto, sendmsg, sendmmsg, a re-connect, io_uring):
 
-- packets of an established or related flow pass (accepted connections, a UDP server's answers to
-  the clients that wrote to it, ICMP errors);
+- a TCP packet that is not a connection request (no SYN, or SYN+ACK) passes: it belongs to a
+  connection the kernel let through (one this table judged, or one the socket accepted), whatever
+  conntrack knows; packets of an established or related flow pass (a UDP server's answers to the
+  clients that wrote to it, ICMP errors);
 - a new flow passes if its destination is named by one of the container's egress rules, judged as
   the engine judges a grafted socket (longest prefix; a rule whose endpoint is missing names
   nothing), or is one of its fixed-port IP endpoints (what `dial`
@@ -151,7 +153,7 @@ def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
     ]
     for c in containers:
         lines += [f"\tchain {chain_name(c.mark)} {{", f'\t\tcomment "{c.digest()} {_comment(c.key)}"',
-                  "\t\tct state established,related accept"]
+                  "\t\ttcp flags & (syn | ack) != syn accept", "\t\tct state established,related accept"]
         for version, field in ((4, "ip daddr"), (6, "ip6 daddr")):
             targets = [f"{a} . {proto} . {port}" for a, port in c.dials if a.version == version for proto in ("tcp", "udp")]
             if targets:
