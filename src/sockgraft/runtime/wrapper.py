@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 
 from sockgraft.cni import records as cni_records
-from sockgraft.host import netns
+from sockgraft.host import netns, paths
 from sockgraft.host.audit import Audit
 from sockgraft.core.endpoint import SpecError
 from sockgraft.host.children import wait_forwarding
@@ -204,6 +204,8 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
     if ns is None:
         raise SpecError("the container shares the host network namespace; graft-runtime needs its own (--network none)")
     rec = {"id": cid, "bundle": bundle, "created_netns": None, "key": None, "ino": None, "time": time.time()}
+    if not paths.privileged():
+        return _prepare_rootless(inv, bundle, config, graft_ann, spec, state, rec)
     old = read_record(state, cid)
     if old:  # a create of the same id that never got its delete
         cleanup(state, old)
@@ -248,6 +250,23 @@ def prepare(inv: Invocation, bundle: str, cid: str) -> dict:
     except BaseException:
         cleanup(state, rec)
         raise
+    return rec
+
+
+def _prepare_rootless(inv: Invocation, bundle: str, config: dict, graft_ann: dict, spec, state: str, rec: dict) -> dict:
+    """Rootless (rootless Podman runs its runtime as root of its user namespace, not host root): no
+    named netns (/run/netns is root's) and no table written here. runc makes the container's netns
+    (--network none: only lo) inside the engine's user namespace; the per-user graftd's OCI agent
+    registers the table from the annotations in the state runc sends with the listener, keyed by
+    that netns, and forgets it with the container's last listener."""
+    trapped = trapped_for(bool(spec.endpoints), bool(spec.ingress))
+    untrapped = ociconfig.merge_seccomp(config, inv.agent, trapped=trapped)
+    if untrapped:
+        log(inv, "warning", f"the container's seccomp profile does not allow {', '.join(untrapped)}: not grafted")
+    config["annotations"] = {**(config.get("annotations") or {}), **graft_ann, STATE_ANNOTATION: os.path.abspath(state)}
+    ociconfig.save(bundle, config)
+    rec["rootless"] = True
+    _write_record(state, rec["id"], rec)
     return rec
 
 
