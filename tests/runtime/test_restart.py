@@ -5,6 +5,7 @@ restart are served, and a call made while no graftd ran waits in the kernel and 
 restart (it used to fail with ENOSYS). Afterwards: no keeper, no fds, no socket left."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from sockgraft.runtime import keeper
+from sockgraft.runtime import keeper, ociconfig
 from tests.helpers import free_port, graftd as start_graftd, stop, wait_for
 from tests.runtime.common import PAGE, Graftd, HostServer, http_get
 from tests.runtime.conftest import container_id
@@ -238,3 +239,41 @@ def test_keeper_killed_sigterm_restart_and_stop_for_good(tmp_path, rootfs):
             if pid and alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
+def test_agent_registered_table_of_a_container_gone_while_graftd_was_down(tmp_path, rootfs):
+    """Plain runc pointed at graftd's agent (the agent registered the table from the annotations):
+    the container ends while no graftd runs; the keeper drops its listener, and the next graftd
+    forgets the table (it would otherwise stay forever)."""
+    g = Graftd(str(tmp_path / "g"))
+    root, cid = str(tmp_path / "runc-root"), container_id()
+    kpid = None
+    try:
+        bundle = make_bundle(tmp_path, rootfs, ["sleep", "600"], {
+            "io.sockgraft.endpoints": "out type ipv4 addr 127.0.0.1 port dynamic"})
+        config = json.loads(open(os.path.join(bundle, "config.json")).read())
+        ociconfig.merge_seccomp(config, g.agent)
+        open(os.path.join(bundle, "config.json"), "w").write(json.dumps(config))
+        with open(tmp_path / "runc.out", "w") as out:
+            subprocess.run(["runc", "--root", root, "run", "-d", "-b", bundle, cid], stdin=subprocess.DEVNULL,
+                           stdout=out, stderr=out, timeout=60, check=True)
+        key = g.wait_event(lambda e: e["event"] == "agent-listener" and e["container_id"] == cid)["container"]
+        assert key.startswith("netns:")
+        kpid = keeper_pid(g)
+        assert keeper.listing(g.runtime)["entries"][0]["registered"] is True
+        g.proc.send_signal(signal.SIGKILL)
+        g.proc.wait()
+        subprocess.run(["runc", "--root", root, "delete", "--force", cid], capture_output=True, timeout=60, check=True)
+        # its listener hangs up: the keeper, holding nothing and with no graftd, exits, leaving a note
+        wait_for(lambda: not alive(kpid), 15, "the keeper to drop the listener and exit")
+        assert os.path.exists(os.path.join(g.runtime, keeper.GONE_NAME))
+        assert any(c["key"] == key for c in g.status()["containers"])  # no graftd: the table is still there
+        g.proc = start_graftd(g.state, g.runtime, log=g._logf)
+        g.wait_event(lambda e: e["event"] == "agent-forget" and e["container"] == key)
+        assert all(c["key"] != key for c in g.status()["containers"])
+        assert not os.path.exists(os.path.join(g.runtime, keeper.GONE_NAME))
+    finally:
+        subprocess.run(["runc", "--root", root, "delete", "--force", cid], capture_output=True, timeout=60)
+        g.close()
+        if kpid and alive(kpid):
+            os.kill(kpid, signal.SIGKILL)

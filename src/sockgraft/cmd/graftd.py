@@ -99,19 +99,23 @@ class Daemon:
         """Take over the listeners a previous graftd left with the keeper."""
         from sockgraft.runtime import keeper
 
+        gone = keeper.take_gone(self.runtime_dir)
         try:
             client = keeper.Client.connect(self.runtime_dir)
         except OSError as e:
             self.audit.record("keeper-error", error=f"{keeper.socket_path(self.runtime_dir)}: {e.strerror or e}")
+            client = None
+        entries = []
+        if client is not None:
+            try:
+                entries, more_gone = client.hello(os.getpid(), self.state)
+            except (keeper.KeeperError, OSError) as e:
+                client.close()
+                raise StoreError(f"listener keeper {keeper.socket_path(self.runtime_dir)}: {e}") from None
+            gone += more_gone
+            self.keeper = client
+        if client is None and not gone:
             return
-        if client is None:
-            return
-        try:
-            entries, gone = client.hello(os.getpid(), self.state)
-        except (keeper.KeeperError, OSError) as e:
-            client.close()
-            raise StoreError(f"listener keeper {keeper.socket_path(self.runtime_dir)}: {e}") from None
-        self.keeper = client
         keys = set()
         for fd, meta in entries:
             key, pid = meta.get("key", ""), meta.get("pid")
@@ -124,7 +128,7 @@ class Daemon:
             if meta.get("registered") and meta.get("key") not in keys:
                 self.agent.registered[meta["key"]] = meta.get("cid", "")
                 self.agent.container_gone(meta["key"])
-        self.audit.record("keeper-adopt", keeper=client.keeper_pid, listeners=len(entries),
+        self.audit.record("keeper-adopt", keeper=client.keeper_pid if client else None, listeners=len(entries),
                           containers=sorted(keys), gone=len(gone))
 
     def keep(self, fd: int, key: str, pid: int | None, cid: str, registered: bool) -> None:

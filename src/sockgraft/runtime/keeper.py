@@ -14,7 +14,8 @@ graftd asks (`release`, `stop`). The keeper exits when it holds nothing and no g
 (a graftd that never connected: 10 s after start), and on `stop` (`graftd --stop`), which releases
 everything: then the containers' trapped calls fail with ENOSYS, as they did without a keeper.
 Entries whose tasks ended while no graftd was connected are reported to the next one (`gone`), so it
-can forget tables that the agent itself registered.
+can forget tables that the agent itself registered; a keeper that exits with such reports leaves
+them in `RUNTIME_DIR/keeper-gone.json` (`take_gone`).
 
 Wire format: one JSON object per message, fds attached by SCM_RIGHTS.
     hello {"pid", "state_dir"}            -> {"ok", "entries": [...], "more": bool} (+fds), repeated
@@ -39,6 +40,7 @@ import sys
 import time
 
 SOCKET_NAME = "keeper.sock"
+GONE_NAME = "keeper-gone.json"
 MAX_MESSAGE = 1 << 16
 BATCH = 64  # fds per message (SCM_MAX_FD is 253)
 ORPHAN_GRACE = 10.0  # a keeper nobody ever connected to exits after this
@@ -278,7 +280,20 @@ class Keeper:
         except OSError:
             pass
         for i in list(self.entries):
-            self.release(i)
+            self.release(i, hangup=not self.stopping)
+        if self.gone and not self.stopping:  # for the next graftd (take_gone)
+            path = os.path.join(self.runtime_dir, GONE_NAME)
+            try:
+                old = json.load(open(path))
+            except (OSError, ValueError):
+                old = []
+            try:
+                tmp = path + ".tmp"
+                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+                    json.dump((old if isinstance(old, list) else []) + self.gone, f)
+                os.replace(tmp, path)
+            except OSError:
+                pass
         for conn in list(self.clients.values()):
             conn.close()
         self.sock.close()
@@ -419,6 +434,19 @@ class Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def take_gone(runtime_dir: str) -> list[dict]:
+    """What a keeper that exited left for the next graftd: entries whose tasks all ended while no
+    graftd was connected (read once, then removed)."""
+    path = os.path.join(runtime_dir, GONE_NAME)
+    try:
+        with open(path) as f:
+            gone = json.load(f)
+        os.unlink(path)
+    except (OSError, ValueError):
+        return []
+    return [g for g in gone if isinstance(g, dict)] if isinstance(gone, list) else []
 
 
 def stop(runtime_dir: str) -> int | None:
