@@ -18,6 +18,7 @@ ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
 int (*real_getsockname)(int, struct sockaddr *, socklen_t *);
 int (*real_getpeername)(int, struct sockaddr *, socklen_t *);
+int (*real_setsockopt)(int, int, int, const void *, socklen_t);
 int (*real_close)(int);
 int (*real_dup)(int);
 int (*real_dup2)(int, int);
@@ -119,6 +120,7 @@ static void init(void)
 	real_sendmmsg = next("sendmmsg");
 	real_getsockname = next("getsockname");
 	real_getpeername = next("getpeername");
+	real_setsockopt = next("setsockopt");
 	real_close = next("close");
 	real_dup = next("dup");
 	real_dup2 = next("dup2");

@@ -133,6 +133,19 @@ int st_fresh(int fd, struct gs *st)
 	return 1;
 }
 
+/* setsockopt succeeded on fd: remember an option copy_options carries over at a grant */
+void st_note_option(int fd, int level, int name)
+{
+	int i = option_index(level, name);
+	if (i < 0)
+		return;
+	table_lock();
+	struct gs **s = slot(fd, 0);
+	if (s && *s && !(*s)->grafted)
+		(*s)->optset |= 1ULL << i;
+	table_unlock();
+}
+
 void st_mark_decided(int fd)
 {
 	table_lock();

@@ -340,6 +340,16 @@ static int graft_name(const char *epname, struct sockaddr *sa, socklen_t *len)
 	return give_name(&gr, sizeof(gr), sa, len);
 }
 
+/* Only noted: the options a grant copies are those the application set (options.c). */
+EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+	ENSURE();
+	int r = real_setsockopt(fd, level, name, val, len);
+	if (r == 0 && __atomic_load_n(&g_have_table, __ATOMIC_ACQUIRE))
+		st_note_option(fd, level, name);
+	return r;
+}
+
 EXPORT int getsockname(int fd, struct sockaddr *sa, socklen_t *len)
 {
 	ENSURE();

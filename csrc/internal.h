@@ -16,6 +16,7 @@
 #include <netdb.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <sys/socket.h>
 #include <sys/types.h>
 
@@ -33,6 +34,7 @@ extern ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 extern int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
 extern int (*real_getsockname)(int, struct sockaddr *, socklen_t *);
 extern int (*real_getpeername)(int, struct sockaddr *, socklen_t *);
+extern int (*real_setsockopt)(int, int, int, const void *, socklen_t);
 extern int (*real_close)(int);
 extern int (*real_dup)(int);
 extern int (*real_dup2)(int, int);
@@ -68,6 +70,7 @@ struct gs {
 	char epname[AF_GRAFT_EPNAME_MAX]; /* bound or dialed by this name (AF_GRAFT) */
 	socklen_t bound_len; /* what the application bound (getsockname's default answer) */
 	struct sockaddr_storage bound;
+	uint64_t optset;   /* the options of options.h the application set (bit i: graft_copied_options[i]) */
 };
 
 extern int g_have_table; /* an entry was ever made: close/dup must keep the table in step */
@@ -80,11 +83,13 @@ void st_forget_range(unsigned int first, unsigned int last);
 int st_fresh(int fd, struct gs *st);
 void st_mark_decided(int fd);
 int st_install(int fd, int newfd, struct gs *st);
+void st_note_option(int fd, int level, int name);
 void table_lock(void);
 void table_unlock(void);
 
 /* -- options.c -------------------------------------------------------------------------------- */
 void copy_options(int from, int to, const struct gs *st);
+int option_index(int level, int name);
 enum { FL_REUSEADDR = 1, FL_REUSEPORT = 2, FL_V6ONLY = 4 };
 unsigned socket_flags(int fd, int family);
 

@@ -1,5 +1,6 @@
-/* Socket options: those the application set before its socket was grafted are copied onto the
- * host socket; the flags a bind request carries are read from the socket. The list is
+/* Socket options: those the application set before its socket was grafted (seen by the
+ * setsockopt wrapper of hooks.c) are copied onto the host socket; the flags a bind request carries
+ * are read from the socket. The list is
  * options.h, written by `python3 -m sockgraft.core.tables --c-options` (core/tables.py:
  * COPIED_OPTIONS, the same list the Python modes copy; tests/core/test_tables.py keeps them equal). */
 #include "internal.h"
@@ -11,6 +12,7 @@
 #include "options.h"
 
 #define N_OPTIONS (sizeof(graft_copied_options) / sizeof(*graft_copied_options))
+_Static_assert(N_OPTIONS <= 64, "struct gs.optset has a bit per option");
 
 /* An option of `level` applies to a host socket of family `dom` and type `type`. */
 static int applies(int level, int dom, int app_family, int type)
@@ -28,26 +30,32 @@ static int applies(int level, int dom, int app_family, int type)
 	return 0;
 }
 
-/* Each option the application set on `from` (its value differs from a fresh socket's) is set on
- * `to`. Buffer sizes read back doubled (`halved`): set half. Failures are ignored (best effort). */
+int option_index(int level, int name)
+{
+	for (size_t i = 0; i < N_OPTIONS; i++)
+		if (graft_copied_options[i].level == level && graft_copied_options[i].name == name)
+			return (int)i;
+	return -1;
+}
+
+/* Each option the application set on `from` (its setsockopt calls, st->optset) is read back and set
+ * on `to`: nothing to read when it set none. Buffer sizes read back doubled (`halved`): set half.
+ * Failures are ignored (best effort). */
 void copy_options(int from, int to, const struct gs *st)
 {
-	int fam = st->family == AF_GRAFT ? AF_INET : st->family;
-	int fresh_fd = real_socket(fam, st->type | SOCK_CLOEXEC, st->proto);
-	if (fresh_fd < 0)
+	if (!st->optset)
 		return;
+	int fam = st->family == AF_GRAFT ? AF_INET : st->family;
 	int dom = 0;
 	socklen_t l = sizeof(dom);
 	getsockopt(to, SOL_SOCKET, SO_DOMAIN, &dom, &l);
 	for (size_t i = 0; i < N_OPTIONS; i++) {
 		const struct graft_opt *o = &graft_copied_options[i];
-		if (!applies(o->level, dom, fam, st->type))
+		if (!(st->optset & (1ULL << i)) || !applies(o->level, dom, fam, st->type))
 			continue;
-		char a[32], b[32];
-		socklen_t la = (socklen_t)o->size, lb = (socklen_t)o->size;
+		char a[32];
+		socklen_t la = (socklen_t)o->size;
 		if (getsockopt(from, o->level, o->name, a, &la) != 0)
-			continue;
-		if (getsockopt(fresh_fd, o->level, o->name, b, &lb) != 0 || (la == lb && memcmp(a, b, la) == 0))
 			continue;
 		if (o->halved && la == sizeof(int)) {
 			int v;
@@ -55,9 +63,8 @@ void copy_options(int from, int to, const struct gs *st)
 			v /= 2;
 			memcpy(a, &v, sizeof(v));
 		}
-		setsockopt(to, o->level, o->name, a, la);
+		real_setsockopt(to, o->level, o->name, a, la);
 	}
-	real_close(fresh_fd);
 }
 
 unsigned socket_flags(int fd, int family)

@@ -5,6 +5,7 @@
     python3 pool_cases.py fork PORT            parent connects, forks; the child and the parent connect
     python3 pool_cases.py closed PORT          connect, close every fd above 2, connect again
     python3 pool_cases.py table PORT           connect; wait for a line on stdin; connect again
+    python3 pool_cases.py options PORT         options set before the connect, read after it
 
 Prints one JSON object."""
 from __future__ import annotations
@@ -54,6 +55,23 @@ def main(case: str, port: int, n: int = 0) -> dict:
         first = once(port)
         os.closerange(3, 4096)
         return {"first": first["err"], "after": once(port)["err"]}
+    if case == "options":
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.connect(("127.0.0.1", port))
+        got = {"mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) != 0,
+               "keepalive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+               "nodelay": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+               "rcvbuf": s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)}
+        s.close()
+        plain = socket.socket()  # one the program set nothing on: the host socket's defaults
+        plain.connect(("127.0.0.1", port))
+        got["plain"] = [plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                        plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+        plain.close()
+        return got
     if case == "table":
         before = once(port)
         print(json.dumps({"ready": True}), flush=True)

@@ -82,3 +82,13 @@ def test_a_table_change_drops_the_pool(run_preload, acceptor, ns):
     out, err = p.communicate("go\n", timeout=60)
     assert p.returncode == 0, err
     assert json.loads(out) == {"before": "127.0.0.2", "after": "127.0.0.3"}
+
+
+def test_the_options_the_program_set_are_on_its_pooled_socket(run_preload, acceptor):
+    """The library notes the program's setsockopt calls and copies those options (only those) onto
+    the pooled socket it installs; the values are what the kernel reports natively."""
+    native = subprocess.run([PY, CASES, "options", str(acceptor)], capture_output=True, text=True, check=True)
+    want = json.loads(native.stdout)
+    got, _ = run(run_preload, "options", acceptor)
+    assert got.pop("mark") and not want.pop("mark")
+    assert got == want and want["keepalive"] == 1 and want["nodelay"] == 1 and want["plain"] == [0, 0]
