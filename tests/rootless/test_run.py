@@ -199,3 +199,16 @@ def test_root_userns_command_cannot_touch_its_marks(state_dir):
     uid, outside, mark, userns_result = results[True]
     assert (uid, outside) == ("0", "65534") and mark != "0" and userns_result == f"errno{errno.EPERM}"
     assert results[False][1] == "0" and results[False][3] == "changed"
+
+
+def test_rootless_refuses_a_fallback_dir_someone_else_made(user):
+    """/tmp is shared: a /tmp/sockgraft-UID made by another user (here root) is refused in one line,
+    not used (it would hold the user's sockets)."""
+    d = f"/tmp/sockgraft-{user.uid}"
+    shutil.rmtree(d, ignore_errors=True)
+    os.makedirs(d, mode=0o777)
+    try:
+        p = user.run("graft", "run", "--", "true", env=user.env(xdg=False, GRAFT_EGRESS_ENFORCE="0"))
+        assert p.returncode == 1 and p.stderr.splitlines() == [f"graft: {d} belongs to uid 0, not to this user"]
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -74,6 +74,10 @@ def run(spec: RunSpec) -> int:
     rootless = not paths.privileged()
     if rootless:
         check_rootless(spec)
+        try:
+            paths.check_user_dirs(spec.state_dir)
+        except OSError as e:
+            raise SpecError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
     sweep_debris()
     undo: list = []  # cleanup steps, run in reverse
     store = Store(spec.state_dir)
@@ -102,10 +106,7 @@ def run(spec: RunSpec) -> int:
                                   fresh=False))
 
         runtime = paths.default_runtime_dir()
-        if rootless:
-            paths.ensure_private_dir(runtime)
-        else:
-            os.makedirs(runtime, exist_ok=True)
+        os.makedirs(runtime, exist_ok=True)
         workdir = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=runtime)
         os.chmod(workdir, 0o755)
         undo.append(lambda: shutil.rmtree(workdir, ignore_errors=True))

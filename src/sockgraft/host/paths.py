@@ -88,6 +88,16 @@ def ensure_private_dir(path: str) -> str:
     return path
 
 
+def check_user_dirs(state: str | None = None) -> None:
+    """Rootless: the fallbacks in shared /tmp and /var/tmp must be this user's own (someone else's
+    pre-made dir would hold this user's tables or sockets)."""
+    state = state_dir(state)
+    for fallback in (f"/var/tmp/sockgraft-{host_uid()}", f"/tmp/sockgraft-{host_uid()}"):
+        if state == fallback or state.startswith(fallback + "/"):
+            ensure_private_dir(fallback)
+    ensure_private_dir(default_runtime_dir())
+
+
 def fd_socket_path(runtime_dir: str, key: str) -> str:
     """graftd's fd-service socket for one container."""
     path = os.path.join(runtime_dir, "fd", key.replace("/", "_") + ".sock")
