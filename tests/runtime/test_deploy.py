@@ -140,6 +140,7 @@ def test_systemd_unit():
     ctx = graftd_cli.make_context("graftd", exec_start[1:])
     assert os.path.join(ctx.params["runtime_dir"], "agent.sock") == AGENT_SOCKET
     assert ctx.params["metrics"].startswith("127.0.0.1:")
+    assert unit["Service"]["KillMode"] == "process"  # the listener keeper outlives a graftd restart
     if shutil.which("systemd-analyze"):
         p = subprocess.run(["systemd-analyze", "verify", path], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
