@@ -83,8 +83,34 @@ def _unmount_under(d: str) -> None:
         subprocess.run(["umount", "-l", p], capture_output=True, timeout=30)
 
 
+def sweep_www() -> None:
+    """The daemon test's web roots (/tmp/sgr-www-<PID>) of dead runs, and the daemons (root's too)
+    still serving them: by pid, found by that path on their command line."""
+    dead = set()
+    for entry in os.listdir("/tmp"):
+        m = re.match(r"^sgr-www-(\d+)$", entry)
+        if m and not pid_alive(int(m[1])):
+            dead.add(f"/tmp/{entry}")
+    if not dead:
+        return
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if any(a in dead for a in argv):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for d in dead:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def sweep_users() -> list[str]:
-    """Users of earlier runs whose pytest process is gone."""
+    """Users of earlier runs whose pytest process is gone (and the daemon test's leftovers)."""
+    sweep_www()
     gone = []
     for entry in pwd.getpwall():
         m = _OURS.match(entry.pw_name)
