@@ -48,7 +48,23 @@ def pytest_sessionstart(session):
             netns.remove(name)
         except OSError:
             pass  # in use after all, or gone meanwhile: the next session tries again
-    egress.sweep()  # nftables tables of state dirs that are gone (a killed run's)
+    egress.sweep(keep=_live_state_dir)  # nftables tables a killed or earlier run left
+
+
+_SESSION = re.compile(r"^(.*/pytest-of-[^/]+)/pytest-(\d+)/")
+
+
+def _live_state_dir(state_dir: str) -> bool:
+    """A state dir whose table must stay: it still has its database, and it is not a test's of a
+    session three or more before the newest (pytest keeps the last three session dirs: their stores
+    stay on disk, and a table left with them would judge sockets whose mark a later test reuses)."""
+    if not os.path.exists(os.path.join(state_dir, "tables.db")):
+        return False
+    m = _SESSION.match(state_dir + "/")
+    if m is None:
+        return True
+    sessions = [int(n[7:]) for n in os.listdir(m.group(1)) if n.startswith("pytest-") and n[7:].isdigit()]
+    return int(m.group(2)) > max(sessions, default=0) - 3
 
 
 def pytest_sessionfinish(session):
@@ -60,6 +76,16 @@ def pytest_sessionfinish(session):
     except (AttributeError, OSError, ValueError):
         return
     egress.sweep(keep=lambda d: not d.startswith(base + os.sep))
+
+
+@pytest.fixture(autouse=True)
+def _egress_tables_of_the_test(tmp_path):
+    """Stores a test made under its tmp_path (not only `state_dir`): their kernel tables go with it."""
+    yield
+    from sockgraft.host import egress
+
+    prefix = os.path.realpath(str(tmp_path)) + os.sep
+    egress.sweep(keep=lambda d: not d.startswith(prefix))
 
 
 @pytest.fixture

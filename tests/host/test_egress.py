@@ -81,17 +81,28 @@ table inet {table} {{
 \t\ttcp flags & (syn | ack) == syn reject with tcp reset
 \t\tdrop
 \t}}
+\tset peers4 {{ type ipv4_addr . inet_service . mark; flags timeout; size 65536; }}
+\tset peers6 {{ type ipv6_addr . inet_service . mark; flags timeout; size 65536; }}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tmeta l4proto != udp return
+\t\tsocket mark & 0xffff0000 != 0x5ca00000 return
+\t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout 30s }}
+\t\tmeta nfproto ipv6 update @peers6 {{ ip6 saddr . udp sport . socket mark timeout 30s }}
+\t}}
 \tchain mark-5ca00003 {{
 \t\tcomment "{b.digest()} weird?key?"
 \t\ttcp flags & (syn | ack) != syn accept
-\t\tct state established,related accept
+\t\tip daddr . udp dport . meta mark @peers4 accept
+\t\tip6 daddr . udp dport . meta mark @peers6 accept
 \t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080, 127.0.0.1 . tcp . 9000, 127.0.0.1 . udp . 9000 }} accept
 \t\tgoto refuse
 \t}}
 \tchain mark-5ca00012 {{
 \t\tcomment "{a.digest()} netns:1"
 \t\ttcp flags & (syn | ack) != syn accept
-\t\tct state established,related accept
+\t\tip daddr . udp dport . meta mark @peers4 accept
+\t\tip6 daddr . udp dport . meta mark @peers6 accept
 \t\tip daddr . meta l4proto . th dport {{ 127.0.0.1 . tcp . 8080, 127.0.0.1 . udp . 8080 }} accept
 \t\tip daddr {{ 127.0.0.2/32 }} accept
 \t\tmeta nfproto ipv6 accept

@@ -7,9 +7,13 @@ every locally generated packet of a socket carrying one of THIS store's marks, w
 path (connect, sendto, sendmsg, sendmmsg, a re-connect, io_uring):
 
 - a TCP packet that is not a connection request (no SYN, or SYN+ACK) passes: it belongs to a
-  connection the kernel let through (one this table judged, or one the socket accepted), whatever
-  conntrack knows; packets of an established or related flow pass (a UDP server's answers to the
-  clients that wrote to it, ICMP errors);
+  connection the kernel let through (one this table judged, or one the socket accepted);
+- a UDP datagram to a peer that wrote to this very socket in the last PEER_TIMEOUT seconds passes
+  (a UDP server's answers): the `input` chain notes (peer address, peer port, socket mark) of every
+  datagram delivered to a marked socket in a bounded set (PEER_SET_SIZE; full: new peers are not
+  noted, and answers to them are judged as new flows). No conntrack: the table must not turn on
+  connection tracking for the whole host (every connection tracked; TIME_WAIT entries filling
+  `nf_conntrack_max` under connection-per-request load, and then every new packet dropped);
 - a new flow passes if its destination is named by one of the container's egress rules, judged as
   the engine judges a grafted socket (longest prefix; a rule whose endpoint is missing names
   nothing), or is one of its fixed-port IP endpoints (what `dial`
@@ -125,6 +129,10 @@ def _prefix_rules(nets: tuple[Network, ...], verdict: str) -> list[str]:
     return out
 
 
+PEER_TIMEOUT = 30  # seconds a UDP peer may be answered after its last datagram (conntrack's UDP default)
+PEER_SET_SIZE = 65536  # UDP peers noted at most, per address family
+
+
 def chain_name(mark: int) -> str:
     return f"mark-{mark:08x}"
 
@@ -151,9 +159,22 @@ def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
         "\t\tdrop",
         "\t}",
     ]
+    for v, addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        lines.append(f"\tset peers{v} {{ type {addr} . inet_service . mark; flags timeout; size {PEER_SET_SIZE}; }}")
+    lines += [
+        "\tchain input {",
+        "\t\ttype filter hook input priority filter; policy accept;",
+        f"\t\tmeta l4proto != udp return",
+        f"\t\tsocket mark & 0x{MARK_MASK:08x} != 0x{MARK_TAG:08x} return",
+        f"\t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout {PEER_TIMEOUT}s }}",
+        f"\t\tmeta nfproto ipv6 update @peers6 {{ ip6 saddr . udp sport . socket mark timeout {PEER_TIMEOUT}s }}",
+        "\t}",
+    ]
     for c in containers:
         lines += [f"\tchain {chain_name(c.mark)} {{", f'\t\tcomment "{c.digest()} {_comment(c.key)}"',
-                  "\t\ttcp flags & (syn | ack) != syn accept", "\t\tct state established,related accept"]
+                  "\t\ttcp flags & (syn | ack) != syn accept",
+                  "\t\tip daddr . udp dport . meta mark @peers4 accept",
+                  "\t\tip6 daddr . udp dport . meta mark @peers6 accept"]
         for version, field in ((4, "ip daddr"), (6, "ip6 daddr")):
             targets = [f"{a} . {proto} . {port}" for a, port in c.dials if a.version == version for proto in ("tcp", "udp")]
             if targets:
