@@ -43,6 +43,27 @@ def _run(argv: list[str], timeout: float = 60, check: bool = True) -> subprocess
 
 
 # -- what lies outside the base dir: recorded, undone -------------------------------------------------
+NAT_TABLES = (("ip", "nat"), ("ip6", "nat"))  # iptables-nft's, made by portmap and by listing them
+
+
+def nat_tables() -> list[str]:
+    """The iptables-nft nat tables there are (looked at with nft: iptables-save would make them)."""
+    p = _run(["nft", "list", "tables"], check=False)
+    return [f"{f} {n}" for f, n in NAT_TABLES if f"table {f} {n}" in p.stdout.splitlines()]
+
+
+def remove_nat_tables(before: list[str]) -> None:
+    """The nat tables this node made, once empty: an iptables-nft nat table, even with no rule,
+    hooks NAT into the host's netns and so turns connection tracking on for all of its traffic."""
+    for t in nat_tables():
+        if t in before:
+            continue
+        p = _run(["nft", "list", "table", *t.split()], check=False)
+        if p.returncode == 0 and not any(line.strip().startswith(("ip", "meta", "counter", "jump", "tcp", "udp"))
+                                         for line in p.stdout.splitlines()):
+            subprocess.run(["nft", "delete", "table", *t.split()], capture_output=True)
+
+
 def nat_chains() -> set[str]:
     p = _run(["iptables-save", "-t", "nat"], check=False)
     return {line[1:].split()[0] for line in p.stdout.splitlines() if line.startswith(":") and NAT_CHAIN.match(line[1:].split()[0])}
@@ -135,6 +156,8 @@ def undo(mark: dict, dead: bool = False) -> None:
         subprocess.run(["ip", "link", "del", br], capture_output=True)
     remove_nat_chains(set(mark.get("nat_chains_made", [])) | (nat_chains() - set(mark.get("nat_chains_before", []))
                                                                if mark.get("nat_chains_before") is not None else set()))
+    if mark.get("nat_tables_before") is not None:
+        remove_nat_tables(mark["nat_tables_before"])
     _rmdir_cgroups(ids + mark.get("containers", []))
     for net in mark.get("networks", []):  # libcni's cache of each ADD: our networks, containerd's loopback
         for p in glob.glob(f"/var/lib/cni/results/{net}-*"):
@@ -209,7 +232,7 @@ class Node:
             ip_forward = f.read().strip()
         self.mark = {"base": self.base, "graftd_state": graftd.state, "bridges": [self.bridge_graft, self.bridge_std],
                      "networks": [self.net_graft, self.net_std], "ip_forward": ip_forward,
-                     "nat_chains_before": sorted(nat_chains()), "sandboxes": [], "containers": [], "shim_sockets": [],
+                     "nat_tables_before": nat_tables(), "nat_chains_before": sorted(nat_chains()), "sandboxes": [], "containers": [], "shim_sockets": [],
                      # made by containerd and CNI if not there yet: removed again when empty
                      "dirs_made": [d for d in [*(os.path.join(c, "k8s.io") for c in glob.glob("/sys/fs/cgroup/*")),
                                                "/var/lib/cni/results", "/var/lib/cni"] if not os.path.exists(d)]}
