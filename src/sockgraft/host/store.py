@@ -72,7 +72,7 @@ class Store:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             self.db = self._connect(self.path)
             try:
-                self._setup()
+                self._setup_waiting()
             except sqlite3.OperationalError:
                 # a read-only or full disk (no room even for the WAL index): the tables, as last
                 # checkpointed, can still be read; writes fail with one line
@@ -98,6 +98,20 @@ class Store:
         if row and int(row[0]) > SCHEMA_VERSION:
             raise StoreError(f"state database {self.path} has schema {row[0]}, newer than this sockgraft ({SCHEMA_VERSION})")
         return int(row[0]) if row else 0
+
+    def _setup_waiting(self) -> None:
+        """_setup, waiting (as long as busy_timeout) while another process holds the database: a
+        new database's `journal_mode = WAL` does not wait by itself, and a writer that is creating
+        the schema must not make this one fall back to the read-only view (which ignores the WAL,
+        so a fresh database looks empty: "no such table")."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return self._setup()
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def _setup(self) -> None:
         mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
