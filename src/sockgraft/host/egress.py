@@ -41,13 +41,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from sockgraft.core.engine import Policy
 from sockgraft.core.tables import MARK_MASK, MARK_TAG
-
-if TYPE_CHECKING:
-    from sockgraft.host.store import Store
+from sockgraft.host import bindguard
 
 TABLE_PREFIX = "sockgraft-"
 ENV = "GRAFT_EGRESS_ENFORCE"
@@ -334,9 +331,12 @@ _checked: dict[tuple[str, str], tuple[float, str]] = {}  # pools_off: (table, di
 
 
 def pools_off(store: Store, key: str) -> str:
-    """Why the kernel does not (yet) judge the sockets of container `key` by exactly its current rules
-    ("" when it does): for callers that hand out sockets whose destination nothing else checks.
-    Asks the kernel at most once a second per container state."""
+    """Why the sockets of container `key` may not be handed over unconnected ("" when they may):
+    pooled sockets (fd service `pool`, the seccomp fast path) need the bind guard attached and the
+    kernel judging them by exactly the container's current rules. The one check of both pool
+    users; asks the kernel at most once a second per container state."""
+    if os.environ.get("GRAFT_POOLS", "1") == "0":
+        return "pools off (GRAFT_POOLS=0)"
     if enforce_setting() == "0":
         return f"egress enforcement is off ({ENV}=0)"
     policy = store.cached_policy(key)
@@ -353,6 +353,8 @@ def pools_off(store: Store, key: str) -> str:
         answer = "" if m and m.group(1) == want.digest() else "the kernel's egress table is not up to date for this container"
     except EgressError as e:
         answer = f"egress is not enforced by the kernel ({e})"
+    if not answer and not bindguard.active():
+        answer = "pools off: the bind guard is not attached (host/bindguard.py)"
     if len(_checked) > 4096:
         _checked.clear()
     _checked[(table, want.digest())] = (now, answer)

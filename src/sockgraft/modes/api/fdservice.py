@@ -54,9 +54,7 @@ class FdService:
         self._stopping = False
         lib = fast.load()
         self.fast = fast.FastPath(lib) if lib is not None else None  # csrc/fdservice_fast.c
-        self._guard, self._guard_checked = False, -1e9  # the bind guard, looked at once a second
-        self._pools = os.environ.get("GRAFT_POOLS", "1") != "0"
-        if self._pools and os.geteuid() == 0:
+        if os.environ.get("GRAFT_POOLS", "1") != "0" and os.geteuid() == 0:
             try:
                 bindguard.ensure()
             except OSError:
@@ -320,7 +318,7 @@ class FdService:
     def _pool(self, key: str, req, decision, where: dict) -> tuple[Reply, list[socket.socket] | None]:
         """`pool`: host sockets ahead of their connects, where the kernel guards them (else
         EOPNOTSUPP: the caller asks `connect` instead)."""
-        why = self.pools_off(key)
+        why = egress.pools_off(self.store, key)
         if why:
             return _err(errno.EOPNOTSUPP, why), None
         socks: list[socket.socket] = []
@@ -335,18 +333,6 @@ class FdService:
         addr, port = socks[0].getsockname()[:2]
         self.audit.decision(key, self.mode, "pool", decision, host=[addr, port], count=req.count, **where)
         return Reply("ok", family=decision.family, addr=addr, port=port), socks
-
-    def pools_off(self, key: str) -> str:
-        """Why this container's sockets may not be handed over unconnected ("" when they may)."""
-        if not self._pools:
-            return "pools off (GRAFT_POOLS=0)"
-        now = time.monotonic()
-        if now - self._guard_checked > 1.0:
-            self._guard_checked = now
-            self._guard = bindguard.active()
-        if not self._guard:
-            return "pools off: the bind guard is not attached (host/bindguard.py)"
-        return egress.pools_off(self.store, key)
 
     @staticmethod
     def _open(req, decision) -> socket.socket:

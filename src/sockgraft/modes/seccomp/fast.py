@@ -27,7 +27,7 @@ import sys
 import time
 
 from sockgraft.core.engine import Op
-from sockgraft.host import bindguard, egress, hostsock
+from sockgraft.host import egress, hostsock
 from sockgraft.modes.seccomp import kernel as K
 
 LIB_NAME = "libgraft-seccomp.so"
@@ -218,7 +218,7 @@ class Fast:
             if c is not None:
                 c.close()
             c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino)
-            c.fill(lambda: self.pools_off(t))
+            c.fill(lambda: egress.pools_off(self.store, t.key))
             self.stats["fast_tables"] += 1
         return c
 
@@ -242,7 +242,7 @@ class Fast:
         count = self.lib.gs_serve_batch(t.fd, ctypes.byref(c.table), self.outs, BATCH)
         if count < 0:
             raise OSError(-count, os.strerror(-count))
-        c.fill(lambda: self.pools_off(t))
+        c.fill(lambda: egress.pools_off(self.store, t.key))
         if count > 1:
             self.stats["fast_batched"] += count - 1
         for i in range(count):
@@ -250,14 +250,6 @@ class Fast:
             if n is not None:
                 return n
         return None
-
-    def pools_off(self, t) -> str:
-        """Why the sockets of this target's container may not be handed over unconnected."""
-        if os.environ.get("GRAFT_POOLS", "1") == "0":
-            return "pools off (GRAFT_POOLS=0)"
-        if not bindguard.active():
-            return "pools off: the bind guard is not attached (host/bindguard.py)"
-        return egress.pools_off(self.store, t.key)
 
     def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
         r = out.kind
