@@ -20,7 +20,6 @@ then the keeper, releasing every listener (the containers' trapped calls then fa
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import signal
 import sys
@@ -31,9 +30,8 @@ import click
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.modes.api.fdservice import FdService
-from sockgraft.host import egress
 from sockgraft.host.metrics import Metrics, MetricsAudit
-from sockgraft.host.paths import RUNTIME_DIR, fd_socket_path, state_dir
+from sockgraft.host.paths import RUNTIME_DIR, fd_socket_path, state_dir, write_json
 from sockgraft.host.store import Store, StoreError
 
 STATUS_NAME = "graftd.json"
@@ -255,11 +253,8 @@ class Daemon:
             "seccomp_listeners": live,
             "keeper": self.keeper.keeper_pid if self.keeper is not None else None,
         }
-        tmp = self._status_path + ".tmp"
         try:
-            with open(tmp, "w") as f:
-                json.dump(status, f)
-            os.replace(tmp, self._status_path)
+            write_json(self._status_path, status, 0o644)
         except OSError:
             pass
 
@@ -293,7 +288,7 @@ class Daemon:
             if self.agent_socket:
                 self.start_agent()
             self.service.audit.record("start", pid=os.getpid(), state_dir=self.state)
-            egress.sync(self.service.store)  # the kernel's egress table rebuilt from the tables
+            self.service.store.sync_egress()  # the kernel's egress table rebuilt from the tables
             self.sync()
             self.service.serve_forever(tick=self.tick)
             self.service.audit.record("stop", pid=os.getpid())

@@ -8,6 +8,8 @@ import json
 import os
 import re
 
+from sockgraft.host.paths import write_json
+
 DIR = "cni"
 _SAFE = re.compile(r"[^\w.-]")
 
@@ -29,10 +31,7 @@ def read(state: str, container_id: str, ifname: str) -> dict | None:
 def write(state: str, rec: dict) -> None:
     p = path(state, rec["container_id"], rec["ifname"])
     os.makedirs(os.path.dirname(p), mode=0o700, exist_ok=True)
-    tmp = p + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, p)
+    write_json(p, rec)
 
 
 def remove(state: str, container_id: str, ifname: str) -> None:

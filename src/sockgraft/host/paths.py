@@ -14,7 +14,9 @@ UID is the user's id on the host (mapped out of a user namespace). `GRAFT_STATE_
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import tempfile
 
 SYSTEM_STATE_DIR = "/var/lib/sockgraft"
 SYSTEM_RUNTIME_DIR = "/run/sockgraft"
@@ -86,6 +88,23 @@ def ensure_private_dir(path: str) -> str:
     if st.st_uid != os.geteuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
     return path
+
+
+def write_json(path: str, obj, mode: int = 0o600) -> None:
+    """Replace `path` with `obj` as JSON atomically: a reader sees the old file or the new one,
+    never a part; concurrent writers each write their own temporary file. Its directory must exist."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path) or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def check_user_dirs(state: str | None = None) -> None:

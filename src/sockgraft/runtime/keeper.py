@@ -39,6 +39,8 @@ import subprocess
 import sys
 import time
 
+from sockgraft.host.paths import write_json
+
 SOCKET_NAME = "keeper.sock"
 GONE_NAME = "keeper-gone.json"
 MAX_MESSAGE = 1 << 16
@@ -288,10 +290,7 @@ class Keeper:
             except (OSError, ValueError):
                 old = []
             try:
-                tmp = path + ".tmp"
-                with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-                    json.dump((old if isinstance(old, list) else []) + self.gone, f)
-                os.replace(tmp, path)
+                write_json(path, (old if isinstance(old, list) else []) + self.gone)
             except OSError:
                 pass
         for conn in list(self.clients.values()):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Mapping
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.core.tables import POINTER, REFUSED, TRAPPED
+from sockgraft.host.paths import write_json
 
 NOTIFY = "SCMP_ACT_NOTIFY"
 ALLOWING = ("SCMP_ACT_ALLOW", "SCMP_ACT_LOG")
@@ -174,16 +174,4 @@ def load(bundle: str) -> dict:
 def save(bundle: str, config: dict) -> None:
     """Replace config.json atomically (same directory, same mode)."""
     path = os.path.join(bundle, "config.json")
-    mode = os.stat(path).st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=".config.json.", dir=bundle)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(config, f)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_json(path, config, os.stat(path).st_mode & 0o7777)

@@ -187,10 +187,7 @@ def records(state: str) -> dict[str, dict]:
 def _write_record(state: str, cid: str, rec: dict) -> None:
     path = record_path(state, cid)
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, path)
+    paths.write_json(path, rec)
 
 
 # -- create -----------------------------------------------------------------------------------------
