@@ -13,6 +13,7 @@ attaches the two programs once per boot (they stay attached after this process e
 says whether they are there, `remove()` detaches them."""
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import os
@@ -113,61 +114,52 @@ def _load(attach_type: int) -> int:
         raise OSError(e.errno, f"loading the bind guard: {e.strerror}: {log.value.decode(errors='replace')[:200]}") from None
 
 
-class _Lock:
-    """Two processes starting at once attach one copy."""
+@contextlib.contextmanager
+def _cgroup(locked: bool = True):
+    """The cgroup2 root's fd, under the lock that makes two processes starting at once attach one
+    copy (`locked`)."""
+    cg = os.open(_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    lock = -1
+    try:
+        if locked:
+            os.makedirs(RUNTIME_DIR, exist_ok=True)
+            lock = os.open(os.path.join(RUNTIME_DIR, "bindguard.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield cg
+    finally:
+        if lock >= 0:
+            os.close(lock)
+        os.close(cg)
 
-    def __enter__(self):
-        os.makedirs(RUNTIME_DIR, exist_ok=True)
-        self.fd = os.open(os.path.join(RUNTIME_DIR, "bindguard.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
 
-    def __exit__(self, *exc):
-        os.close(self.fd)
+def _apply(cmd: int, cg: int, prog_fd: int, attach_type: int, flags: int) -> None:
+    """Attach or detach one program; the fd is closed (an attachment holds its program)."""
+    try:
+        _bpf(cmd, struct.pack("<IIII", cg, prog_fd, attach_type, flags))
+    finally:
+        os.close(prog_fd)
 
 
 def active() -> bool:
     """Whether both programs are attached (False where they cannot be looked at: not root)."""
     try:
-        cg = os.open(_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        with _cgroup(locked=False) as cg:
+            return all(_attached(cg, t) for t in NAMES)
     except OSError:
         return False
-    try:
-        return all(_attached(cg, t) for t in NAMES)
-    except OSError:
-        return False
-    finally:
-        os.close(cg)
 
 
 def ensure() -> None:
     """Attach what is missing (OSError when the kernel refuses: not root, no cgroup2, no BPF)."""
-    cg = os.open(_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        with _Lock():
-            for t in NAMES:
-                if _attached(cg, t):
-                    continue
-                fd = _load(t)
-                try:
-                    _bpf(_PROG_ATTACH, struct.pack("<IIII", cg, fd, t, _F_ALLOW_MULTI))
-                finally:
-                    os.close(fd)  # the attachment holds the program
-    finally:
-        os.close(cg)
+    with _cgroup() as cg:
+        for t in NAMES:
+            if not _attached(cg, t):
+                _apply(_PROG_ATTACH, cg, _load(t), t, _F_ALLOW_MULTI)
 
 
 def remove() -> None:
     """Detach our programs (every copy)."""
-    cg = os.open(_cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        with _Lock():
-            for t in NAMES:
-                for prog_id in _attached(cg, t):
-                    fd, _ = _bpf(_PROG_GET_FD_BY_ID, struct.pack("<I", prog_id))
-                    try:
-                        _bpf(_PROG_DETACH, struct.pack("<IIII", cg, fd, t, 0))
-                    finally:
-                        os.close(fd)
-    finally:
-        os.close(cg)
+    with _cgroup() as cg:
+        for t in NAMES:
+            for prog_id in _attached(cg, t):
+                _apply(_PROG_DETACH, cg, _bpf(_PROG_GET_FD_BY_ID, struct.pack("<I", prog_id))[0], t, 0)
