@@ -2,6 +2,8 @@
 import errno
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +68,21 @@ def test_the_product_binds_before_it_marks():
             with pytest.raises(OSError) as e:
                 u.bind(("127.0.0.2", 0))
             assert e.value.errno in (errno.EPERM, errno.EINVAL)
+
+
+def test_detach_and_attach_again_from_the_command_line():
+    py = [sys.executable, "-m", "sockgraft.host.bindguard"]
+    try:
+        out = subprocess.run(py + ["detach"], capture_output=True, text=True, timeout=30)
+        assert (out.returncode, out.stdout.strip()) == (0, "detached")
+        assert not bindguard.active()
+        cg = os.open(bindguard._cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert [len(bindguard._attached(cg, t)) for t in bindguard.NAMES] == [0, 0]
+        finally:
+            os.close(cg)
+    finally:
+        out = subprocess.run(py + ["attach"], capture_output=True, text=True, timeout=30)
+    assert (out.returncode, out.stdout.strip()) == (0, "attached")
+    bad = subprocess.run(py + ["frob"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "usage" in bad.stderr

@@ -10,7 +10,8 @@ host's user namespace). Only sockets with our tag are judged: every other bind i
 
 `program()` is the pure part (the instructions); the rest is the bpf(2) plumbing: `ensure()`
 attaches the two programs once per boot (they stay attached after this process exits), `active()`
-says whether they are there, `remove()` detaches them."""
+says whether they are there, `remove()` detaches them (`python3 -m sockgraft.host.bindguard
+status|attach|detach` from a shell)."""
 from __future__ import annotations
 
 import contextlib
@@ -163,3 +164,28 @@ def remove() -> None:
         for t in NAMES:
             for prog_id in _attached(cg, t):
                 _apply(_PROG_DETACH, cg, _bpf(_PROG_GET_FD_BY_ID, struct.pack("<I", prog_id))[0], t, 0)
+
+
+def main(argv: list[str]) -> int:
+    """`python3 -m sockgraft.host.bindguard status|attach|detach` (detach: when removing sockgraft
+    from a machine; graftd and the fd service attach it again when they start)."""
+    import sys
+
+    verbs = {"status": None, "attach": ensure, "detach": remove}
+    if len(argv) != 1 or argv[0] not in verbs:
+        print("usage: python3 -m sockgraft.host.bindguard status|attach|detach", file=sys.stderr)
+        return 2
+    try:
+        if verbs[argv[0]] is not None:
+            verbs[argv[0]]()
+    except OSError as e:
+        print(f"bindguard: {argv[0]}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    print("attached" if active() else "detached")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
