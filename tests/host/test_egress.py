@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import subprocess
 import tempfile
 
@@ -65,15 +66,27 @@ def test_ruleset_text():
     a = egress.container_egress("netns:1", policy("127.0.0.2/32=ep-out", "::/0=ep6", endpoints={
         k: EP[k] for k in ("ep-out", "ep6", "web")}, mark=MARK_TAG | 0x12))
     b = egress.container_egress('weird"key\n', policy(mark=MARK_TAG | 0x3))
-    text = egress.ruleset("/nonexistent/state", [a, b])
+    text = egress.ruleset("/nonexistent/state", [a, b], ("mark-5ca00099", "mark-5ca00003", "output"))
     table = egress.table_name("/nonexistent/state")
     assert re.fullmatch(r"sockgraft-[0-9a-f]{12}", table)
-    assert text == f"""add table inet {table}
-delete table inet {table}
-table inet {table} {{
+    assert text == f"""table inet {table} {{
 \tcomment "/nonexistent/state"
+\tset peers4 {{ type ipv4_addr . inet_service . mark; flags dynamic, timeout; size 65536; }}
+\tset peers6 {{ type ipv6_addr . inet_service . mark; flags dynamic, timeout; size 65536; }}
 \tchain output {{
 \t\ttype filter hook output priority filter; policy accept;
+\t}}
+\tchain input {{
+\t\ttype filter hook input priority filter; policy accept;
+\t}}
+\tchain refuse {{
+\t}}
+}}
+flush table inet {table}
+delete chain inet {table} mark-5ca00003
+delete chain inet {table} mark-5ca00099
+table inet {table} {{
+\tchain output {{
 \t\tmeta mark & 0xffff0000 != 0x5ca00000 return
 \t\tmeta mark vmap {{ 0x5ca00003 : jump mark-5ca00003, 0x5ca00012 : jump mark-5ca00012 }}
 \t}}
@@ -81,10 +94,7 @@ table inet {table} {{
 \t\ttcp flags & (syn | ack) == syn reject with tcp reset
 \t\tdrop
 \t}}
-\tset peers4 {{ type ipv4_addr . inet_service . mark; flags timeout; size 65536; }}
-\tset peers6 {{ type ipv6_addr . inet_service . mark; flags timeout; size 65536; }}
 \tchain input {{
-\t\ttype filter hook input priority filter; policy accept;
 \t\tmeta l4proto != udp return
 \t\tsocket mark & 0xffff0000 != 0x5ca00000 return
 \t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout 30s }}
@@ -110,9 +120,12 @@ table inet {table} {{
 \t}}
 }}
 """
-    # no container: the table is only removed; pure: the same input, the same text
+    # no container: the table is only removed; replaced: deleted first; pure: the same input, the same text
     assert egress.ruleset("/nonexistent/state", []) == f"add table inet {table}\ndelete table inet {table}\n"
-    assert egress.ruleset("/nonexistent/state", [b, a]) == text
+    assert egress.ruleset("/nonexistent/state", [b, a], ("mark-5ca00003", "output", "mark-5ca00099")) == text
+    replaced = egress.ruleset("/nonexistent/state", [a, b], replace=True)
+    assert replaced == f"add table inet {table}\ndelete table inet {table}\n" + text.replace(
+        f"delete chain inet {table} mark-5ca00003\ndelete chain inet {table} mark-5ca00099\n", "")
 
 
 def test_tables_of_two_state_dirs_differ(tmp_path):
@@ -245,3 +258,82 @@ def _as_nobody(prog: str, src: str, state: str, setting: str, want: str) -> None
     assert p.stderr.splitlines() == ([] if setting else [
         "graft: egress is not enforced by the kernel (nftables: Operation not permitted: nftables needs "
         "CAP_NET_ADMIN (root)); set GRAFT_EGRESS_ENFORCE=0 to silence this"]), p.stderr
+
+
+def test_udp_peers_survive_other_containers_table_changes(state_dir, monkeypatch):
+    """A grafted UDP server's client (noted in the peers4 set when its datagram arrived) is still
+    answered after any other write to the store rebuilds the table (another container installed,
+    its rules changed, it removed): the rebuild keeps the peer sets. 127.0.0.5, the client, is named
+    by no rule, so only the peer set lets the answer out."""
+    monkeypatch.delenv(egress.ENV, raising=False)
+    ep = parse_endpoint("ep-out type ipv4 addr 127.0.0.1 port dynamic")
+    with Store(state_dir) as store:
+        undo = store.install("netns:110", 110, "api", [ep], [], [parse_egress("127.0.0.2/32=ep-out")], fresh=True)
+        mark = store.marks()["netns:110"]
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as server, \
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            server.bind(("127.0.0.1", 0))  # (the bind guard refuses binds of marked sockets)
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)  # as the fd service marks it
+            client.bind(("127.0.0.5", 0))
+            client.settimeout(2)
+            # no datagram from the client yet: the answer is refused (the table works)
+            with pytest.raises(PermissionError):
+                server.sendto(b"unasked", client.getsockname())
+            client.sendto(b"ping", server.getsockname())
+            data, peer = server.recvfrom(100)
+            assert peer == client.getsockname()
+            elements = f"127.0.0.5 . {peer[1]} . 0x{mark:08x}"
+            assert elements in nft("list", "set", "inet", egress.table_name(state_dir), "peers4").stdout
+            writes = [
+                lambda: store.install("netns:111", 111, "api", [parse_endpoint("e2 type ipv4 addr 127.0.0.1 port dynamic")],
+                                      [], [parse_egress("127.0.0.9/32=e2")], fresh=True),
+                lambda: store.set_rules("netns:111", [], [parse_egress("127.0.0.8/32=e2")]),
+                lambda: store.forget("netns:111"),
+                lambda: egress.sync(store),
+            ]
+            for i, write in enumerate(writes):
+                write()
+                assert elements in nft("list", "set", "inet", egress.table_name(state_dir), "peers4").stdout, i
+                server.sendto(b"pong %d" % i, peer)
+                assert client.recv(100) == b"pong %d" % i
+            text = table_text(state_dir)
+            assert "mark-" in text and text.count("chain mark-") == 1  # netns:111's chain went with it
+        undo()
+    assert table_text(state_dir) is None
+
+
+def test_graftd_refuses_to_start_unenforced_with_one_line(state_dir, tmp_path):
+    """GRAFT_EGRESS_ENFORCE=1 and nftables unusable (graftd started without CAP_NET_ADMIN): graftd
+    says so in one line (no traceback) and exits non-zero."""
+    from tests.helpers import graftd_cmd
+
+    with Store(state_dir) as store:
+        store.register("netns:112", 112)
+    drop = ["setpriv", "--inh-caps=-net_admin", "--bounding-set=-net_admin"]
+    env = dict(os.environ, GRAFT_EGRESS_ENFORCE="1")
+    p = subprocess.run([*drop, *graftd_cmd(), "--state-dir", state_dir, "--runtime-dir", str(tmp_path / "run"),
+                        "--no-agent"], capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode != 0
+    assert p.stderr.splitlines()[-1:] == [
+        "graftd: egress cannot be enforced by the kernel (GRAFT_EGRESS_ENFORCE=1): nftables: Operation not "
+        "permitted: nftables needs CAP_NET_ADMIN (root)"], p.stderr
+    assert "Traceback" not in p.stderr and "egress" not in "".join(p.stderr.splitlines()[:-1]), p.stderr
+    with Store(state_dir) as store:
+        store.forget("netns:112")
+    assert table_text(state_dir) is None
+
+
+def test_a_table_that_cannot_be_updated_in_place_is_replaced(state_dir, monkeypatch):
+    """A table an older version made (here: peer sets of another size) cannot take the in-place
+    rebuild (nft refuses to redefine a set): it is replaced whole."""
+    monkeypatch.delenv(egress.ENV, raising=False)
+    table = egress.table_name(state_dir)
+    with Store(state_dir) as store:
+        store.register("netns:113", 113)
+        old = egress.ruleset(state_dir, egress.plan(store), replace=True).replace("size 65536", "size 1024")
+        egress._nft(old)
+        assert "size 1024" in nft("list", "set", "inet", table, "peers4").stdout
+        store.set_rules("netns:113", [], [parse_egress("127.0.0.2/32=gone")])
+        assert "size 65536" in nft("list", "set", "inet", table, "peers4").stdout
+        store.forget("netns:113")
+    assert table_text(state_dir) is None

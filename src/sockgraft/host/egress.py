@@ -22,11 +22,13 @@ path (connect, sendto, sendmsg, sendmmsg, a re-connect, io_uring):
   every other packet is dropped in output (the sender's call fails with EPERM).
 
 Packets of other marks (another store's containers, unmarked sockets) get no verdict here. The
-table is rebuilt in one `nft` transaction from the store inside every write transaction (Store._write
-calls sync before COMMIT, so tables are applied in commit order) and removed when the store has no
-container left. GRAFT_EGRESS_ENFORCE: unset = enforce where possible (if nftables cannot be used,
-say so once on stderr and carry on unenforced); 1 = a write that cannot be enforced fails; 0 = off
-(this store's table is removed).
+table's rules are rebuilt in one `nft` transaction from the store inside every write transaction
+(Store._write calls sync before COMMIT, so tables are applied in commit order; its peer sets keep
+their elements) and the table is removed when the store has no container left. Errors are
+EgressError (the store, which calls this module, turns them into its StoreError).
+GRAFT_EGRESS_ENFORCE: unset = enforce where possible (if nftables cannot be used, say so once on
+stderr and carry on unenforced); 1 = a write that cannot be enforced fails; 0 = off (this store's
+table is removed).
 """
 from __future__ import annotations
 
@@ -134,20 +136,35 @@ def chain_name(mark: int) -> str:
     return f"mark-{mark:08x}"
 
 
-def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
-    """The whole nft script for a store: the table replaced in one transaction, or only removed
-    when there is no container. Pure: the same input gives the same text."""
+def ruleset(state_dir: str, containers: list[ContainerEgress], existing: tuple[str, ...] = (), *,
+            replace: bool = False) -> str:
+    """The whole nft script for a store, applied in one transaction; only a removal when there is no
+    container. The table's rules are rebuilt (`flush table`; the containers' chains, `existing` as
+    listed by `chains`, deleted and made anew, so their comments - what pools_off reads - are new
+    too) but its peer sets keep their elements: a UDP answer of a grafted socket must not be
+    dropped because another container's rules changed.
+    `replace`: the table is deleted and made anew (its sets emptied), for a table this code cannot
+    update in place (one an older version made). Pure: the same input gives the same text."""
     table = table_name(state_dir)
-    lines = [f"add table inet {table}", f"delete table inet {table}"]
+    removal = [f"add table inet {table}", f"delete table inet {table}"]
     if not containers:
-        return "\n".join(lines) + "\n"
+        return "\n".join(removal) + "\n"
     containers = sorted(containers, key=lambda c: c.mark)
+    sets = [f"\tset peers{v} {{ type {addr} . inet_service . mark; flags dynamic, timeout; size {PEER_SET_SIZE}; }}"
+            for v, addr in ((4, "ipv4_addr"), (6, "ipv6_addr"))]
+    hooks = {"output": "\t\ttype filter hook output priority filter; policy accept;",
+             "input": "\t\ttype filter hook input priority filter; policy accept;"}
+    lines = removal if replace else []
+    # the skeleton (made if missing, left as it is if there), emptied of rules, then filled
+    lines += [f"table inet {table} {{", f'\tcomment "{_comment(os.path.realpath(state_dir))}"', *sets]
+    for name in ("output", "input", "refuse"):
+        lines += [f"\tchain {name} {{", *([hooks[name]] if name in hooks else []), "\t}"]
+    lines += ["}", f"flush table inet {table}"]
+    lines += [f"delete chain inet {table} {name}" for name in sorted(set(existing)) if re.fullmatch(r"mark-[0-9a-f]{8}", name)]
     vmap = ", ".join(f"0x{c.mark:08x} : jump {chain_name(c.mark)}" for c in containers)
     lines += [
         f"table inet {table} {{",
-        f'\tcomment "{_comment(os.path.realpath(state_dir))}"',
         "\tchain output {",
-        "\t\ttype filter hook output priority filter; policy accept;",
         f"\t\tmeta mark & 0x{MARK_MASK:08x} != 0x{MARK_TAG:08x} return",
         f"\t\tmeta mark vmap {{ {vmap} }}",
         "\t}",
@@ -155,12 +172,7 @@ def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
         "\t\ttcp flags & (syn | ack) == syn reject with tcp reset",
         "\t\tdrop",
         "\t}",
-    ]
-    for v, addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
-        lines.append(f"\tset peers{v} {{ type {addr} . inet_service . mark; flags timeout; size {PEER_SET_SIZE}; }}")
-    lines += [
         "\tchain input {",
-        "\t\ttype filter hook input priority filter; policy accept;",
         f"\t\tmeta l4proto != udp return",
         f"\t\tsocket mark & 0x{MARK_MASK:08x} != 0x{MARK_TAG:08x} return",
         f"\t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout {PEER_TIMEOUT}s }}",
@@ -181,6 +193,18 @@ def ruleset(state_dir: str, containers: list[ContainerEgress]) -> str:
         lines += ["\t\tgoto refuse", "\t}"]
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def chains(state_dir: str) -> tuple[str, ...]:
+    """The chains of a state directory's table (none when it has no table): a chain listing, not
+    the table's (which would print every peer set element)."""
+    table, found, inside = table_name(state_dir), [], False
+    for line in _nft("list chains inet").splitlines():
+        if line.startswith("table "):
+            inside = line.split()[2:3] == [table]
+        elif inside and line.startswith("\tchain "):
+            found.append(line.split()[1])
+    return tuple(found)
 
 
 def plan(store: Store) -> list[ContainerEgress]:
@@ -308,16 +332,25 @@ def sync(store: Store) -> None:
         store.db.execute("COMMIT")
         return
     setting = enforce_setting()
-    script = ruleset(store.dir, [] if setting == "0" else plan(store))
     try:
-        _nft(script)
+        apply(store.dir, [] if setting == "0" else plan(store))
     except EgressError as e:
-        if setting == "1":
-            from sockgraft.host.store import StoreError
-
-            raise StoreError(f"egress cannot be enforced by the kernel ({ENV}=1): nftables: {e}") from None
+        if setting == "1":  # the store turns it into a StoreError (its write is rolled back)
+            raise EgressError(f"egress cannot be enforced by the kernel ({ENV}=1): nftables: {e}") from None
         if setting is None:
             _warn_once(f"egress is not enforced by the kernel (nftables: {e}); set {ENV}=0 to silence this")
+
+
+def apply(state_dir: str, containers: list[ContainerEgress]) -> None:
+    """Make the kernel's table of `state_dir` enforce `containers`, keeping its UDP peers; a table
+    that cannot be updated in place (made by an older version) is replaced."""
+    if not containers:
+        _nft(ruleset(state_dir, []))
+        return
+    try:
+        _nft(ruleset(state_dir, containers, chains(state_dir)))
+    except EgressError:
+        _nft(ruleset(state_dir, containers, replace=True))
 
 
 def _warn_once(message: str) -> None:

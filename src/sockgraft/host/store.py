@@ -151,6 +151,17 @@ class Store:
             self._policies.clear()  # our own commits do not change our data_version
         except sqlite3.Error as e:
             raise StoreError(f"state database {self.path}: {e}") from None
+        except egress.EgressError as e:  # GRAFT_EGRESS_ENFORCE=1 and nftables unusable: rolled back
+            raise StoreError(str(e)) from None
+
+    def sync_egress(self) -> None:
+        """Rebuild the kernel's egress table from the tables (graftd at start)."""
+        try:
+            egress.sync(self)
+        except sqlite3.Error as e:
+            raise StoreError(f"state database {self.path}: {e}") from None
+        except egress.EgressError as e:
+            raise StoreError(str(e)) from None
 
     def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
         try:
