@@ -100,3 +100,16 @@ def test_peer_server_tells_fin_from_rst():
         assert (r["ok"], r["errors"], r["server"]) == (500, 0, {"fin": 500, "rst": 0})
     finally:
         stop(srv)
+
+
+def test_local_operations_in_every_topology():
+    """What no rule matches (`[::1]` in the container): bind and connect measured in every topology."""
+    tiny = Profile("tiny-local", runs=1, warmup=1, seconds=1, py_seconds=0.2, directions=("c2h",),
+                   ctl=("local-bind", "local-connect"))
+    res = run_bench(tiny, ALL, ["control"], progress=False)
+    assert not res.errors, res.errors
+    ops = {(r["topology"], r["params"]["op"]): r["median"] for r in res.records if r["metric"] == "ops"}
+    assert set(ops) == {(t, op) for t in res.topologies for op in tiny.ctl}
+    assert {"native", "graft-preload", "graft-seccomp"} <= set(res.topologies)
+    assert all(v > 0 for v in ops.values())
+    assert owned_processes(os.getpid()) == []

@@ -56,7 +56,7 @@ class Profile:
     zmq_lat_sizes: tuple = (64, 256 * KIB)
     zmq_directions: tuple = ("c2h", "h2c")
     python: tuple = ("stream", "pingpong")
-    ctl: tuple = ("bind", "connect")
+    ctl: tuple = ("bind", "connect", "local-bind", "local-connect")  # local-*: what no rule matches
     churn: int = 100_000  # client-first-close connections per run (0: no churn cells)
     churn_warmup: int = 2_000  # connections of its warm-up run
     churn_max_seconds: float = 60.0  # a run stops here (counted) rather than crawl on

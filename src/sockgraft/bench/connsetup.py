@@ -4,6 +4,9 @@ Python peer (`sockgraft.bench.pypeer`), the graft API in graft-api and plain soc
 - control: socket+bind+close to an endpoint per second; socket+connect+close per second to a host
   listener, closed normally by the client (TIME_WAIT on the client's side, as real clients leave it),
   with the latency of each blocking socket+connect (p50, p99; unpinned).
+- control, local-bind and local-connect: the same operations where no rule of the container matches
+  (`[::1]`: the bench's tables have IPv4 rules only), which must cost next to nothing grafted
+  (connect: to a listener of the same process, accepted in its loop).
 - churn: N x (socket, connect, close), the client closing first, through the `dynamic` endpoint of the
   graft topologies; connections/s and failed connects.
 
@@ -69,6 +72,10 @@ class Control(Workload):
 
     def measure(self, topo, servers, client_side, params, profile):
         secs = str(profile.py_seconds)
+        if params["op"].startswith("local-"):
+            r = json.loads(topo.run(client_side, py("pypeer", "ctl-local", "--what", params["op"][6:], "--seconds", secs),
+                                    timeout=60))
+            return {"ops": (r["ops_per_s"], "ops/s"), "_ops": (r["ops"], "ops")}
         if params["op"] == "connect":
             with fresh_server(topo, servers, servers.side) as listener:
                 addr, port = target(topo, client_side, listener)

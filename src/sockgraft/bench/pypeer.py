@@ -5,6 +5,7 @@ graft API (`sockgraft.create_server` / `create_connection`), the only way into g
     python3 -m sockgraft.bench.pypeer stream|pingpong --connect A --port P --seconds S [--graft-source NAME]
     python3 -m sockgraft.bench.pypeer ctl-bind --bind A --port P --seconds S [--graft-endpoint NAME]
     python3 -m sockgraft.bench.pypeer ctl-connect --connect A --port P --seconds S [--graft-source NAME]
+    python3 -m sockgraft.bench.pypeer ctl-local --what bind|connect --seconds S
     python3 -m sockgraft.bench.pypeer churn --connect A --port P --count N [--max-seconds S] [--graft-source NAME]
 
 `serve` handles one connection at a time: header b"S" = sink (reads to EOF, answers the byte count),
@@ -165,6 +166,31 @@ def ctl_bind(args) -> dict:
     return _rate(op, args.seconds)
 
 
+def ctl_local(args) -> dict:
+    """What no rule matches, in the container: socket+bind([::1]:0)+close (--what bind) or
+    socket+connect+accept+close to a listener of this process on [::1] (--what connect; the bench's
+    tables have IPv4 rules only, so ::1 stays in the container's netns)."""
+    if args.what == "bind":
+        def op():
+            s = socket.socket(socket.AF_INET6)
+            s.bind(("::1", 0))
+            s.close()
+        return _rate(op, args.seconds)
+    srv = socket.socket(socket.AF_INET6)
+    srv.bind(("::1", 0))
+    srv.listen(64)
+    addr = srv.getsockname()[:2]
+
+    def op():  # the accept in the same thread: no scheduling of a second one in the figure
+        c = socket.socket(socket.AF_INET6)
+        c.connect(addr)
+        a, _ = srv.accept()
+        c.close()  # the client closes first
+        a.close()
+    with srv:
+        return _rate(op, args.seconds)
+
+
 def _dialer(args):
     """socket + blocking connect, closed normally by the caller (client first: TIME_WAIT is ours)."""
     if args.graft_source:
@@ -250,10 +276,11 @@ def _server_closes(dial) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python3 -m sockgraft.bench.pypeer", description=__doc__.splitlines()[0])
-    ap.add_argument("role", choices=["serve", "stream", "pingpong", "ctl-bind", "ctl-connect", "churn"])
+    ap.add_argument("role", choices=["serve", "stream", "pingpong", "ctl-bind", "ctl-connect", "ctl-local", "churn"])
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("--connect")
-    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--what", choices=["bind", "connect"], default="connect", help="ctl-local: which operation")
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--size", type=int, default=14)
     ap.add_argument("--count", type=int, default=1000, help="churn: connections to make")
@@ -264,8 +291,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.role in ("stream", "pingpong", "ctl-connect", "churn") and not args.connect:
         ap.error(f"{args.role} needs --connect")
+    if args.role != "ctl-local" and not args.port:
+        ap.error(f"{args.role} needs --port")
     role = {"serve": serve, "stream": stream, "pingpong": pingpong, "ctl-bind": ctl_bind, "ctl-connect": ctl_connect,
-            "churn": churn}
+            "ctl-local": ctl_local, "churn": churn}
     try:
         result = role[args.role](args)
     except OSError as e:
