@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from sockgraft.bench import paper
+from sockgraft.bench import goals, paper
 from sockgraft.bench.stats import group_key, lower_is_better, ratios
 from sockgraft.bench.workloads import WORKLOADS
 
@@ -182,8 +182,12 @@ def markdown(result, plots: list[str] = ()) -> str:
             "request), client-first-close churn through the `dynamic` endpoint, and the control path from "
             "inside the container. Each cell: median [spread], the spread being min/median for rates and "
             "median/max for latencies (1.00 = every run alike); ratios are medians, and for latencies the "
-            "difference per connect in µs is given too.", "", setup_table(result.records),
-            "## Grafted vs native and vs nat", "", ratio_summary(result.records),
+            "difference per connect in µs is given too.", "", setup_table(result.records)]
+    goal_rows = goals.table(result.records)
+    if goal_rows:
+        out += ["## Issue 11's goals", "", "The goals of issue 11 (`bench/goals.py`) judged on this run's medians; goals "
+                "whose cells this run did not measure are left out.", "", goal_rows]
+    out += ["## Grafted vs native and vs nat", "", ratio_summary(result.records),
             "## All results", "", summary_table(result.records)]
     if plots:
         out += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in plots] + [""]
