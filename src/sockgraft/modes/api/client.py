@@ -29,13 +29,19 @@ def _connect(path: str) -> socket.socket:
     if _conn is not None:
         _conn[2].close()  # inherited over fork, or another service: our copy only
         _conn = None
+    s = connection(path)
+    _conn = (os.getpid(), path, s)
+    return s
+
+
+def connection(path: str) -> socket.socket:
+    """A new connection to the fd service at `path` (close-on-exec)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         s.connect(path)
     except OSError as e:
         s.close()
         raise OSError(e.errno, f"fd service {path}: {e.strerror}") from None
-    _conn = (os.getpid(), path, s)
     return s
 
 
@@ -46,33 +52,58 @@ def _drop() -> None:
         _conn = None
 
 
-def _exchange(s: socket.socket, data: bytes) -> tuple[bytes, list[int]]:
+def _exchange(s: socket.socket, data: bytes, maxfds: int = 1) -> tuple[bytes, list[int]]:
     s.send(data)
-    msg, fds, _flags, _ = socket.recv_fds(s, MAX_MESSAGE, 1)
+    msg, fds = receive(s, maxfds)
     if not msg:
         raise ConnectionResetError(errno.ECONNRESET, "fd service closed the connection")
+    return msg, fds
+
+
+def receive(s: socket.socket, maxfds: int, flags: int = 0) -> tuple[bytes, list[int]]:
+    """One reply and the fds attached (up to `maxfds`), close-on-exec: never inherited by a child
+    the program starts. An empty message means the service closed the connection."""
+    msg, ancdata, _flags, _ = s.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(maxfds * 4), flags | socket.MSG_CMSG_CLOEXEC)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(int.from_bytes(payload[i:i + 4], "little") for i in range(0, len(payload) - len(payload) % 4, 4))
+    if not msg:
+        for fd in fds:
+            os.close(fd)
+        fds = []
     return msg, fds
 
 
 def ask(req: Request, path: str | None = None) -> tuple[Reply, int | None]:
     """Send one request; return the reply and the received fd (owned by the caller), if any.
     A denial raises OSError with the service's errno."""
+    reply, fds = ask_fds(req, path, 1)
+    return reply, fds[0] if fds else None
+
+
+def ask_fds(req: Request, path: str | None = None, maxfds: int = 1) -> tuple[Reply, list[int]]:
+    """`ask` for a reply that may carry up to `maxfds` fds (`pool`): all of them, owned by the caller."""
     path = service_path(path)
     data = req.encode()
     with _lock:
         try:
-            msg, fds = _exchange(_connect(path), data)
+            msg, fds = _exchange(_connect(path), data, maxfds)
         except (BrokenPipeError, ConnectionResetError):
             _drop()  # the service restarted: one new connection, one more try
             try:
-                msg, fds = _exchange(_connect(path), data)
+                msg, fds = _exchange(_connect(path), data, maxfds)
             except (BrokenPipeError, ConnectionResetError) as e:
                 _drop()
                 raise OSError(e.errno, f"fd service {path}: {e.strerror}") from None
-    reply = parse_reply(msg)
-    fd = fds[0] if fds else None
+    try:
+        reply = parse_reply(msg)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     if reply.kind == "err":
-        if fd is not None:
+        for fd in fds:
             os.close(fd)
         raise OSError(reply.errno, reply.message)
-    return reply, fd
+    return reply, fds

@@ -18,6 +18,7 @@ import os
 import socket as _socket
 
 from sockgraft.host.hostsock import copy_options, socket_flags
+from sockgraft.modes.api import pool
 from sockgraft.modes.api.client import ask
 from sockgraft.core.endpoint import Endpoint, parse_endpoint
 from sockgraft.core.protocol import Request
@@ -37,6 +38,45 @@ class GraftSocket(_socket.socket):
             family = _socket.AF_INET  # placeholder until bind(NAME)
         super().__init__(family, type, proto, fileno)
         self.endpoint: str | None = None
+        self._setopts: list[tuple] = []  # setsockopt calls on the placeholder: replayed on a pooled socket
+
+    def setsockopt(self, level, optname, value, optlen=None) -> None:
+        if optlen is None:
+            super().setsockopt(level, optname, value)
+        else:
+            super().setsockopt(level, optname, value, optlen)
+        if self.endpoint is None:
+            self._setopts.append((level, optname, value, optlen))
+
+    @classmethod
+    def _pooled(cls, fd: int, family: int, type: int, proto: int, source: str) -> "GraftSocket":
+        """A new GraftSocket on pooled host socket `fd` (family, type and protocol given: no syscall)."""
+        s = cls(family, type, proto, fileno=fd)
+        s.endpoint = source
+        return s
+
+    def _adopt_pooled(self, fd: int, family: int, name: str) -> None:
+        """Like _adopt for a pooled socket, cheaper: only the options the program set are set again
+        (its own setsockopt calls, replayed: the values it gets natively), instead of reading them all."""
+        timeout, sotype, proto, placeholder = self.gettimeout(), self.type, self.proto, self.family
+        number = self.detach()
+        try:
+            os.dup2(fd, number, inheritable=False)
+        finally:
+            os.close(fd)
+        _socket.socket.__init__(self, family, sotype, proto, number)
+        self.settimeout(timeout)
+        for level, optname, value, optlen in self._setopts:
+            if level in (_socket.IPPROTO_IP, _socket.IPPROTO_IPV6) and placeholder != family:
+                continue  # as copy_options: IP-level options of another family do not apply
+            try:
+                if optlen is None:
+                    _socket.socket.setsockopt(self, level, optname, value)
+                else:
+                    _socket.socket.setsockopt(self, level, optname, value, optlen)
+            except OSError:
+                continue
+        self.endpoint = name
 
     def _adopt(self, fd: int, name: str) -> None:
         """The host socket `fd` takes this socket's fd number, with the options set on it so far."""
@@ -76,10 +116,21 @@ class GraftSocket(_socket.socket):
         self._adopt(fd, name)
 
     def connect_from(self, source: str, address: tuple) -> None:
-        """Connect to `address` (an IP and port) leaving by endpoint `source`: the fd service binds the
-        endpoint's address, lets the connect choose the port (per 4-tuple, TIME_WAIT reused as
-        natively) and hands the socket over connected or connecting. A blocking socket waits (within
-        its timeout); a non-blocking one raises BlockingIOError (EINPROGRESS) like socket.connect."""
+        """Connect to `address` (an IP and port) leaving by endpoint `source`. Where the kernel guards
+        pooled sockets, this takes one (bound to the endpoint's address, its port chosen per 4-tuple
+        by the connect) from the process's pool (modes/api/pool.py) and runs the kernel's connect()
+        on it: blocking, non-blocking (EINPROGRESS) and timeouts exactly as a plain socket's.
+        Otherwise the fd service connects and hands the socket over connected or connecting; a
+        blocking socket waits (within its timeout); a non-blocking one raises BlockingIOError
+        (EINPROGRESS) like socket.connect."""
+        got = pool.take(source, address, self.type, self.proto, self._named_family) if self.endpoint is None else None
+        if got is None:
+            return self._connect_from_service(source, address)
+        fd, family = got
+        self._adopt_pooled(fd, family, source)
+        _socket.socket.connect(self, _host_destination(address, family))
+
+    def _connect_from_service(self, source: str, address: tuple) -> None:
         _reply, fd = ask(Request("named", name=source, family=self._named_family, type=self.type, proto=self.proto,
                                  flags=socket_flags(self), addr=address[0], port=address[1]))
         self._adopt(fd, source)
@@ -90,6 +141,13 @@ class GraftSocket(_socket.socket):
             _socket.socket.connect_ex(self, self.getpeername())
         elif self.type == _socket.SOCK_STREAM:
             raise BlockingIOError(errno.EINPROGRESS, os.strerror(errno.EINPROGRESS))
+
+
+def _host_destination(address: tuple, family: int) -> tuple:
+    """The destination as a host socket of `family` takes it (an IPv4 one on an IPv6 socket: mapped)."""
+    if family == _socket.AF_INET6 and ":" not in address[0]:
+        return f"::ffff:{address[0]}", address[1]
+    return address[0], address[1]
 
 
 def _wait_connected(s: _socket.socket) -> None:
@@ -132,24 +190,46 @@ def create_server(endpoint: str, *, type: int = _socket.SOCK_STREAM, backlog: in
 
 
 def create_connection(address, timeout=_socket._GLOBAL_DEFAULT_TIMEOUT, source: str | None = None) -> _socket.socket:
-    """Like socket.create_connection; `source` names the (usually dynamic) endpoint to leave by: the
-    fd service performs the connect (GraftSocket.connect_from). Without a source the connection
-    stays inside the container's netns."""
+    """Like socket.create_connection; `source` names the (usually dynamic) endpoint to leave by
+    (GraftSocket.connect_from: a pooled host socket and the kernel's connect, or the fd service
+    connects). Without a source the connection stays inside the container's netns."""
     if source is None:
         return _socket.create_connection(address, timeout)
     host, port = address[:2]
     error: OSError | None = None
-    for *_, sockaddr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
-        s = socket(AF_GRAFT, _socket.SOCK_STREAM)
+    for sockaddr in _addresses(host, port):
+        got = pool.take(source, sockaddr[:2], _socket.SOCK_STREAM)
+        if got is None:
+            s = socket(AF_GRAFT, _socket.SOCK_STREAM)
+        else:  # no placeholder to make and replace: the pooled socket is the connection's
+            s = GraftSocket._pooled(got[0], got[1], _socket.SOCK_STREAM, 0, source)
         try:
             if timeout is not _socket._GLOBAL_DEFAULT_TIMEOUT:
                 s.settimeout(timeout)
-            s.connect_from(source, sockaddr[:2])
+            if got is None:
+                s._connect_from_service(source, sockaddr[:2])
+            else:
+                _socket.socket.connect(s, _host_destination(sockaddr, got[1]))
             return s
         except OSError as e:
             s.close()
             error = e
+        except BaseException:
+            s.close()
+            raise
     raise error if error is not None else OSError(errno.EADDRNOTAVAIL, f"no address for {host!r}")
+
+
+def _addresses(host, port) -> list[tuple]:
+    """getaddrinfo's stream addresses; an IP literal is its own (no resolver call per connect)."""
+    if isinstance(host, str) and isinstance(port, int):
+        for family in (_socket.AF_INET, _socket.AF_INET6):
+            try:
+                _socket.inet_pton(family, host)
+            except OSError:
+                continue
+            return [(host, port)]
+    return [sockaddr for *_, sockaddr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM)]
 
 
 async def start_server(client_connected_cb, endpoint: str, **kwargs) -> asyncio.Server:
