@@ -10,7 +10,7 @@ import pytest
 from sockgraft.bench.runner import run_bench
 from sockgraft.bench.stats import validate
 from sockgraft.bench.debris import owned_processes
-from sockgraft.bench.base import Profile
+from sockgraft.bench.base import KIB, Profile
 from tests.helpers import graft
 
 pytestmark = pytest.mark.e2e
@@ -73,3 +73,55 @@ def test_siege_and_new_connection_per_request():
     got = {(r["topology"], r["params"]["tool"], r["params"]["conn"]) for r in res.records}
     for topo in res.topologies:
         assert {(topo, "wrk", "close"), (topo, "siege", "keepalive")} <= got
+
+
+def test_churn_with_nat_reports_conntrack(tmp_path):
+    """With the nat topology (conntrack on), the run's limit is the raised one, the entries the churn
+    left are counted, and the report has its conntrack section."""
+    from sockgraft.bench.report import markdown
+    from sockgraft.bench.sysctl import CONNTRACK_MAX
+
+    prof = Profile("tiny-churn", runs=1, warmup=0, seconds=1, churn=3000, churn_warmup=0, directions=("c2h",))
+    res = run_bench(prof, ["native", "nat"], ["churn"], progress=False)
+    assert not res.errors, res.errors
+    assert res.conntrack["max"] >= CONNTRACK_MAX
+    assert res.conntrack["peak"] >= 3000  # TIME_WAIT entries of the churn (120 s each)
+    text = markdown(res)
+    assert "## conntrack" in text and f"nf_conntrack_max {res.conntrack['max']:,} during the run" in text
+
+
+ROOTLESS = ["rootless-slirp4netns", "rootless-pasta", "rootless-graft"]
+
+
+def test_rootless_topologies_carry_traffic_as_a_user_made_for_the_run():
+    """iperf3 and wrk container -> host with the container side as a real unprivileged user the bench
+    makes: grafted by `graft run` as that user, or networked by slirp4netns / pasta (host loopback
+    as 10.0.2.2). The user is gone afterwards, with its processes; /dev/net/tun's mode is back."""
+    import pwd
+    import shutil
+
+    from sockgraft.bench.debris import tag
+
+    missing = [t for t, prog in (("rootless-slirp4netns", "slirp4netns"), ("rootless-pasta", "pasta"))
+               if not shutil.which(prog)]
+    if "rootless-slirp4netns" in missing:
+        pytest.skip("slirp4netns is not installed (scripts/setup installs it)")
+    tun_mode = os.stat("/dev/net/tun").st_mode
+    prof = Profile("tiny-rootless", runs=1, warmup=0, seconds=1, directions=("c2h",), iperf=("tcp",),
+                   http_sizes=(KIB,), http_modes=(("keepalive", 1),), http_close_sizes=(64,), http_close_conns=(1,),
+                   http_directions=("c2h",), http_close_directions=("c2h", "h2c"), siege_sizes=())
+    res = run_bench(prof, ["native", *ROOTLESS], ["iperf3", "http"], progress=False)
+    assert not res.errors, res.errors
+    want = set(ROOTLESS) - set(missing)
+    assert want <= set(res.topologies), res.skipped
+    got = {(r["topology"], r["workload"], r["params"].get("conn")) for r in res.records if r["metric"] != "errors"}
+    for topo in want:
+        assert {(topo, "iperf3", None), (topo, "http", "keepalive"), (topo, "http", "close")} <= got, topo
+        assert res.traffic[topo]["iperf3 bytes"] > 0 and res.traffic[topo]["http requests"] > 0
+        assert res.na[topo]["http h2c"]  # only container -> host is built
+    assert not [u.pw_name for u in pwd.getpwall() if u.pw_name.startswith(tag())]
+    from sockgraft.bench.sysctl import TUN
+
+    if not TUN.owners():  # no other bench run holds it open
+        assert os.stat("/dev/net/tun").st_mode == tun_mode
+    assert owned_processes(os.getpid()) == []

@@ -156,3 +156,17 @@ def test_plan_puts_close_cells_in_both_directions_with_one_warmup_per_group():
     assert {(p["size"], p["c"]) for p in full_close} == {("64B", 1), ("64B", 16), ("1KiB", 1), ("1KiB", 16)}
     assert FULL.churn == 100_000 and QUICK.churn >= 30_000
     assert set(QUICK.http_close_directions) == set(FULL.http_close_directions) == {"c2h", "h2c"}
+
+
+def test_report_lists_cells_that_saw_the_conntrack_table_full():
+    from sockgraft.bench.report import conntrack_section
+
+    assert "not loaded" in "\n".join(conntrack_section({}))
+    quiet = "\n".join(conntrack_section({"max": 2097152, "peak": 100, "drop": 0, "early_drop": 0, "insert_failed": 0}))
+    assert "No cell saw the table full." in quiet and "2,097,152" in quiet
+    full = "\n".join(conntrack_section({"max": 262144, "peak": 262144, "drop": 7, "early_drop": 3, "insert_failed": 0,
+                                        "cells": [{"workload": "churn", "direction": "c2h", "params": ["30000 conns"],
+                                                   "topologies": ["native", "nat"], "count": 262144, "drop": 7,
+                                                   "early_drop": 3}]}))
+    assert "| churn container→host 30000 conns | native, nat | 262,144 | 7 | 3 | 0 |" in full
+    assert "7 packets dropped on a full table" in full

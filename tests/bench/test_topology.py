@@ -45,6 +45,11 @@ def test_nat_builds_routes_and_tears_down():
         n.setup()
         assert sysctl.read_forward() == "1"
         assert os.getpid() in _forward_owners()
+        # its table turned conntrack on: the limit is raised for the bench (room for the churn cells)
+        assert os.getpid() in sysctl.CONNTRACK.owners()
+        ct_before = sysctl.CONNTRACK.original()
+        assert int(sysctl.CONNTRACK.read()) == max(int(ct_before), sysctl.CONNTRACK_MAX)
+        assert sysctl.conntrack_stats()["max"] == int(sysctl.CONNTRACK.read())
         assert _leftovers(os.getpid())["nft"] == [n.table]
         # destinations resolve via our bridge / the container's eth0, never a default route
         n.check_route("host", n.addr["c1"])
@@ -61,6 +66,9 @@ def test_nat_builds_routes_and_tears_down():
     assert os.getpid() not in _forward_owners()
     if not _forward_owners():  # no other bench running: the value found before is back
         assert sysctl.read_forward() == before
+    assert os.getpid() not in sysctl.CONNTRACK.owners()
+    if not sysctl.CONNTRACK.owners():
+        assert sysctl.CONNTRACK.read() == ct_before
 
 
 def test_nat_mtu_variant():
@@ -85,7 +93,14 @@ def test_base_topology_is_abstract():
     with pytest.raises(TypeError):
         T.Topology()
     assert [t.name for t in T.all_topologies(None)] == ["native", "nat", "nat-mtu65520", "graft-api", "graft-preload",
-                                                        "graft-seccomp", "docker"]
+                                                        "graft-seccomp", "docker", "rootless-slirp4netns",
+                                                        "rootless-pasta", "rootless-graft", "rootless-graft-seccomp"]
+    # the rootless ones are measured only when named
+    from sockgraft.bench.runner import select_topologies
+
+    assert [t.name for t in select_topologies(None, "/nonexistent")] == ["native", "nat", "nat-mtu65520", "graft-api",
+                                                                         "graft-preload", "graft-seccomp", "docker"]
+    assert [t.name for t in select_topologies(["rootless-pasta"], "/nonexistent")] == ["rootless-pasta"]
 
 
 def test_graft_servers_and_agents_stop(tmp_path):
@@ -123,7 +138,7 @@ def test_sweep_removes_debris_of_a_killed_run():
         assert p.stdout.readline().strip() == "ready"
         left = _leftovers(p.pid)
         assert left["links"] and left["netns"] and left["nft"] and left["processes"]
-        assert p.pid in _forward_owners()
+        assert p.pid in _forward_owners() and p.pid in sysctl.CONNTRACK.owners()
     finally:
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -133,7 +148,7 @@ def test_sweep_removes_debris_of_a_killed_run():
     swept = debris.sweep()
     assert f"sgb{p.pid}nbr" in swept["links"]
     assert _leftovers(p.pid) == EMPTY
-    assert p.pid not in _forward_owners()
+    assert p.pid not in _forward_owners() and p.pid not in sysctl.CONNTRACK.owners()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -159,5 +174,46 @@ def test_interrupted_bench_tears_everything_down(sig, tmp_path):
     assert p.returncode != 0
     assert "Traceback" not in err
     assert _leftovers(p.pid) == EMPTY
-    assert p.pid not in _forward_owners()
+    assert p.pid not in _forward_owners() and p.pid not in sysctl.CONNTRACK.owners()
     assert not (tmp_path / "out").exists()
+
+
+KILLED_ROOTLESS_RUN = """
+import time
+from sockgraft.bench.topologies.rootless import RootlessSlirp
+t = RootlessSlirp()
+t.setup()
+print("ready", t.user.name, t.user.uid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_sweep_removes_the_user_of_a_killed_rootless_run():
+    """A run killed with its slirp4netns topology up leaves its user, its loopback guard table and
+    /dev/net/tun opened (its processes die with it: parent-death signal): the next sweep removes
+    the user (killing whatever of it still runs) and the table, and puts the mode back."""
+    import pwd
+    import shutil
+
+    from sockgraft.bench.users import uid_pids
+
+    if not shutil.which("slirp4netns"):
+        pytest.skip("slirp4netns is not installed (scripts/setup installs it)")
+    p = subprocess.Popen([sys.executable, "-c", KILLED_ROOTLESS_RUN], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline().split()
+        assert line[:1] == ["ready"], line
+        name, uid = line[1], int(line[2])
+        assert pwd.getpwnam(name).pw_uid == uid and uid_pids(uid)
+        assert p.pid in sysctl.TUN.owners() and os.stat("/dev/net/tun").st_mode & 0o666 == 0o666
+        assert _leftovers(p.pid)["nft"]
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    swept = debris.sweep()
+    assert name in swept["users"]
+    with pytest.raises(KeyError):
+        pwd.getpwnam(name)
+    wait_for(lambda: uid_pids(uid) == [], 10, "the user's processes to be gone")
+    assert _leftovers(p.pid) == EMPTY
+    assert p.pid not in sysctl.TUN.owners()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pwd
 import re
 import shutil
 import statistics
@@ -21,7 +20,8 @@ import sys
 import tempfile
 
 from tests.helpers import free_port, wait_port
-from tests.rootless.conftest import PREFIX, User, remove_user, sweep_users
+from sockgraft.bench.users import User, create_user, remove_user
+from tests.rootless.conftest import PREFIX, sweep_users
 from tests.rootless.podman import HOST_USR, IMAGE, LIMITS, RootlessPodman
 
 NGINX_CONF = """worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
@@ -33,21 +33,7 @@ http {{ access_log off; keepalive_requests 1000000;
 
 def make_user() -> User:
     sweep_users()
-    name = f"{PREFIX}{os.getpid()}"
-    remove_user(name)
-    subprocess.run(["useradd", "-M", "-d", "/nonexistent", "-s", "/usr/sbin/nologin", name], check=True)
-    pw = pwd.getpwnam(name)
-    for path in ("/etc/subuid", "/etc/subgid"):
-        with open(path) as f:
-            have = any(line.split(":", 1)[0] == name for line in f)
-        if not have:
-            with open(path, "a") as f:
-                f.write(f"{name}:300000:65536\n")
-    rt = f"/run/user/{pw.pw_uid}"
-    os.makedirs(rt, exist_ok=True)
-    os.chown(rt, pw.pw_uid, pw.pw_gid)
-    os.chmod(rt, 0o700)
-    return User(name, pw.pw_uid, pw.pw_gid, rt)
+    return create_user(f"{PREFIX}{os.getpid()}", subids=True)
 
 
 def run_in(podman: RootlessPodman, topo: str, argv: list[str], timeout: float) -> str:

@@ -140,6 +140,7 @@ def tail(path: str) -> str:
 class Workload:
     name = ""
     kind = "binary"  # "binary": unmodified programs; "python": our peers (graft API capable)
+    python_peer = False  # runs a peer of ours on the bench's interpreter (kind "python" always does)
 
     def variants(self, profile: Profile) -> list[dict]:
         raise NotImplementedError

@@ -1,21 +1,24 @@
 """What the bench leaves on the machine, and sweeping what killed runs left.
 
 Every object the bench creates carries the name prefix ``sgb<PID>`` (netns, links, nft table, temp
-dirs) and every process it starts carries ``SGB_OWNER=<PID>`` in its environment, where PID is the
-bench process. `sweep()` removes what a killed earlier run left behind: objects whose owner pid is
-dead; it also drops dead owners of ip_forward (restoring its value when none is left)."""
+dirs, the rootless topologies' users) and every process it starts carries ``SGB_OWNER=<PID>`` in its
+environment, where PID is the bench process. `sweep()` removes what a killed earlier run left behind: objects whose owner pid is
+dead; it also drops dead owners of ip_forward, nf_conntrack_max and /dev/net/tun's mode (restoring
+their values when none is left)."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import tempfile
 
-from sockgraft.bench.sysctl import forward_update
+from sockgraft.bench.sysctl import conntrack_update, forward_update, tun_update
 from sockgraft.bench.system import sh
+from sockgraft.bench.users import remove_user
 from sockgraft.host import netns as sg_netns
 from sockgraft.host.netns import pid_alive
 
@@ -60,7 +63,8 @@ def owned_processes(owner: int) -> list[int]:
 def debris(owner_alive=pid_alive) -> dict[str, list]:
     """What earlier runs whose owner is dead left behind (or, with owner_alive=lambda p: False and a
     filter by the caller, what any run left)."""
-    found: dict[str, list] = {"processes": [], "netns": [], "links": [], "nft": [], "dirs": []}
+    found: dict[str, list] = {"processes": [], "netns": [], "links": [], "nft": [], "dirs": [], "users": []}
+    found["users"] = [u.pw_name for u in pwd.getpwall() if (o := owner_of(u.pw_name)) and not owner_alive(o)]
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             owner = _proc_owner(int(entry))
@@ -97,7 +101,11 @@ def sweep() -> dict[str, list]:
         sh("nft", "delete", "table", family, name, check=False)
     for d in found["dirs"]:
         shutil.rmtree(d, ignore_errors=True)
+    for name in found["users"]:  # the rootless topologies' users, with their processes and dirs
+        remove_user(name)
     from sockgraft.host import egress  # egress tables (host/egress.py) of state dirs now gone
     egress.sweep()
     forward_update()  # drops dead owners, restores the original value if none is left
+    conntrack_update()  # the same for nf_conntrack_max
+    tun_update()  # and /dev/net/tun's mode
     return found

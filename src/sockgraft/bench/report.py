@@ -7,7 +7,9 @@ from sockgraft.bench import goals, paper
 from sockgraft.bench.stats import group_key, lower_is_better, ratios
 from sockgraft.bench.workloads import WORKLOADS
 
-TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "docker")
+TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "docker",
+                  "rootless-slirp4netns", "rootless-pasta", "rootless-graft", "rootless-graft-seccomp")
+ROOTLESS_NETS = ("rootless-slirp4netns", "rootless-pasta")  # rootless Podman's user-mode networks
 DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": "container→container"}
 
 
@@ -45,12 +47,27 @@ def _rows(records: list[dict]):
     return groups
 
 
+def is_grafted(topology: str) -> bool:
+    return topology.startswith(("graft-", "rootless-graft"))
+
+
+def baselines(topology: str) -> tuple[str, ...]:
+    """What a topology's ratio columns compare it with: grafted rootful with native and nat, grafted
+    rootless with native and the user-mode networks, those with native."""
+    if topology.startswith("graft-"):
+        return ("native", "nat")
+    if topology.startswith("rootless-graft"):
+        return ("native", *ROOTLESS_NETS)
+    if topology in ROOTLESS_NETS:
+        return ("native",)
+    return ()
+
+
 def ratio_columns(topologies: list[str]) -> list[tuple[str, str]]:
     """(topology, baseline) pairs shown as ratio columns."""
     cols = []
     for t in topologies:
-        if t.startswith("graft-"):
-            cols += [(t, "native"), (t, "nat")]
+        cols += [(t, b) for b in baselines(t)]
     if "nat-mtu65520" in topologies:
         cols.append(("nat-mtu65520", "nat"))
     return [(t, b) for t, b in cols if b in topologies]
@@ -108,10 +125,9 @@ def setup_table(records: list[dict]) -> str:
     if not recs:
         return "_no connection-setup cells measured_\n"
     topos = _order({r["topology"] for r in recs})
-    grafts = [t for t in topos if t.startswith("graft-")]
-    bases = [b for b in ("native", "nat") if b in topos]
+    cols = ratio_columns(topos)
     rat = ratios(recs)
-    head = ["workload", "direction", "params", "metric", *topos, *[f"{g}/{b}" for g in grafts for b in bases]]
+    head = ["workload", "direction", "params", "metric", *topos, *[f"{g}/{b}" for g, b in cols]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_topo in _rows(recs).items():
         rec = next(iter(by_topo.values()))
@@ -119,16 +135,15 @@ def setup_table(records: list[dict]) -> str:
         for t in topos:
             r = by_topo.get(t)
             cells.append("n/a" if not r else f"{fmt(r['median'])} [{fmt_spread(spread(r))}]")
-        for g in grafts:
-            for b in bases:
-                r, base = by_topo.get(g), by_topo.get(b)
-                if rec["metric"] == "errors" or not r or not base:
-                    cells.append("–" if r else "n/a")
-                    continue
-                text = fmt_ratio(rat[key][g][b])
-                if lower_is_better(rec["unit"]):
-                    text += f" ({r['median'] - base['median']:+.0f} µs)"
-                cells.append(text)
+        for g, b in cols:
+            r, base = by_topo.get(g), by_topo.get(b)
+            if rec["metric"] == "errors" or not r or not base:
+                cells.append("–" if r else "n/a")
+                continue
+            text = fmt_ratio(rat[key][g][b])
+            if lower_is_better(rec["unit"]):
+                text += f" ({r['median'] - base['median']:+.0f} µs)"
+            cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -140,16 +155,16 @@ def fmt_spread(v: float | None) -> str:
 def ratio_summary(records: list[dict]) -> str:
     """Compact: per workload row, grafted/native and grafted/nat for each graft topology."""
     topos = _order({r["topology"] for r in records})
-    grafts = [t for t in topos if t.startswith("graft-")]
+    cols = [(t, b) for t, b in ratio_columns(topos) if is_grafted(t)]
     rat = ratios(records)
-    head = ["workload", "direction", "params", "metric"] + [f"{g}/{b}" for g in grafts for b in ("native", "nat")]
+    head = ["workload", "direction", "params", "metric"] + [f"{g}/{b}" for g, b in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, by_topo in _rows(records).items():
         rec = next(iter(by_topo.values()))
         if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth", "errors"):
             continue
         cells = [rec["workload"], rec["direction"], params_label(rec["workload"], rec["params"]), rec["metric"]]
-        cells += [fmt_ratio(rat[key].get(g, {}).get(b)) if g in by_topo else "n/a" for g in grafts for b in ("native", "nat")]
+        cells += [fmt_ratio(rat[key].get(g, {}).get(b)) if g in by_topo else "n/a" for g, b in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -198,12 +213,38 @@ def markdown(result, plots: list[str] = ()) -> str:
         out.append(f"| {t} | " + " | ".join(fmt(by_w.get(k)) for k in kinds) + " |")
     for t, n in result.links.items():
         out.append(f"\n{t}: {n:,} bytes through its veths; {result.dnat.get(t, 0):,} packets through the DNAT publish.")
+    out += conntrack_section(result.conntrack)
     if result.errors:
         out += ["", "## Errors (cells not measured)", ""]
         for e in result.errors:
             where = " ".join(str(e.get(k, "")) for k in ("workload", "topology", "direction") if e.get(k))
             out.append(f"- {where or e.get('where')} {params_label(e.get('workload', ''), e.get('params', {})) if e.get('params') else ''}: {e['error']}")
     return "\n".join(out) + "\n"
+
+
+def conntrack_section(ct: dict) -> list[str]:
+    """The host's connection tracking during the run: its limit, the most entries seen, and the
+    cells during which a full table dropped packets ("nf_conntrack: table full") or evicted entries."""
+    out = ["", "## conntrack", ""]
+    if not ct:
+        return out + ["Connection tracking was not loaded in the host netns during the run."]
+    out.append(f"nf_conntrack_max {ct['max']:,} during the run (a nat topology raises it to at least 2,097,152 "
+               "while it is up, and it is restored after); "
+               f"most entries seen after a cell: {ct['peak']:,}. Over the whole run: {ct.get('drop', 0):,} packets "
+               f"dropped on a full table, {ct.get('early_drop', 0):,} entries evicted early, "
+               f"{ct.get('insert_failed', 0):,} failed inserts (host-wide counters: other work on the machine counts too).")
+    cells = ct.get("cells", [])
+    if cells:
+        out += ["", "| cell | topologies | entries after | dropped (table full) | evicted early | failed inserts |",
+                "|---|---|---|---|---|---|"]
+        for c in cells:
+            label = f"{c['workload']} {DIRECTION_NAMES.get(c['direction'], c['direction'])} {', '.join(c['params'])}"
+            out.append(f"| {label} | {', '.join(c['topologies'])} | {c['count']:,} | {c.get('drop', 0):,} | "
+                       f"{c.get('early_drop', 0):,} | {c.get('insert_failed', 0):,} |")
+        out += ["", "Cells listed here may have lost packets to the table, not to the topology: their spread is suspect."]
+    else:
+        out.append("No cell saw the table full.")
+    return out
 
 
 def _load(v) -> str:
@@ -219,7 +260,9 @@ def plots(result, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     colors = {"native": "#4c72b0", "nat": "#dd8452", "nat-mtu65520": "#f2c45f", "graft-api": "#55a868",
-              "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "docker": "#c44e52"}
+              "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "docker": "#c44e52",
+              "rootless-slirp4netns": "#8172b3", "rootless-pasta": "#b39ddb", "rootless-graft": "#1b5e20",
+              "rootless-graft-seccomp": "#66bb6a"}
     figs: dict[tuple, dict] = {}
     for rec in result.records:
         if rec["metric"] in ("latency-p50", "latency-p99", "loss", "bandwidth", "errors"):

@@ -13,6 +13,7 @@ from itertools import groupby
 
 from sockgraft.bench.debris import sweep, tag
 from sockgraft.bench.stats import record, schedule
+from sockgraft.bench.sysctl import conntrack_stats
 from sockgraft.bench.topologies import Topology, TopologyError, all_topologies
 from sockgraft.bench.base import DIRECTIONS, Profile, Servers
 from sockgraft.bench.workloads import WORKLOADS
@@ -32,6 +33,9 @@ class Result:
     links: dict[str, int] = field(default_factory=dict)  # nat topologies: bytes through their veths
     dnat: dict[str, int] = field(default_factory=dict)  # nat topologies: packets through the DNAT publish
     topologies: dict[str, dict] = field(default_factory=dict)  # name -> {"mtu", "describe"}
+    # host conntrack: {"max", "peak", "drop", "early_drop", "insert_failed", "cells": [...]}, the
+    # counters' increase over the run and per cell group where they moved ("table full")
+    conntrack: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 
@@ -77,7 +81,7 @@ def _machine() -> dict:
 def select_topologies(names: list[str] | None, state_dir: str) -> list[Topology]:
     topos = all_topologies(state_dir)
     if not names:
-        return topos
+        return [t for t in topos if t.default]
     known = {t.name: t for t in topos}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -139,7 +143,7 @@ def _plan(profile: Profile, workloads, active: list[Topology], result: Result):
     for w in workloads:
         cells = []
         for t in active:
-            why = t.na(w.kind)
+            why = t.na(w.kind) or (t.na("python-peer") if w.python_peer else None)
             if why:
                 result.na.setdefault(t.name, {})[w.name] = why
             else:
@@ -149,8 +153,17 @@ def _plan(profile: Profile, workloads, active: list[Topology], result: Result):
         variants = w.variants(profile)
         for direction in w.directions(profile):
             here = [p for p in variants if w.applies(p, direction, profile)]
+            built = []
+            for t in cells:
+                why = t.na_direction(direction)
+                if why and here:
+                    result.na.setdefault(t.name, {})[f"{w.name} {direction}"] = why
+                elif not why:
+                    built.append(t)
+            if not built:
+                continue
             for _key, group in groupby(here, key=w.server_key):
-                plan.append((w, direction, list(group), cells))
+                plan.append((w, direction, list(group), built))
     return plan
 
 
@@ -164,8 +177,34 @@ def _progress(console, enabled: bool):
                     console=console or Console(stderr=True), transient=False)
 
 
+COUNTERS = ("drop", "early_drop", "insert_failed")
+
+
+def _conntrack_cell(result: Result, before: dict, w, direction: str, group: list, cells: list[Topology]) -> dict:
+    """Note what conntrack did during one cell group (entries peak, counters moved); the new stats."""
+    now = conntrack_stats()
+    ct = result.conntrack
+    if not now:
+        return now
+    if not ct:
+        ct.update(max=now["max"], peak=now["count"], **{k: 0 for k in COUNTERS})
+    if not before:
+        return now
+    ct["max"] = max(ct.get("max", 0), now["max"])
+    ct["peak"] = max(ct.get("peak", 0), now["count"])
+    moved = {k: now[k] - before[k] for k in COUNTERS if now[k] > before[k]}
+    for k, v in moved.items():
+        ct[k] = ct.get(k, 0) + v
+    if moved:
+        ct.setdefault("cells", []).append({"workload": w.name, "direction": direction,
+                                           "params": [w.label(p) for p in group], "count": now["count"],
+                                           "topologies": [t.name for t in cells], **moved})
+    return now
+
+
 def _run_all(profile: Profile, workloads, active: list[Topology], result: Result, progress: bool, console) -> None:
     plan = _plan(profile, workloads, active, result)
+    ct = _conntrack_cell(result, {}, None, "", [], [])
     total = sum((len(params) * profile.runs + profile.warmup) * len(cells) for _w, _d, params, cells in plan)
     with _progress(console, progress) as bar:
         task = bar.add_task("bench", total=total) if bar else None
@@ -216,6 +255,7 @@ def _run_all(profile: Profile, workloads, active: list[Topology], result: Result
             finally:
                 for s in servers.values():
                     s.stop()
+                ct = _conntrack_cell(result, ct, w, direction, group, cells)
         for t in active:
             if hasattr(t, "link_bytes"):
                 with contextlib.suppress(Exception):

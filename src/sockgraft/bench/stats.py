@@ -19,6 +19,9 @@ def schedule(cells: list, runs: int, warmup: int = 1) -> list[tuple[int, object,
     return [(r, c, r < warmup) for r in range(warmup + runs) for c in cells]
 
 
+EXTRA_BASELINES = ("rootless-slirp4netns", "rootless-pasta")  # what rootless grafting is compared with
+
+
 def ratio(value: float | None, base: float | None) -> float | None:
     if value is None or base is None or base == 0:
         return None
@@ -57,7 +60,8 @@ def group_key(rec: dict) -> tuple:
 
 
 def ratios(records: list[dict]) -> dict[tuple, dict[str, dict[str, float | None]]]:
-    """For every (workload, direction, params, metric): each topology's median / native's and / nat's."""
+    """For every (workload, direction, params, metric): each topology's median / native's and / nat's
+    (and / the rootless user-mode networks', where measured)."""
     by_group: dict[tuple, dict[str, dict]] = {}
     for rec in records:
         by_group.setdefault(group_key(rec), {})[rec["topology"]] = rec
@@ -65,7 +69,9 @@ def ratios(records: list[dict]) -> dict[tuple, dict[str, dict[str, float | None]
     for key, topos in by_group.items():
         native = topos.get("native", {}).get("median")
         nat = topos.get("nat", {}).get("median")
-        out[key] = {t: {"native": ratio(r["median"], native), "nat": ratio(r["median"], nat)} for t, r in topos.items()}
+        extra = [b for b in EXTRA_BASELINES if b in topos]
+        out[key] = {t: {"native": ratio(r["median"], native), "nat": ratio(r["median"], nat),
+                        **{b: ratio(r["median"], topos[b]["median"]) for b in extra}} for t, r in topos.items()}
     return out
 
 

@@ -183,6 +183,7 @@ class Zmq(Workload):
     starts anew for every run."""
 
     name = "zmq"
+    python_peer = True  # libzmq driven by sockgraft.bench.zmqpeer
 
     def variants(self, profile):
         return ([{"pattern": "push-pull", "size": s} for s in profile.zmq_thr_sizes]

@@ -67,6 +67,7 @@ class Topology(abc.ABC):
     graft_api = False  # peers written in Python use sockgraft's API in this topology
     binaries = True  # unmodified binaries can run here
     mtu: int | None = None  # MTU on the data path
+    default = True  # measured when `graft bench` is given no --topologies
 
     def __init__(self, state_dir: str | None = None):
         self.procs: list[subprocess.Popen] = []
@@ -86,7 +87,12 @@ class Topology(abc.ABC):
         self.procs.clear()
 
     def na(self, workload_kind: str) -> str | None:
-        """Why a workload kind makes no sense here, or None."""
+        """Why a workload kind makes no sense here, or None ("python-peer": a workload of any kind that
+        runs one of the bench's Python peers)."""
+        return None
+
+    def na_direction(self, direction: str) -> str | None:
+        """Why a direction (base.DIRECTIONS) is not built here, or None."""
         return None
 
     @abc.abstractmethod

@@ -1,6 +1,7 @@
 """nat: docker0-like. A bridge, one veth per container netns, MASQUERADE for container egress, and a
 DNAT port publish (like `docker run -p`) for host->container; the containers' default route goes
-via the bridge. Needs ip_forward=1 while it exists (shared with other runs: see sysctl)."""
+via the bridge. Needs ip_forward=1 while it exists, and raises nf_conntrack_max (both shared with
+other runs: see sysctl)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +11,7 @@ import os
 import shlex
 
 from sockgraft.bench.debris import tag
-from sockgraft.bench.sysctl import forward_update
+from sockgraft.bench.sysctl import conntrack_update, forward_update
 from sockgraft.bench.system import TopologyError, alarm, locked, sh
 from sockgraft.bench.topologies.base import Listener, Topology, pdeathsig
 from sockgraft.host import netns as sg_netns
@@ -84,6 +85,8 @@ table ip {self.table} {{
 """
         sh("nft", "-f", "-", input=ruleset)
         self._undo.append(lambda: sh("nft", "delete", "table", "ip", self.table, check=False))
+        conntrack_update(add=os.getpid())  # the table turned conntrack on: room for the churn cells
+        self._undo.append(lambda: conntrack_update(remove=os.getpid()))
         for side in ("c1", "c2"):
             self._check_dev(side, self.addr["host"])
         self._check_dev("host", self.addr["c1"])
