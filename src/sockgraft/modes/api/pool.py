@@ -17,8 +17,8 @@ whole family (`out:0.0.0.0/0=SOURCE`), which the engine evaluates against the co
 The pool is per process and keyed by (service, source, family, type, protocol):
 - refilled before it is empty, without a thread: a take that leaves LOW or fewer sends the next
   `pool` request on the process's own pool connection to the service and does not wait; later takes
-  pick the reply up when it is there (a receive that does not block), and wait only if the pool ran
-  dry first. Replies come in the order of the requests (one connection, served in order);
+  pick the reply up when it is there (a receive that does not block, once PICK_UP or fewer are left),
+  and wait only if the pool ran dry first. Replies come in the order of the requests (one connection, served in order);
 - bounded: at most MAX_HELD sockets in all, the ones asked for included (a key that needs room
   drops the other keys' sockets);
 - thread-safe: one lock over the pools and the pool connection;
@@ -35,17 +35,19 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import os
 import socket
 import threading
 import time
 
 from sockgraft.core.protocol import MAX_POOL, ProtocolError, Request, parse_reply
-from sockgraft.core.rules import parse_egress
+from sockgraft.core.rules import EgressRule, parse_egress
 from sockgraft.modes.api import client
 
 MAX_HELD = 32  # pooled sockets one process holds (or has asked for) at most: csrc/pool.c POOL_SLOTS
 LOW = MAX_HELD - MAX_POOL - 1  # a key left with this many or fewer is refilled ahead
+PICK_UP = 8  # a take looks for the replies that arrived when its key has this many or fewer left
 RETRY_OFF = 1.0  # seconds a key stays unpooled after the service refused a pool
 VERSION_EVERY = 1.0  # seconds between two looks at the policy's digest
 VERSION_STALE = 2.0  # an answer older than this is renewed before a socket is taken
@@ -145,13 +147,17 @@ def take(source: str, address: tuple, type: int, proto: int = 0, family: int = 0
     with _s.lock:
         if _s.closed:
             return None
-        if _s.pending.get(path):
+        if _s.pending.get(path) and len(_s.pools.get(key, ())) <= PICK_UP:
             _receive(path, None)  # whatever arrived meanwhile, without waiting
         now = time.monotonic()
         asked = _s.version.get(path)
         if asked is None or now - asked[0] >= VERSION_STALE:
-            _ask(path, ("version",), Request("prefilter"))
-            _receive(path, ("version",))
+            for _ in range(2):  # twice if the answer that was on its way had been asked long ago
+                _ask(path, ("version",), Request("prefilter"))
+                _receive(path, ("version",))
+                asked = _s.version.get(path)
+                if asked is not None and now - asked[0] < VERSION_STALE:
+                    break
         elif now - asked[0] >= VERSION_EVERY:
             _ask(path, ("version",), Request("prefilter"))
         if _s.off.get(key, 0.0) > now:
@@ -213,7 +219,7 @@ def _ask(path: str, job: tuple, req: Request) -> bool:
     except OSError:
         _disconnect(path)
         return False
-    _s.pending[path].append((job, _s.gen))
+    _s.pending[path].append((job, _s.gen, time.monotonic()))
     return True
 
 
@@ -227,13 +233,18 @@ def _ask_pool(key: tuple, dest: str, port: int) -> bool:
     count = min(MAX_POOL, room)
     if count < 1:
         return False
-    rule = parse_egress(f"{'0.0.0.0/0' if dest_family == socket.AF_INET else '::/0'}={source}")
     req = Request("pool", family=dest_family, addr=dest, port=port, type=sotype, proto=proto, count=count,
-                  egress=(rule,))
+                  egress=(_source_rule(dest_family, source),))
     if not _ask(path, key, req):
         return False
     _s.asked[key] = count
     return True
+
+
+@functools.lru_cache(maxsize=64)
+def _source_rule(family: int, source: str) -> EgressRule:
+    """The caller rule that names `source` for every destination of `family`."""
+    return parse_egress(f"{'0.0.0.0/0' if family == socket.AF_INET else '::/0'}={source}")
 
 
 def _receive(path: str, until: tuple | None) -> None:
@@ -241,7 +252,7 @@ def _receive(path: str, until: tuple | None) -> None:
     up to and including the one of job `until` (waiting for it)."""
     pending = _s.pending.get(path)
     while pending:
-        job, gen = pending[0]
+        job, gen, sent = pending[0]
         waiting = until is not None and any(j[0] == until for j in pending)
         try:
             msg, fds = client.receive(_s.conns[path], MAX_POOL, 0 if waiting else socket.MSG_DONTWAIT)
@@ -253,12 +264,12 @@ def _receive(path: str, until: tuple | None) -> None:
             _disconnect(path)
             return
         pending.popleft()
-        _answer(path, job, gen, msg, fds)
+        _answer(path, job, gen, sent, msg, fds)
         if job == until:
             return
 
 
-def _answer(path: str, job: tuple, gen: int, msg: bytes, fds: list[int]) -> None:
+def _answer(path: str, job: tuple, gen: int, sent: float, msg: bytes, fds: list[int]) -> None:
     try:
         reply = parse_reply(msg)
     except ProtocolError:
@@ -272,7 +283,7 @@ def _answer(path: str, job: tuple, gen: int, msg: bytes, fds: list[int]) -> None
             for key in [k for k in _s.pools if k[0] == path]:
                 _drop_key(key)
             _s.gen += 1
-        _s.version[path] = (time.monotonic(), digest)
+        _s.version[path] = (sent, digest)  # the digest of when it was asked, not of when it was read
         for fd in fds:
             os.close(fd)
         return
