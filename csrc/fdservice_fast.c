@@ -22,6 +22,8 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <poll.h>
+#include <time.h>
 #include <unistd.h>
 
 #define EXPORT __attribute__((visibility("default")))
@@ -187,22 +189,66 @@ static int parse_v6(const char *p, size_t n, uint8_t out[16])
 	return 0;
 }
 
-/* -- the request: `connect FAMILY ADDR PORT TYPE PROTO[ RULES]` ----------------------------------- */
+/* protocol._flags: `-`, or a comma list of reuseaddr, reuseport, v6only (repeats allowed) */
+static int parse_flags(struct word w, int32_t *out)
+{
+	static const struct {
+		const char *name;
+		int32_t bit;
+	} names[] = { { "reuseaddr", FS_FL_REUSEADDR }, { "reuseport", FS_FL_REUSEPORT }, { "v6only", FS_FL_V6ONLY } };
+	*out = 0;
+	if (w.n == 1 && w.p[0] == '-')
+		return 0;
+	size_t start = 0;
+	for (size_t i = 0; i <= w.n; i++) {
+		if (i < w.n && w.p[i] != ',')
+			continue;
+		size_t k, n = i - start;
+		for (k = 0; k < 3; k++)
+			if (strlen(names[k].name) == n && memcmp(names[k].name, w.p + start, n) == 0)
+				break;
+		if (k == 3)
+			return -1;
+		*out |= names[k].bit;
+		start = i + 1;
+	}
+	return 0;
+}
+
+/* -- the request: `connect FAMILY ADDR PORT TYPE PROTO[ RULES]`, `pool ... PROTO N[ RULES]`,
+ *    `bind FAMILY ADDR PORT TYPE PROTO FLAGS[ RULES]` ---------------------------------------------- */
 EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req)
 {
-	static const char verb[] = "connect ";
-	struct word w[5];
-	if (len > FS_MAX_MESSAGE || len < sizeof(verb) - 1 || memcmp(data, verb, sizeof(verb) - 1) != 0)
+	static const char connect_verb[] = "connect ", pool_verb[] = "pool ", bind_verb[] = "bind ";
+	struct word w[6];
+	size_t i;
+	int nargs;
+	if (len > FS_MAX_MESSAGE)
 		return -1;
-	size_t i = sizeof(verb) - 1, tail = len;
-	for (int k = 0; k < 5; k++) {
+	if (len >= sizeof(connect_verb) - 1 && memcmp(data, connect_verb, sizeof(connect_verb) - 1) == 0) {
+		req->verb = FS_CONNECT;
+		i = sizeof(connect_verb) - 1;
+		nargs = 5;
+	} else if (len >= sizeof(pool_verb) - 1 && memcmp(data, pool_verb, sizeof(pool_verb) - 1) == 0) {
+		req->verb = FS_POOL;
+		i = sizeof(pool_verb) - 1;
+		nargs = 6;
+	} else if (len >= sizeof(bind_verb) - 1 && memcmp(data, bind_verb, sizeof(bind_verb) - 1) == 0) {
+		req->verb = FS_BIND;
+		i = sizeof(bind_verb) - 1;
+		nargs = 6;
+	} else {
+		return -1;
+	}
+	size_t tail;
+	for (int k = 0; k < nargs; k++) {
 		size_t start = i;
 		while (i < len && data[i] != ' ')
 			i++;
 		w[k] = (struct word){ data + start, i - start };
-		if (k < 4) {
+		if (k < nargs - 1) {
 			if (i == len)
-				return -1; /* fewer than 5 arguments */
+				return -1; /* fewer arguments than the verb takes */
 			i++;
 		}
 	}
@@ -211,15 +257,17 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 		if ((unsigned char)data[j] >= 0x80)
 			return -1; /* not ASCII */
 	req->table = -1;
+	uint32_t want = req->verb == FS_BIND ? FS_FOR_BIND : FS_FOR_EGRESS;
 	for (int t = 0; t < ntables; t++) {
-		if (tables[t].tail_len == len - tail && memcmp(tables[t].tail, data + tail, len - tail) == 0) {
+		if ((tables[t].verbs & want) && tables[t].tail_len == len - tail &&
+		    memcmp(tables[t].tail, data + tail, len - tail) == 0) {
 			req->table = t;
 			break;
 		}
 	}
 	if (req->table < 0)
 		return -1; /* no rules, or rules the Python side has not parsed yet */
-	long family, port, type, proto;
+	long family, port, type, proto, count = 0;
 	if (to_int(w[0], 0, 65535, &family) < 0 || (family != AF_INET && family != AF_INET6))
 		return -1;
 	memset(req->addr, 0, sizeof(req->addr));
@@ -227,10 +275,16 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 		return -1;
 	if (to_int(w[2], 0, 65535, &port) < 0 || to_int(w[3], 0, 15, &type) < 0 || to_int(w[4], 0, 65535, &proto) < 0)
 		return -1;
+	if (req->verb == FS_POOL && to_int(w[5], 1, FS_MAX_POOL, &count) < 0)
+		return -1;
+	req->flags = 0;
+	if (req->verb == FS_BIND && parse_flags(w[5], &req->flags) < 0)
+		return -1;
 	req->family = (int32_t)family;
 	req->port = (int32_t)port;
 	req->type = (int32_t)type;
 	req->proto = (int32_t)proto;
+	req->count = (int32_t)count;
 	return 0;
 }
 
@@ -246,48 +300,100 @@ static int in_net(const uint8_t *ip, const uint8_t *net, int plen)
 	return (ip[full] & mask) == (net[full] & mask);
 }
 
+/* engine.IP_TYPES / IP_PROTOS: the socket types the engine grafts (others: "ask") */
+static int ip_type(const struct fs_req *req)
+{
+	return (req->type == SOCK_STREAM && (req->proto == 0 || req->proto == IPPROTO_TCP)) ||
+	       (req->type == SOCK_DGRAM && (req->proto == 0 || req->proto == IPPROTO_UDP));
+}
+
+/* engine._ip: the request's address as the engine matches it (a v4-mapped one is IPv4); its version */
+static int match_ip(const struct fs_req *req, uint8_t ip[16])
+{
+	if (req->family == AF_INET) {
+		memcpy(ip, req->addr, 4);
+		return 4;
+	}
+	if (memcmp(req->addr, V4MAPPED, 12) == 0) {
+		memcpy(ip, req->addr + 12, 4);
+		return 4;
+	}
+	memcpy(ip, req->addr, 16);
+	return 6;
+}
+
+/* engine._host_for: the host socket of a grant onto an endpoint of `kind` (4, 6; 0: "ask") for a
+ * socket of the request's family: its family and address (v4-mapped for an IPv6 socket on ipv4). */
+static int grant_host(const struct fs_req *req, int kind, const uint8_t *ep_addr, int ep_port, int *family,
+		      uint8_t host[16], int *host_port)
+{
+	if (kind == 0)
+		return FS_LK_ASK;
+	memset(host, 0, 16);
+	*host_port = ep_port;
+	if (req->family == (kind == 4 ? AF_INET : AF_INET6)) {
+		*family = req->family;
+		memcpy(host, ep_addr, kind == 4 ? 4 : 16);
+		return FS_LK_GRANT;
+	}
+	if (req->family == AF_INET6 && kind == 4) {
+		*family = AF_INET6;
+		memcpy(host, V4MAPPED, 12);
+		memcpy(host + 12, ep_addr, 4);
+		return FS_LK_GRANT;
+	}
+	return FS_LK_ASK;
+}
+
 /* FS_LK_*; a grant names the host socket's family and source address (bytes of that family). */
 EXPORT int fs_lookup(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
 		     int *host_port)
 {
-	if (req->family != AF_INET && req->family != AF_INET6)
-		return FS_LK_ASK;
-	if (!((req->type == SOCK_STREAM && (req->proto == 0 || req->proto == IPPROTO_TCP)) ||
-	      (req->type == SOCK_DGRAM && (req->proto == 0 || req->proto == IPPROTO_UDP))))
+	if ((req->family != AF_INET && req->family != AF_INET6) || !ip_type(req))
 		return FS_LK_ASK;
 	uint8_t ip[16];
-	int version;
-	if (req->family == AF_INET) {
-		version = 4;
-		memcpy(ip, req->addr, 4);
-	} else if (memcmp(req->addr, V4MAPPED, 12) == 0) {
-		version = 4; /* engine._ip: a v4-mapped destination is an IPv4 destination */
-		memcpy(ip, req->addr + 12, 4);
-	} else {
-		version = 6;
-		memcpy(ip, req->addr, 16);
-	}
+	int version = match_ip(req, ip);
 	for (uint32_t i = 0; i < t->nrows; i++) {
 		const struct fs_row *r = &t->rows[i];
 		if (r->version != version || !in_net(ip, r->net, r->plen))
 			continue;
 		*row = (int)i;
-		if (r->kind == 0 || (r->kind == 4) != (version == 4))
+		if ((r->kind == 4) != (version == 4))
 			return FS_LK_ASK;
-		memset(host, 0, 16);
-		*host_port = r->ep_port;
-		if (req->family == (r->kind == 4 ? AF_INET : AF_INET6)) {
-			*family = req->family;
-			memcpy(host, r->ep_addr, r->kind == 4 ? 4 : 16);
-			return FS_LK_GRANT;
-		}
-		if (req->family == AF_INET6 && r->kind == 4) {
-			*family = AF_INET6;
-			memcpy(host, V4MAPPED, 12);
-			memcpy(host + 12, r->ep_addr, 4);
-			return FS_LK_GRANT;
-		}
+		return grant_host(req, r->kind, r->ep_addr, r->ep_port, family, host, host_port);
+	}
+	return FS_LK_LOCAL;
+}
+
+/* -- engine.IngressTable.lookup -------------------------------------------------------------- */
+static int unspecified(const uint8_t *a, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (a[i])
+			return 0;
+	return 1;
+}
+
+EXPORT int fs_lookup_bind(const struct fs_table *t, const struct fs_req *req, int *row, int *family,
+			  uint8_t host[16], int *host_port, int *dual)
+{
+	if ((req->family != AF_INET && req->family != AF_INET6) || !ip_type(req))
 		return FS_LK_ASK;
+	uint8_t ip[16];
+	int version = match_ip(req, ip);
+	/* engine._dual_stack: `[::]:P` with V6ONLY off listens on every IPv4 address too */
+	int is_dual = req->family == AF_INET6 && !(req->flags & FS_FL_V6ONLY) && version == 6 && unspecified(ip, 16);
+	for (uint32_t i = 0; i < t->nin; i++) {
+		const struct fs_in_row *r = &t->in_rows[i];
+		if (req->port < r->port_lo || req->port > r->port_hi)
+			continue;
+		int n = r->version == 4 ? 4 : 16;
+		if (!((r->version == version && (r->wildcard || memcmp(r->addr, ip, (size_t)n) == 0)) ||
+		      (is_dual && r->version == 4)))
+			continue;
+		*row = (int)i;
+		*dual = is_dual && r->version == 4;
+		return grant_host(req, r->kind, r->ep_addr, r->ep_port, family, host, host_port);
 	}
 	return FS_LK_LOCAL;
 }
@@ -310,23 +416,39 @@ static socklen_t sockaddr_of(int family, const uint8_t *addr, int port, struct s
 	return sizeof(*sin6);
 }
 
+/* The end of a failed socket setup: close it, keep the errno of the step that failed. */
+static int close_failed(int s)
+{
+	int e = errno;
+	close(s);
+	errno = e;
+	return -1;
+}
+
+/* hostsock._source_bound: NO_PORT, dual-stack for IPv6, the source bound, then marked (mark 0: not). */
+static int source_bound(int family, int type, const uint8_t *host, int host_port, int proto, uint32_t mark)
+{
+	struct sockaddr_storage ss;
+	int one = 1, zero = 0;
+	int s = socket(family, type | SOCK_CLOEXEC, proto);
+	if (s < 0)
+		return -1;
+	if (setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0 ||
+	    (family == AF_INET6 && setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0) ||
+	    bind(s, (struct sockaddr *)&ss, sockaddr_of(family, host, host_port, &ss)) < 0 ||
+	    (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0)) /* once bound: bindguard */
+		return close_failed(s);
+	return s;
+}
+
 /* hostsock.open_connecting: NO_PORT bind of the source, non-blocking connect. -1 with errno. */
 static int open_connecting(int family, const uint8_t *host, int host_port, const struct fs_req *req, uint32_t mark,
 			   int *code)
 {
 	struct sockaddr_storage ss;
-	int one = 1, zero = 0;
-	int s = socket(family, req->type | SOCK_CLOEXEC | SOCK_NONBLOCK, req->proto);
+	int s = source_bound(family, req->type | SOCK_NONBLOCK, host, host_port, req->proto, mark);
 	if (s < 0)
 		return -1;
-	if (setsockopt(s, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0)
-		goto fail;
-	if (family == AF_INET6 && setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0)
-		goto fail;
-	if (bind(s, (struct sockaddr *)&ss, sockaddr_of(family, host, host_port, &ss)) < 0)
-		goto fail;
-	if (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) /* once bound: bindguard */
-		goto fail;
 	/* the destination as the request wrote it, in the socket's family (as connect_ex((addr, port))) */
 	if (connect(s, (struct sockaddr *)&ss, sockaddr_of(req->family, req->addr, req->port, &ss)) == 0) {
 		*code = 0;
@@ -336,32 +458,65 @@ static int open_connecting(int family, const uint8_t *host, int host_port, const
 		*code = EINPROGRESS;
 		return s;
 	}
-fail:;
-	int e = errno;
-	close(s);
-	errno = e;
-	return -1;
+	return close_failed(s);
 }
 
-static int send_reply(int conn, const char *text, size_t n, int fd)
+/* hostsock.open_bound: the options the request names, then bound (a port is always allocated at
+ * bind, never NO_PORT), then marked. -1 with errno. */
+static int open_bound(int family, const uint8_t *host, int host_port, const struct fs_req *req, uint32_t mark)
+{
+	struct sockaddr_storage ss;
+	int one = 1;
+	int v6only = (req->flags & FS_FL_V6ONLY) && memcmp(host, V4MAPPED, 12) != 0;
+	int s = socket(family, req->type | SOCK_CLOEXEC, req->proto);
+	if (s < 0)
+		return -1;
+	if (((req->flags & FS_FL_REUSEADDR) && setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) < 0) ||
+	    ((req->flags & FS_FL_REUSEPORT) && setsockopt(s, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) < 0) ||
+	    (family == AF_INET6 && setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) < 0) ||
+	    bind(s, (struct sockaddr *)&ss, sockaddr_of(family, host, host_port, &ss)) < 0 ||
+	    (mark && setsockopt(s, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0))
+		return close_failed(s);
+	return s;
+}
+
+static int send_reply(int conn, const char *text, size_t n, const int *fds, int nfds)
 {
 	struct iovec iov = { (void *)text, n };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1 };
 	union {
 		struct cmsghdr h;
-		char buf[CMSG_SPACE(sizeof(int))];
+		char buf[CMSG_SPACE(FS_MAX_POOL * sizeof(int))];
 	} cm;
-	if (fd >= 0) {
+	if (nfds > 0) {
 		memset(&cm, 0, sizeof(cm));
 		mh.msg_control = cm.buf;
-		mh.msg_controllen = sizeof(cm.buf);
+		mh.msg_controllen = CMSG_SPACE((size_t)nfds * sizeof(int));
 		struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
 		c->cmsg_level = SOL_SOCKET;
 		c->cmsg_type = SCM_RIGHTS;
-		c->cmsg_len = CMSG_LEN(sizeof(int));
-		memcpy(CMSG_DATA(c), &fd, sizeof(int));
+		c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+		memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
 	}
 	return sendmsg(conn, &mh, MSG_NOSIGNAL) < 0 ? -1 : 0;
+}
+
+/* The reply of a grant: "ok FAMILY ADDR PORT" from the first socket's address, sent with the sockets. */
+static int reply_grant(int conn, int family, const int *fds, int nfds, struct fs_out *out)
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof(ss);
+	char text[128];
+	if (getsockname(fds[0], (struct sockaddr *)&ss, &sl) < 0)
+		return -1;
+	const void *a = family == AF_INET ? (void *)&((struct sockaddr_in *)&ss)->sin_addr
+					  : (void *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
+	out->host_port = ntohs(family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
+						 : ((struct sockaddr_in6 *)&ss)->sin6_port);
+	inet_ntop(family, a, out->host, sizeof(out->host));
+	int tn = snprintf(text, sizeof(text), "ok %d %s %d", family, out->host, out->host_port);
+	out->send_failed = send_reply(conn, text, (size_t)tn, fds, nfds) < 0;
+	return 0;
 }
 
 static int handback(struct fs_out *out, const char *buf, size_t n)
@@ -376,8 +531,8 @@ EXPORT int fs_abi(void) { return FS_ABI; }
 
 /* One request of a readable connection. FS_DROP with out->err 0 and len 0 after EAGAIN means
  * "nothing to read" (out->result is then -1): see fast.py. */
-EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, const struct fs_table *tables,
-		    int ntables, struct fs_out *out)
+EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, uint32_t flags,
+		    const struct fs_table *tables, int ntables, struct fs_out *out)
 {
 	char buf[FS_MAX_MESSAGE + 1];
 	union {
@@ -427,46 +582,112 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 	struct fs_req req;
 	if (!out->ino_ok || out->ino != container_ino || fs_parse(buf, (size_t)n, tables, ntables, &req) < 0)
 		return handback(out, buf, (size_t)n);
-	int row = -1, family = 0, host_port = 0;
+	int row = -1, family = 0, host_port = 0, dual = 0;
 	uint8_t host[16];
-	int lk = fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
+	int lk = req.verb == FS_BIND ? fs_lookup_bind(&tables[req.table], &req, &row, &family, host, &host_port, &dual)
+				     : fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
 	if (lk == FS_LK_ASK)
 		return handback(out, buf, (size_t)n);
+	/* a pool is handed over unconnected only where the kernel guards it (egress.pools_off, passed
+	 * as FS_POOLS) and only for a marked socket of a dynamic IP endpoint (hostsock.open_pooled):
+	 * anything else is Python's to answer (EOPNOTSUPP) */
+	if (req.verb == FS_POOL && lk == FS_LK_GRANT && (!(flags & FS_POOLS) || !mark || host_port != 0))
+		return handback(out, buf, (size_t)n);
+	out->verb = req.verb;
+	out->count = 0;
+	out->dual = dual;
 	out->table = req.table;
 	out->row = row;
 	out->family = req.family;
 	out->port = req.port;
 	memcpy(out->addr, req.addr, 16);
 	if (lk == FS_LK_LOCAL) {
-		out->send_failed = send_reply(conn, "local", 5, -1) < 0;
+		out->send_failed = send_reply(conn, "local", 5, NULL, 0) < 0;
 		out->result = FS_LOCAL;
 		return FS_LOCAL;
 	}
+	if (req.verb == FS_POOL) {
+		int fds[FS_MAX_POOL], k;
+		for (k = 0; k < req.count; k++) {
+			fds[k] = source_bound(family, req.type, host, 0, req.proto, mark); /* hostsock.pooled */
+			if (fds[k] < 0)
+				break;
+		}
+		int e = errno;
+		if (k < req.count || reply_grant(conn, family, fds, k, out) < 0) {
+			e = k < req.count ? e : errno;
+			for (int j = 0; j < k; j++)
+				close(fds[j]);
+			out->err = e ? e : EIO;
+			out->result = FS_FAIL; /* the Python side replies `err` (a pool failure is not audited) */
+			return FS_FAIL;
+		}
+		for (int j = 0; j < k; j++)
+			close(fds[j]);
+		out->count = k;
+		out->result = FS_GRANT;
+		return FS_GRANT;
+	}
 	int code = 0;
-	int s = open_connecting(family, host, host_port, &req, mark, &code);
+	int s = req.verb == FS_BIND ? open_bound(family, host, host_port, &req, mark)
+				    : open_connecting(family, host, host_port, &req, mark, &code);
 	if (s < 0) {
 		out->err = errno ? errno : EIO;
 		out->result = FS_FAIL; /* the Python side replies `err` and audits the failure */
 		return FS_FAIL;
 	}
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof(ss);
-	char text[128];
-	if (getsockname(s, (struct sockaddr *)&ss, &sl) < 0) {
+	if (reply_grant(conn, family, &s, 1, out) < 0) {
 		out->err = errno;
 		close(s);
 		out->result = FS_FAIL;
 		return FS_FAIL;
 	}
-	const void *a = family == AF_INET ? (void *)&((struct sockaddr_in *)&ss)->sin_addr
-					  : (void *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
-	out->host_port = ntohs(family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-						 : ((struct sockaddr_in6 *)&ss)->sin6_port);
-	inet_ntop(family, a, out->host, sizeof(out->host));
-	int tn = snprintf(text, sizeof(text), "ok %d %s %d", family, out->host, out->host_port);
-	out->send_failed = send_reply(conn, text, (size_t)tn, s) < 0;
 	close(s);
 	out->err = code;
 	out->result = FS_GRANT;
 	return FS_GRANT;
+}
+
+/* -- back-to-back requests ------------------------------------------------------------------ */
+static long long mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A request is waiting on conn, or arrives within spin_ns (polled without sleeping: a caller that
+ * asks again at once finds the service awake, no wake-up of a halted vCPU, no Python in between). */
+static int next_request(int conn, long long spin_ns)
+{
+	struct pollfd p = { .fd = conn, .events = POLLIN };
+	long long end = mono_ns() + spin_ns;
+	do {
+		int r = poll(&p, 1, 0);
+		if (r > 0)
+			return 1;
+		if (r < 0 && errno != EINTR)
+			return 0;
+	} while (mono_ns() < end);
+	return 0;
+}
+
+/* fs_serve, then while it granted or answered `local` (nothing for Python to reply), the next
+ * request of the same connection if one comes within spin_us, at most max requests and budget_us in
+ * all: the answers go to outs[0..n), n returned; only outs[n-1] can be anything else (a handback, a
+ * failure, a drop, nothing). Python audits every one of them, in order, as it does one. */
+EXPORT int fs_serve_batch(int conn, int pidfd, uint64_t container_ino, uint32_t mark, uint32_t flags,
+			  const struct fs_table *tables, int ntables, struct fs_out *outs, int max, int spin_us,
+			  int budget_us)
+{
+	long long end = mono_ns() + (long long)budget_us * 1000;
+	int n = 0;
+	for (;;) {
+		int r = fs_serve(conn, pidfd, container_ino, mark, flags, tables, ntables, &outs[n]);
+		n++;
+		if ((r != FS_GRANT && r != FS_LOCAL) || outs[n - 1].send_failed || n >= max || spin_us <= 0)
+			return n;
+		if (mono_ns() >= end || !next_request(conn, (long long)spin_us * 1000))
+			return n;
+	}
 }

@@ -1,4 +1,4 @@
-/* libgraft-fdfast.so: the fd service's per-request `connect` path in C (csrc/fdservice_fast.c).
+/* libgraft-fdfast.so: the fd service's per-request `connect`, `pool` and `bind` paths in C (csrc/fdservice_fast.c).
  * The Python side is sockgraft/modes/api/fast.py (ctypes): it compiles the tables below from
  * `Policy.egress_table()` and mirrors these structures field for field. */
 #ifndef GRAFT_FDSERVICE_FAST_H
@@ -8,7 +8,9 @@
 #include <stddef.h>
 
 #define FS_MAX_MESSAGE 4096 /* core/protocol.py MAX_MESSAGE */
-#define FS_ABI 2 /* fs_abi(): modes/api/fast.py refuses a library of another interface (2: fs_serve's mark) */
+#define FS_ABI 3 /* fs_abi(): modes/api/fast.py refuses a library of another interface (3: `pool`, `bind`, fs_serve's flags) */
+#define FS_MAX_POOL 16 /* core/protocol.py MAX_POOL */
+#define FS_POOLS 1 /* fs_serve flags: the container's sockets may be handed over unconnected (egress.pools_off says "") */
 
 /* A row of engine.EgressTable, in its order: kind 0 = "ask", 4 = an ipv4 endpoint, 6 = ipv6. */
 struct fs_row {
@@ -22,18 +24,40 @@ struct fs_row {
 	uint8_t ep_addr[16]; /* the endpoint's address (4 bytes for ipv4) */
 };
 
+/* A row of engine.IngressTable, in its order: kind 0 = "ask", 4 = an ipv4 endpoint, 6 = ipv6. */
+struct fs_in_row {
+	uint8_t version; /* 4 or 6: the pair's address */
+	uint8_t wildcard; /* the pair's address is unspecified (0.0.0.0 or ::) */
+	uint8_t kind;
+	uint8_t pad;
+	uint16_t port_lo, port_hi;
+	uint16_t ep_port; /* host byte order; 0: dynamic */
+	uint16_t pad2;
+	uint8_t addr[16];    /* the pair's address (4 bytes for IPv4) */
+	uint8_t ep_addr[16]; /* the endpoint's address (4 bytes for ipv4) */
+};
+
 /* The table of one set of rules: the container's own (tail_len 0: requests without caller rules)
- * or those a caller sends, recognised by the exact bytes of the request after its 5th argument
- * (" out:...=ep ..."): the Python side compiled that table from the same words it parsed. */
+ * or those a caller sends, recognised by the exact bytes of the request after its fixed arguments
+ * (" out:...=ep ...", " in:...=ep ..."): the Python side compiled that table from the same words it
+ * parsed, for the verbs it names (a `connect` tail is no `bind` tail). */
+enum { FS_FOR_EGRESS = 1, FS_FOR_BIND = 2 };
 struct fs_table {
 	const char *tail;
 	uint32_t tail_len;
 	uint32_t nrows;
 	const struct fs_row *rows;
+	uint32_t verbs; /* FS_FOR_*: the requests this tail may end */
+	uint32_t nin;
+	const struct fs_in_row *in_rows;
 };
 
-/* A parsed `connect` request, as core/protocol.parse_request would parse it. */
+/* A parsed `connect` or `pool` request, as core/protocol.parse_request would parse it. */
+enum { FS_CONNECT = 0, FS_POOL = 1, FS_BIND = 2 };
 struct fs_req {
+	int32_t verb;     /* FS_CONNECT, FS_POOL or FS_BIND */
+	int32_t count;    /* pool: how many sockets (1..FS_MAX_POOL) */
+	int32_t flags;    /* bind: FS_FL_* */
 	int32_t family;
 	int32_t type;
 	int32_t proto;
@@ -44,6 +68,7 @@ struct fs_req {
 
 enum { FS_DROP = 0, FS_HANDBACK = 1, FS_GRANT = 2, FS_LOCAL = 3, FS_FAIL = 4 };
 enum { FS_LK_ASK = 0, FS_LK_LOCAL = 1, FS_LK_GRANT = 2 };
+enum { FS_FL_REUSEADDR = 1, FS_FL_REUSEPORT = 2, FS_FL_V6ONLY = 4 }; /* a bind's FLAGS word */
 
 struct fs_out {
 	int32_t result;   /* FS_* */
@@ -56,7 +81,10 @@ struct fs_out {
 	int32_t ino_ok;   /* HANDBACK: the caller's netns was read */
 	int32_t trunc;    /* HANDBACK: the request was truncated (MSG_TRUNC/MSG_CTRUNC) */
 	int32_t send_failed; /* GRANT/LOCAL: the reply could not be sent: drop the connection */
-	int32_t host_port;   /* GRANT: the host socket's address after connect */
+	int32_t host_port;   /* GRANT: the host socket's address after connect (pool: its bound address, port 0) */
+	int32_t verb;        /* GRANT/LOCAL/FAIL: FS_CONNECT or FS_POOL */
+	int32_t count;       /* GRANT of a pool: the sockets sent */
+	int32_t dual;        /* bind: a dual-stack [::] bind matched by an IPv4 pair (the reason says so) */
 	uint64_t ino;        /* the caller's netns inode (ino_ok) */
 	char host[64];
 	uint32_t len;        /* HANDBACK: the request */
@@ -67,8 +95,14 @@ int fs_abi(void);
 int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req);
 int fs_lookup(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
 	      int *host_port);
-/* mark: SO_MARK of a granted host socket (the container's; 0: none) */
-int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, const struct fs_table *tables,
-	     int ntables, struct fs_out *out);
+int fs_lookup_bind(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
+		   int *host_port, int *dual);
+/* mark: SO_MARK of a granted host socket (the container's; 0: none); flags: FS_POOLS */
+int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, uint32_t flags,
+	     const struct fs_table *tables, int ntables, struct fs_out *out);
+/* fs_serve, then the requests that follow back to back on the same connection (within spin_us of the
+ * last answer; at most max, budget_us in all): outs[0..n), n returned */
+int fs_serve_batch(int conn, int pidfd, uint64_t container_ino, uint32_t mark, uint32_t flags,
+		   const struct fs_table *tables, int ntables, struct fs_out *outs, int max, int spin_us, int budget_us);
 
 #endif

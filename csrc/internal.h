@@ -109,6 +109,8 @@ int decide(const char *head, char **tailp, const char *vars, int *newfd);
 int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds);
 void service_lock(void);
 void service_unlock(void);
+int service_dial(void); /* a new connection to the fd service: the fd, or -errno */
+void reply_fds(struct msghdr *mh, int *fds, int max, int *nfds); /* a reply's fds; more than max are closed */
 /* 0 when no rule of this process's policy can apply (prefilter.h: PF_BIND, PF_CONNECT, PF_SENDTO) */
 int might_graft(int verb, int family, const char *addr, int port, int v6only);
 int egress_row(const char *addr, unsigned *gen);

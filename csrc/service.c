@@ -92,11 +92,9 @@ static void conn_forget(void) /* under conn_lock */
 	conn_fd = -1;
 }
 
-static int conn_get(void) /* under conn_lock; the fd or -errno */
+/* A new connection to the fd service: the fd, or -errno (said once). */
+int service_dial(void)
 {
-	if (conn_fd >= 0 && conn_pid == getpid() && fd_ino(conn_fd) == conn_ino)
-		return conn_fd;
-	conn_forget();
 	int s = real_socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
 	if (s < 0)
 		return -errno;
@@ -110,10 +108,39 @@ static int conn_get(void) /* under conn_lock; the fd or -errno */
 		real_close(s);
 		return -err;
 	}
+	return s;
+}
+
+static int conn_get(void) /* under conn_lock; the fd or -errno */
+{
+	if (conn_fd >= 0 && conn_pid == getpid() && fd_ino(conn_fd) == conn_ino)
+		return conn_fd;
+	conn_forget();
+	int s = service_dial();
+	if (s < 0)
+		return s;
 	conn_fd = s;
 	conn_ino = fd_ino(s);
 	conn_pid = getpid();
 	return s;
+}
+
+/* The fds a reply carried (SCM_RIGHTS) into fds[*nfds..max); any more are closed. */
+void reply_fds(struct msghdr *mh, int *fds, int max, int *nfds)
+{
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+		for (size_t i = 0; i < k; i++) {
+			int fd;
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (*nfds < max)
+				fds[(*nfds)++] = fd;
+			else
+				real_close(fd);
+		}
+	}
 }
 
 /* One request and its reply on the connection; the reply length, or -errno. The fds sent with
@@ -135,19 +162,7 @@ static ssize_t exchange(int s, const char *req, char *buf, int *fds, int max, in
 	if (n < 0)
 		return -errno;
 	buf[n] = 0;
-	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-			continue;
-		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-		for (size_t i = 0; i < k; i++) {
-			int fd;
-			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-			if (*nfds < max)
-				fds[(*nfds)++] = fd;
-			else
-				real_close(fd);
-		}
-	}
+	reply_fds(&mh, fds, max, nfds);
 	return n ? n : -ECONNRESET;
 }
 

@@ -162,6 +162,37 @@ class EgressTable:
         return tuple(f"{v} {n} {plen} {t} {a or '-'} {port}" for v, n, plen, t, a, port in self.rows)
 
 
+@dataclass(frozen=True)
+class IngressTable:
+    """The ingress pairs compiled for a native fast path (the fd service's C `bind`): rows in the
+    order the engine matches them, each naming what the engine grants a bind there. `lookup` is the
+    reference the C code mirrors (a test holds the two equal, and equal to `Policy.decide`): a grant
+    exactly as `Policy.decide` would answer it, "local" where no pair matches, "ask" wherever the
+    engine might answer anything else (a denial, a caller elsewhere, another socket type)."""
+
+    rows: tuple[tuple[int, str, int, int, str, str, int], ...] = ()  # (4|6, addr, lo, hi, ep type|"ask", ep addr, ep port)
+
+    def lookup(self, op: Op) -> tuple:
+        if op.verb != "bind" or op.family not in IP_FAMILIES or op.foreign:
+            return ("ask",)
+        if op.type not in IP_TYPES or op.proto not in IP_PROTOS[op.type]:
+            return ("ask",)
+        ip, dual = _ip(op.addr), _dual_stack(op)
+        for i, (version, addr, lo, hi, ep_type, ep_addr, ep_port) in enumerate(self.rows):
+            if not lo <= op.port <= hi:
+                continue
+            if not ((version == ip.version and (_ip(addr).is_unspecified or _ip(addr) == ip)) or (dual and version == 4)):
+                continue
+            if ep_type == "ask":
+                return ("ask",)
+            if op.family == (socket.AF_INET if ep_type == "ipv4" else socket.AF_INET6):
+                return ("grant", op.family, (ep_addr, ep_port), i, dual and version == 4)
+            if op.family == socket.AF_INET6 and ep_type == "ipv4":
+                return ("grant", socket.AF_INET6, (f"::ffff:{ep_addr}", ep_port), i, dual and version == 4)
+            return ("ask",)
+        return ("local",)
+
+
 @dataclass
 class Policy:
     """One container's table and rules; the engine's whole input besides the operation."""
@@ -204,6 +235,15 @@ class Policy:
                 rows.append((rule.network.version, str(rule.network.network_address), rule.network.prefixlen,
                              ep.type, ep.addr, ep.port or 0))
         return EgressTable(tuple(rows))
+
+    def ingress_table(self) -> IngressTable:
+        rows = []
+        for pair in self.ingress:
+            ep = self.endpoints.get(pair.endpoint)
+            kind = "ask" if ep is None or ep.type == "unix" else ep.type
+            rows.append((pair.addr.version, str(pair.addr), pair.port_lo, pair.port_hi, kind,
+                         ep.addr if kind != "ask" else "", (ep.port or 0) if kind != "ask" else 0))
+        return IngressTable(tuple(rows))
 
     def decide(self, op: Op) -> Decision:
         """The one entry point: what to do with `op`."""

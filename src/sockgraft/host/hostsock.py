@@ -69,13 +69,9 @@ def open_connecting(d: Decision, sotype: int, proto: int, dest: tuple | bytes,
     and 0 or EINPROGRESS. The socket leaves here connected or connecting: it cannot be bound again
     (EINVAL) nor re-aimed (EISCONN/EALREADY). `connect(fd, dest) -> errno` performs the connect
     when `dest` is a raw sockaddr (the seccomp supervisor's copied bytes)."""
-    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK, proto)
+    mark = d.mark if d.family != socket.AF_UNIX else 0
+    s = _source_bound(d.family, d.host, sotype | socket.SOCK_NONBLOCK, proto, mark)
     try:
-        s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        if d.family == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind(d.host)
-        _mark(s, d)
         code = connect(s.fileno(), dest) if connect is not None else s.connect_ex(dest)
         if code not in (0, errno.EINPROGRESS):
             raise OSError(code, os.strerror(code))
@@ -97,13 +93,21 @@ def pooled(family: int, addr: str, sotype: int, proto: int, mark: int) -> socket
     a container whose sockets the kernel guards: the bind guard refuses a re-bind of a marked socket
     without a port (host/bindguard.py) and the egress table lets it reach only the container's
     destinations (host/egress.py); the receiver's connect() picks the port per 4-tuple, as natively."""
+    return _source_bound(family, (addr, 0), sotype, proto, mark)
+
+
+def _source_bound(family: int, host: tuple, sotype: int, proto: int, mark: int) -> socket.socket:
+    """The steps open_connecting and pooled share (csrc/fdservice_fast.c does the same): the source
+    address bound with IP_BIND_ADDRESS_NO_PORT (dual-stack for IPv6, so a v4-mapped source works),
+    then marked (`mark` 0: not): the bind guard refuses every later bind of a marked socket."""
     s = socket.socket(family, sotype | socket.SOCK_CLOEXEC, proto)
     try:
         s.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
         if family == socket.AF_INET6:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        s.bind((addr, 0))
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+        s.bind(host)
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         return s
     except BaseException:
         s.close()

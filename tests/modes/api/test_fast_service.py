@@ -1,7 +1,8 @@
 """The fd service with its native fast path (the default) and without it (GRAFT_FDSERVICE_FAST=0)
 answers the same requests of a caller inside the container the same way: the same replies, the
-same sockets (connected to the same destination, bound to the same endpoint address), the same
-audit records; and the fast path is what answered the connect requests its table decides."""
+same sockets (connected to the same destination, bound to the same endpoint address, as many, with
+the same mark), the same audit records; and the fast path is what answered the connect and pool
+requests its table decides."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ import textwrap
 import pytest
 
 from sockgraft.core.endpoint import parse_endpoint
-from sockgraft.core.rules import parse_egress
+from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.host.store import Store
@@ -29,8 +30,10 @@ CLIENT = textwrap.dedent("""
     c.connect(path)
     for r in requests:
         c.send(r.encode("latin-1"))
-        msg, fds, _, _ = socket.recv_fds(c, 8192, 4)
+        msg, fds, _, _ = socket.recv_fds(c, 8192, 16)
         sock = None
+        for extra in fds[1:]:
+            socket.socket(fileno=extra).close()
         if fds:
             s = socket.socket(fileno=fds[0])
             if s.type == socket.SOCK_STREAM:
@@ -40,7 +43,8 @@ CLIENT = textwrap.dedent("""
                 peer = list(s.getpeername()[:2])
             except OSError:
                 peer = None
-            sock = {"family": s.family, "type": s.type, "addr": s.getsockname()[0], "peer": peer, "err": err}
+            sock = {"family": s.family, "type": s.type, "addr": s.getsockname()[0], "peer": peer, "err": err,
+                    "n": len(fds), "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}
             s.close()
         print(json.dumps({"reply": msg.decode("latin-1"), "sock": sock}), flush=True)
 """)
@@ -69,6 +73,28 @@ def requests(port: int, closed: int) -> list[str]:
         f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=ep-out2",    # then compiled
         f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=nope",
         f"connect 2 127.0.0.01 {port} 1 0",                           # malformed
+        f"pool 2 127.0.0.1 {port} 1 0 3",                             # pool: 3 sockets, not connected
+        f"pool 10 ::ffff:127.0.0.1 {port} 1 0 16",
+        f"pool 2 10.9.9.9 {port} 1 0 2",                              # local
+        f"pool 2 127.0.0.3 {port} 1 0 2",                             # fail (not audited, as Python)
+        f"pool 2 127.0.0.4 {port} 2 0 1",                             # ask: a unix endpoint
+        f"pool 2 127.0.0.1 {port} 1 0 2 out:127.0.0.0/8=ep-out2",     # caller rules compiled for connect
+        f"pool 2 127.0.0.1 {port} 1 0 2 out:127.0.0.0/8=ep-out2",
+        f"pool 2 127.0.0.1 {port} 1 0 17",                            # malformed: more than MAX_POOL
+        f"pool 2 127.0.0.5 {port} 1 0 1",                             # a fixed-port endpoint: never pooled
+        "bind 2 127.0.0.1 7001 1 0 -",                                # bind by a pair: endpoint 127.0.0.1:0
+        "bind 2 127.0.0.1 7001 2 0 reuseaddr,reuseport",
+        "bind 10 ::ffff:127.0.0.1 7001 1 0 -",                        # v4-mapped onto the IPv4 endpoint
+        "bind 10 :: 7001 1 0 reuseaddr",                              # dual-stack [::] matched by the IPv4 pair
+        "bind 10 :: 7001 1 0 v6only",                                 # V6ONLY: the IPv4 pair does not match
+        "bind 2 127.0.0.1 7002 1 0 -",                                # local: no pair matches
+        "bind 2 127.0.0.1 7003 1 0 -",                                # fail: the endpoint's address is not here
+        "bind 2 127.0.0.1 7004 1 0 -",                                # ask: a unix endpoint
+        "bind 2 127.0.0.1 7001 3 0 -",                                # ask: raw socket
+        "bind 2 127.0.0.1 7005 1 0 - in:127.0.0.1:7005=ep-out2",      # caller pairs: handed back, then
+        "bind 2 127.0.0.1 7005 1 0 - in:127.0.0.1:7005=ep-out2",      # compiled
+        "bind 2 127.0.0.1 7001 1 0 reuseaddr,",                       # malformed flags
+        "bind 2 127.0.0.1 7001 1 0 - out:127.0.0.0/8=ep-out2",        # a connect's rules on a bind: malformed
         f"sendto 2 127.0.0.1 {closed} 2 0",                           # another verb
         "show",
         "x" * 5000,                                                   # too long
@@ -117,10 +143,12 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     with Store(state) as store:
         store.register(ns, ino, "preload")
         for spec in ("ep-out type ipv4 addr 127.0.0.1 port dynamic", "ep-out2 type ipv4 addr 127.0.0.2 port dynamic",
-                     "ep-gone type ipv4 addr 192.0.2.77 port dynamic", "ep-unix type unix path /run/nothing.sock"):
+                     "ep-gone type ipv4 addr 192.0.2.77 port dynamic", "ep-unix type unix path /run/nothing.sock",
+                     "ep-fixed type ipv4 addr 127.0.0.1 port 1"):
             store.add(ns, parse_endpoint(spec), ino)
-        store.set_rules(ns, [], [parse_egress("127.0.0.1/32=ep-out"), parse_egress("127.0.0.3/32=ep-gone"),
-                                 parse_egress("127.0.0.4/32=ep-unix")], ino)
+        store.set_rules(ns, [parse_ingress("0.0.0.0:7001=ep-out"), parse_ingress("127.0.0.1:7003=ep-gone"),
+                             parse_ingress("127.0.0.1:7004=ep-unix")], [parse_egress("127.0.0.1/32=ep-out"), parse_egress("127.0.0.3/32=ep-gone"),
+                                 parse_egress("127.0.0.4/32=ep-unix"), parse_egress("127.0.0.5/32=ep-fixed")], ino)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]  # bound, never listening: refused
@@ -143,9 +171,25 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     assert by_req[reqs[6]]["reply"] == "err 99 ep-gone: Cannot assign requested address"
     assert by_req[reqs[7]]["reply"].startswith("err 97 ")
     assert by_req[reqs[10]]["sock"]["addr"] == "127.0.0.2"
+    pools = [r for r in reqs if r.startswith("pool ")]
+    p = by_req[pools[0]]  # pools are on (root: the bind guard and the kernel's egress table are there)
+    assert p["reply"] == "ok 2 127.0.0.1 0" and p["sock"]["n"] == 3 and p["sock"]["peer"] is None
+    assert p["sock"]["mark"] != 0 and by_req[pools[1]]["sock"]["n"] == 16
+    assert by_req[pools[2]]["reply"] == "local" and by_req[pools[3]]["reply"].startswith("err 99 ep-gone: ")
+    assert by_req[pools[6]]["sock"]["addr"] == "127.0.0.2" and by_req[pools[7]]["reply"].startswith("err 22 ")
+    assert by_req[pools[8]]["reply"].startswith("err 95 ")  # EOPNOTSUPP: a fixed port is not pooled
+    binds = [r for r in reqs if r.startswith("bind ")]
+    assert by_req[binds[0]]["reply"].startswith("ok 2 127.0.0.1 ") and by_req[binds[0]]["sock"]["mark"] != 0
+    assert by_req[binds[2]]["reply"].startswith("ok 10 ::ffff:127.0.0.1 ")
+    assert by_req[binds[3]]["reply"].startswith("ok 10 ::ffff:127.0.0.1 ") and by_req[binds[4]]["reply"] == "local"
+    assert by_req[binds[5]]["reply"] == "local" and by_req[binds[6]]["reply"].startswith("err 99 ep-gone: ")
+    assert by_req[binds[10]]["sock"]["addr"] == "127.0.0.2" and by_req[binds[11]]["reply"].startswith("err 22 ")
+    assert by_req[binds[12]]["reply"].startswith("err 22 ")
     # the fast path answered what its tables decide: 4 container-rule grants + the refused one, the
-    # second request with caller rules, the local one and the failure; Python the rest
-    assert stats == {"grant": 6, "local": 1, "fail": 1, "handback": 8}
+    # second request with caller rules, the local one and the failure; for pool, 2 container-rule
+    # grants + both with the caller rules the connect taught it, the local one and the failure;
+    # for bind, 4 grants + the second with caller pairs, 2 local ones and the failure; Python the rest
+    assert stats == {"grant": 15, "pool": 4, "bind": 5, "local": 4, "fail": 3, "handback": 16}
 
 
 def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monkeypatch):
@@ -161,7 +205,7 @@ def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monke
     replies, records, stats = serve_and_ask(state, ns, str(tmp_path / "svc.sock"), other,
                                             [f"connect 2 127.0.0.1 {listener} 1 0"])
     assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
-    assert stats == {"grant": 0, "local": 0, "fail": 0, "handback": 1}
+    assert stats == {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 1}
     assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
 
 

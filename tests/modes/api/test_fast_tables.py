@@ -1,9 +1,9 @@
 """The fd service's native fast path (csrc/fdservice_fast.c, through the installed libgraft-fdfast.so
 that production loads) parses and decides exactly as Python does:
 
-- `fs_parse` accepts a request exactly when core/protocol.parse_request accepts it as a `connect`
-  (and its caller rules are ones the Python side compiled), with the same fields; it hands back
-  everything else. Hand-picked and thousands of seeded random byte strings.
+- `fs_parse` accepts a request exactly when core/protocol.parse_request accepts it as a `connect` or
+  a `pool` (and its caller rules are ones the Python side compiled), with the same fields; it hands
+  back everything else. Hand-picked and thousands of seeded random byte strings.
 - `fs_lookup` equals engine.EgressTable.lookup on thousands of random tables and operations, and
   the row it names carries the endpoint and reason `Policy.decide` gives (what the audit writes).
 """
@@ -17,9 +17,9 @@ import socket
 import pytest
 
 from sockgraft.core.endpoint import parse_endpoint
-from sockgraft.core.engine import GRANT, Op, Policy
+from sockgraft.core.engine import GRANT, LOCAL, Op, Policy
 from sockgraft.core.protocol import ProtocolError, parse_request
-from sockgraft.core.rules import parse_egress
+from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.modes.api import fast
 
 
@@ -37,6 +37,7 @@ def tables_for(tails: list[bytes]):
     for t, tail in zip(arr, tails):
         rows = (fast.Row * 1)()
         t.tail, t.tail_len, t.nrows, t.rows = tail, len(tail), 0, ctypes.cast(rows, ctypes.POINTER(fast.Row))
+        t.verbs = fast.tail_verbs(tail)
         keep.append(rows)
     return arr, keep
 
@@ -46,8 +47,8 @@ def c_parse(lib, data: bytes, tails: list[bytes]):
     req = fast.Req()
     if lib.fs_parse(data, len(data), arr, len(tails), ctypes.byref(req)) < 0:
         return None
-    return req.family, bytes(req.addr[:4] if req.family == socket.AF_INET else req.addr), req.port, req.type, \
-        req.proto, tails[req.table]
+    return fast.VERBS[req.verb], req.family, bytes(req.addr[:4] if req.family == socket.AF_INET else req.addr), \
+        req.port, req.type, req.proto, req.count, req.flags, tails[req.table]
 
 
 def py_parse(data: bytes, tails: list[bytes]):
@@ -55,15 +56,17 @@ def py_parse(data: bytes, tails: list[bytes]):
         r = parse_request(data)
     except ProtocolError:
         return None
-    if r.verb != "connect":
+    if r.verb not in fast.VERBS:
         return None
     tail = fast._tail(data)
     if tail not in tails:
         return None
-    return r.family, ipaddress.ip_address(r.addr).packed, r.port, r.type, r.proto, tail
+    flags = sum(bit for name, bit in (("reuseaddr", 1), ("reuseport", 2), ("v6only", 4)) if name in r.flags)
+    return r.verb, r.family, ipaddress.ip_address(r.addr).packed, r.port, r.type, r.proto, r.count, flags, tail
 
 
-TAILS = [b"", b" out:127.0.0.0/8=ep-out", b" out:10.0.0.0/8=ep-out bbconn:ep6"]
+TAILS = [b"", b" out:127.0.0.0/8=ep-out", b" out:10.0.0.0/8=ep-out bbconn:ep6", b" in:127.0.0.1:80=ep-out",
+         b" in:0.0.0.0:1-9=ep-out in:[::]:80=ep6"]
 HAND_PICKED = [
     b"connect 2 127.0.0.1 80 1 0", b"connect 10 ::1 80 1 0", b"connect 10 ::ffff:127.0.0.1 443 2 17",
     b"connect 2 127.0.0.1 0 1 0", b"connect 2 127.0.0.1 65535 15 65535", b"connect 2 127.0.0.1 65536 1 0",
@@ -83,6 +86,19 @@ HAND_PICKED = [
     b"connect 2 1.2.3.4 80 1 0  out:127.0.0.0/8=ep-out", b"sendto 2 1.2.3.4 80 2 0", b"show", b"connect",
     b"connect ", b"", b"Connect 2 1.2.3.4 80 1 0", b"connect 2 1.2.3.4 80 1 0" + b" " * 4090,
     b"connect 2 \xd9\xa1.2.3.4 80 1 0", b"connect 2 1.2.3.4 \xd9\xa1 1 0",
+    b"pool 2 127.0.0.1 80 1 0 16", b"pool 2 127.0.0.1 80 1 0 1", b"pool 2 127.0.0.1 80 1 0 0", b"pool 2 127.0.0.1 80 1 0 17",
+    b"pool 2 127.0.0.1 80 1 0 016", b"pool 2 127.0.0.1 80 1 0", b"pool 2 127.0.0.1 80 1 0 4 ", b"pool 10 ::1 80 2 17 3",
+    b"pool 2 127.0.0.1 80 1 0 4 out:127.0.0.0/8=ep-out", b"pool 2 127.0.0.1 80 1 0 out:127.0.0.0/8=ep-out",
+    b"pool  2 127.0.0.1 80 1 0 4", b"Pool 2 127.0.0.1 80 1 0 4", b"pool", b"pool ", b"poo 2 127.0.0.1 80 1 0 4",
+    b"pool 2 127.0.0.1 80 1 0 4 out:10.0.0.0/8=ep-out bbconn:ep6", b"pool 2 127.0.0.1 80 1 0 \xd9\xa1",
+    b"bind 2 127.0.0.1 80 1 0 -", b"bind 10 :: 80 1 0 v6only", b"bind 2 0.0.0.0 0 2 17 reuseaddr,reuseport",
+    b"bind 2 127.0.0.1 80 1 0 reuseport,reuseaddr,v6only", b"bind 2 127.0.0.1 80 1 0 reuseaddr,reuseaddr",
+    b"bind 2 127.0.0.1 80 1 0 reuseaddr,", b"bind 2 127.0.0.1 80 1 0 ,reuseaddr", b"bind 2 127.0.0.1 80 1 0 --",
+    b"bind 2 127.0.0.1 80 1 0 ", b"bind 2 127.0.0.1 80 1 0", b"bind 2 127.0.0.1 80 1 0 -,reuseaddr",
+    b"bind 2 127.0.0.1 80 1 0 REUSEADDR", b"bind 2 127.0.0.1 80 1 0 reuse", b"bind 2 127.0.0.1 80 1 0 - in:127.0.0.1:80=ep-out",
+    b"bind 2 127.0.0.1 80 1 0 - out:127.0.0.0/8=ep-out", b"connect 2 127.0.0.1 80 1 0 in:127.0.0.1:80=ep-out",
+    b"pool 2 127.0.0.1 80 1 0 3 in:127.0.0.1:80=ep-out", b"bind 2 127.0.0.1 80 1 0 - in:0.0.0.0:1-9=ep-out in:[::]:80=ep6",
+    b"bind 2 127.0.0.1 80 1 0 v6only\xff",
 ]
 
 
@@ -120,20 +136,28 @@ def valid_request(rng: random.Random) -> list[str]:
         [str(ipaddress.IPv4Address(rng.getrandbits(32))), str(ipaddress.IPv6Address(rng.getrandbits(128))),
          "::ffff:" + str(ipaddress.IPv4Address(rng.getrandbits(32))), ipaddress.IPv6Address(rng.getrandbits(128)).exploded])
     family = "2" if "." in addr and ":" not in addr else "10"
-    return ["connect", family, addr, str(rng.randint(0, 65535)), str(rng.randint(0, 15)), str(rng.choice([0, 6, 17]))]
+    words = ["connect", family, addr, str(rng.randint(0, 65535)), str(rng.randint(0, 15)), str(rng.choice([0, 6, 17]))]
+    k = rng.random()
+    if k < 0.3:
+        words = ["pool", *words[1:], str(rng.randint(1, 16))]
+    elif k < 0.6:
+        words = ["bind", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only", "reuseaddr,reuseport,v6only"])]
+    return words
 
 
 def random_request(rng: random.Random) -> bytes:
     if rng.random() < 0.5:
         words = valid_request(rng)
         if rng.random() < 0.3:
-            i = rng.randrange(1, 6)
+            i = rng.randrange(1, len(words))
             words[i] = random_number(rng) if i != 2 else random_addr(rng)
     else:
-        words = [rng.choice(["connect"] * 8 + ["sendto", "bind", "show", "connec"]),
+        words = [rng.choice(["connect"] * 8 + ["pool"] * 4 + ["bind"] * 4 + ["sendto", "show", "connec"]),
                  rng.choice(["2", "10", "2", "10", "1", "0", "02", ""]), random_addr(rng), random_number(rng),
                  rng.choice(["1", "2", "3", "0", "15", "16", random_number(rng)]),
                  rng.choice(["0", "6", "17", "0", random_number(rng)])]
+        if rng.random() < 0.5:
+            words.append(rng.choice(["1", "16", "17", "0", "8", "-", "v6only", "reuseaddr,", "x", random_number(rng)]))
     if rng.random() < 0.1:
         del words[rng.randrange(1, len(words))]
     data = " ".join(words).encode()
@@ -201,7 +225,7 @@ def c_lookup(lib, policy: Policy, op: Op):
     rows, meta = fast.compile_rows(policy)
     t = fast.Table(b"", 0, len(meta), ctypes.cast(rows, ctypes.POINTER(fast.Row)))
     req = fast.Req()
-    req.family, req.port, req.type, req.proto = op.family, op.port, op.type, op.proto
+    req.verb, req.family, req.port, req.type, req.proto = fast.CONNECT, op.family, op.port, op.type, op.proto
     if op.family in (socket.AF_INET, socket.AF_INET6):
         packed = ipaddress.ip_address(op.addr).packed
         ctypes.memmove(req.addr, packed, len(packed))
@@ -246,3 +270,78 @@ def test_addresses_random(lib):
             assert c_parse(lib, data, TAILS) == want, data
             outcomes.add((family, want is not None))
     assert outcomes == {(2, True), (2, False), (10, True), (10, False)}
+
+
+# -- the bind lookup ------------------------------------------------------------------------------
+def random_ingress_policy(rng: random.Random) -> Policy:
+    base = random_policy(rng)
+    pairs = []
+    for _ in range(rng.randint(0, 5)):
+        v4 = rng.random() < 0.6
+        addr = rng.choice(V4 + ["0.0.0.0"]) if v4 else rng.choice(V6 + ["::"])
+        lo = rng.choice([0, 1, 80, 443, 8000])
+        hi = lo if rng.random() < 0.6 else rng.choice([lo, lo + 1, 8080, 65535])
+        target = rng.choice([*base.endpoints, "missing"]) if base.endpoints else "missing"
+        ports = str(lo) if lo == hi else f"{lo}-{hi}"
+        pairs.append(parse_ingress(f"{addr if v4 else f'[{addr}]'}:{ports}={target}"))
+    return Policy(base.endpoints, pairs, [], mark=rng.choice([0, 0x5ca10001]))
+
+
+def random_bind(rng: random.Random) -> Op:
+    family = rng.choice([socket.AF_INET, socket.AF_INET6, socket.AF_INET6, socket.AF_UNIX])
+    if family == socket.AF_INET:
+        addr = rng.choice(V4 + ["0.0.0.0", str(ipaddress.IPv4Address(rng.getrandbits(32)))])
+    else:
+        addr = rng.choice(V6 + ["::", "::", "::ffff:0.0.0.0"] + [f"::ffff:{a}" for a in V4])
+    sotype = rng.choice([socket.SOCK_STREAM, socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW, 5])
+    proto = rng.choice([0, 0, 6, 17, 1])
+    return Op("bind", family, addr, rng.choice([0, 1, 80, 81, 443, 8000, 8080, 65535, rng.randint(0, 65535)]),
+              sotype, proto, v6only=rng.random() < 0.3)
+
+
+def c_lookup_bind(lib, policy: Policy, op: Op):
+    rows, meta = fast.compile_in_rows(policy)
+    t = fast.Table(b"", 0, 0, None, fast.tail_verbs(b""), len(meta), ctypes.cast(rows, ctypes.POINTER(fast.InRow)))
+    req = fast.Req()
+    req.verb, req.family, req.port, req.type, req.proto = fast.BIND, op.family, op.port, op.type, op.proto
+    req.flags = 4 if op.v6only else 0
+    if op.family in (socket.AF_INET, socket.AF_INET6):
+        packed = ipaddress.ip_address(op.addr).packed
+        ctypes.memmove(req.addr, packed, len(packed))
+    row, family, port, dual = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
+    host = (ctypes.c_uint8 * 16)()
+    kind = lib.fs_lookup_bind(ctypes.byref(t), ctypes.byref(req), ctypes.byref(row), ctypes.byref(family), host,
+                              ctypes.byref(port), ctypes.byref(dual))
+    if kind == 0:
+        return ("ask",), None
+    if kind == 1:
+        return ("local",), None
+    text = str(ipaddress.ip_address(bytes(host[:4] if family.value == socket.AF_INET else host)))
+    endpoint, reason = meta[row.value]
+    return ("grant", family.value, (text, port.value), row.value, bool(dual.value)), \
+        (endpoint, reason + (" (dual-stack [::] bind)" if dual.value else ""))
+
+
+def test_bind_lookup_random(lib):
+    """fs_lookup_bind equals engine.IngressTable.lookup, and each of its answers is what Policy.decide
+    says: a grant of the same endpoint, family, host address and reason (what the audit writes), or
+    `local` exactly where the engine says local."""
+    rng = random.Random(13)
+    seen = set()
+    for _ in range(4000):
+        policy = random_ingress_policy(rng)
+        for _ in range(5):
+            op = random_bind(rng)
+            want = policy.ingress_table().lookup(op)
+            got, meta = c_lookup_bind(lib, policy, op)
+            if want[0] == "grant":
+                want = ("grant", want[1], (str(ipaddress.ip_address(want[2][0])), want[2][1]), *want[3:])
+            assert got == want, (policy, op)
+            d = policy.decide(op)
+            if got[0] == "grant":
+                assert d.verdict == GRANT and meta == (d.endpoint.name, d.reason), (policy, op)
+                assert (d.family, (str(ipaddress.ip_address(d.host[0])), d.host[1])) == got[1:3] and d.mark == policy.mark
+            elif got[0] == "local":
+                assert d.verdict == LOCAL, (policy, op)
+            seen.add(want[0])
+    assert seen == {"ask", "local", "grant"}

@@ -1,10 +1,13 @@
-"""The fd service's native fast path for `connect` requests (csrc/fdservice_fast.c, libgraft-fdfast.so).
+"""The fd service's native fast path for `connect` and `pool` requests (csrc/fdservice_fast.c,
+libgraft-fdfast.so).
 
 The service's loop calls `FastPath.serve` for a readable connection instead of recvmsg: C reads the
-request and the caller's netns, and answers a `connect` whose outcome the engine's compiled table
-(`Policy.egress_table()`) states - a grant (the host socket connected as hostsock.open_connecting
-does, sent with the reply) or `local`. Everything else comes back with its bytes and the Python
-service answers it as before. The policy stays in Python: tables are compiled here from the
+request and the caller's netns, and answers a `connect` or `pool` whose outcome the engine's compiled
+table (`Policy.egress_table()`) states - a grant (the host socket connected as
+hostsock.open_connecting does, or for `pool` N sockets made as hostsock.pooled does, sent with the
+reply) or `local`. A `pool` is served in C only while egress.pools_off says pools are on for the
+container (asked again at most once a second: `pools_on`) and only for a marked socket of a dynamic
+endpoint; everything else comes back with its bytes and the Python service answers it as before. The policy stays in Python: tables are compiled here from the
 container's cached policy (again whenever that object changes) and, for requests that carry the
 caller's own rules (the preload library's GRAFT_EGRESS), from those rules once Python has parsed
 them (keyed by their exact bytes).
@@ -26,7 +29,16 @@ from sockgraft.core.protocol import ProtocolError, parse_request
 
 LIB_NAME = "libgraft-fdfast.so"
 ENV = "GRAFT_FDSERVICE_FAST"
-ABI = 2  # csrc/fdservice_fast.h FS_ABI
+ABI = 3  # csrc/fdservice_fast.h FS_ABI
+POOLS = 1  # fs_serve flags: FS_POOLS
+CONNECT, POOL, BIND = 0, 1, 2  # FS_CONNECT, FS_POOL, FS_BIND
+VERBS = ("connect", "pool", "bind")
+POOLS_RECHECK = 1.0  # seconds between two egress.pools_off answers for one container
+SPIN_ENV = "GRAFT_FDSERVICE_SPIN"  # µs the C loop waits, awake, for a back-to-back caller's next request (0: never)
+SPIN_US = 50
+SPIN_GAP = 0.0005  # a caller that asks again within this many seconds of its last answer is back to back
+MAX_BATCH = 32  # requests one call may answer back to back ...
+BATCH_BUDGET_US = 2000  # ... and for at most this long: the tables it decides from are at most this old
 MAX_TAILS = 32  # caller rule sets remembered per container (a caller cannot grow this without bound)
 MAX_MESSAGE = 4096
 
@@ -39,13 +51,25 @@ class Row(ctypes.Structure):
                 ("net", ctypes.c_uint8 * 16), ("ep_addr", ctypes.c_uint8 * 16)]
 
 
+class InRow(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint8), ("wildcard", ctypes.c_uint8), ("kind", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("port_lo", ctypes.c_uint16), ("port_hi", ctypes.c_uint16),
+                ("ep_port", ctypes.c_uint16), ("pad2", ctypes.c_uint16),
+                ("addr", ctypes.c_uint8 * 16), ("ep_addr", ctypes.c_uint8 * 16)]
+
+
+FOR_EGRESS, FOR_BIND = 1, 2  # fs_table.verbs
+
+
 class Table(ctypes.Structure):
     _fields_ = [("tail", ctypes.c_char_p), ("tail_len", ctypes.c_uint32), ("nrows", ctypes.c_uint32),
-                ("rows", ctypes.POINTER(Row))]
+                ("rows", ctypes.POINTER(Row)), ("verbs", ctypes.c_uint32), ("nin", ctypes.c_uint32),
+                ("in_rows", ctypes.POINTER(InRow))]
 
 
 class Req(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_int32), ("type", ctypes.c_int32), ("proto", ctypes.c_int32),
+    _fields_ = [("verb", ctypes.c_int32), ("count", ctypes.c_int32), ("flags", ctypes.c_int32),
+                ("family", ctypes.c_int32), ("type", ctypes.c_int32), ("proto", ctypes.c_int32),
                 ("port", ctypes.c_int32), ("addr", ctypes.c_uint8 * 16), ("table", ctypes.c_int32)]
 
 
@@ -53,7 +77,8 @@ class Out(ctypes.Structure):
     _fields_ = [("result", ctypes.c_int32), ("err", ctypes.c_int32), ("table", ctypes.c_int32),
                 ("row", ctypes.c_int32), ("family", ctypes.c_int32), ("port", ctypes.c_int32),
                 ("addr", ctypes.c_uint8 * 16), ("ino_ok", ctypes.c_int32), ("trunc", ctypes.c_int32),
-                ("send_failed", ctypes.c_int32), ("host_port", ctypes.c_int32), ("ino", ctypes.c_uint64),
+                ("send_failed", ctypes.c_int32), ("host_port", ctypes.c_int32), ("verb", ctypes.c_int32),
+                ("count", ctypes.c_int32), ("dual", ctypes.c_int32), ("ino", ctypes.c_uint64),
                 ("host", ctypes.c_char * 64), ("len", ctypes.c_uint32), ("data", ctypes.c_char * (MAX_MESSAGE + 1))]
 
 
@@ -71,14 +96,22 @@ def open_library(path: str | None = None) -> ctypes.CDLL:
     abi = getattr(lib, "fs_abi", None)
     if abi is None or abi() != ABI:
         raise OSError(f"{path or lib_path()}: another interface than this sockgraft's (run scripts/setup)")
-    lib.fs_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32, ctypes.POINTER(Table),
-                             ctypes.c_int, ctypes.POINTER(Out)]
+    lib.fs_serve.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
+                             ctypes.POINTER(Table), ctypes.c_int, ctypes.POINTER(Out)]
     lib.fs_serve.restype = ctypes.c_int
+    lib.fs_serve_batch.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
+                                   ctypes.POINTER(Table), ctypes.c_int, ctypes.POINTER(Out), ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_int]
+    lib.fs_serve_batch.restype = ctypes.c_int
     lib.fs_parse.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.POINTER(Table), ctypes.c_int, ctypes.POINTER(Req)]
     lib.fs_parse.restype = ctypes.c_int
     lib.fs_lookup.argtypes = [ctypes.POINTER(Table), ctypes.POINTER(Req), ctypes.POINTER(ctypes.c_int),
                               ctypes.POINTER(ctypes.c_int), ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_int)]
     lib.fs_lookup.restype = ctypes.c_int
+    lib.fs_lookup_bind.argtypes = [ctypes.POINTER(Table), ctypes.POINTER(Req), ctypes.POINTER(ctypes.c_int),
+                                   ctypes.POINTER(ctypes.c_int), ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_int),
+                                   ctypes.POINTER(ctypes.c_int)]
+    lib.fs_lookup_bind.restype = ctypes.c_int
     return lib
 
 
@@ -121,32 +154,74 @@ def compile_rows(policy: Policy) -> tuple[ctypes.Array, list[tuple[str, str]]]:
     return arr, meta
 
 
+def compile_in_rows(policy: Policy) -> tuple[ctypes.Array, list[tuple[str, str]]]:
+    """The rows of `policy.ingress_table()` for C, and per row the endpoint and the reason the engine
+    gives a grant by that pair (fdservice adds " (dual-stack [::] bind)" where C says `dual`)."""
+    rows = policy.ingress_table().rows
+    arr = (InRow * max(1, len(rows)))()
+    meta = []
+    for i, ((version, addr, lo, hi, ep_type, ep_addr, ep_port), pair) in enumerate(zip(rows, policy.ingress, strict=True)):
+        r = arr[i]
+        r.version, r.port_lo, r.port_hi, r.ep_port = version, lo, hi, ep_port
+        r.wildcard = int(ipaddress.ip_address(addr).is_unspecified)
+        r.kind = {"ipv4": 4, "ipv6": 6}.get(ep_type, 0)
+        ctypes.memmove(r.addr, _packed(addr), 4 if version == 4 else 16)
+        if r.kind:
+            ctypes.memmove(r.ep_addr, _packed(ep_addr), 4 if r.kind == 4 else 16)
+        meta.append((pair.endpoint, f"ingress {pair}"))
+    return arr, meta
+
+
 @dataclass
 class _Compiled:
     policy: Policy
     tails: dict[bytes, Policy] = field(default_factory=dict)  # caller rule words -> the effective policy
     tables: ctypes.Array | None = None
     meta: list = field(default_factory=list)  # per table: per row (endpoint, reason)
+    in_meta: list = field(default_factory=list)  # per table: per ingress row (endpoint, reason)
     keep: list = field(default_factory=list)  # what the C tables point to
     local: object = None  # the engine's decision for a connect no rule matches (for the audit)
+    pools_on: bool = False  # egress.pools_off answered "" for this container (at pools_at)
+    pools_at: float = -1e9
 
     def build(self) -> None:
         sets = [(b"", self.policy), *self.tails.items()]
         self.tables = (Table * len(sets))()
-        self.meta, self.keep = [], []
+        self.meta, self.in_meta, self.keep = [], [], []
         for t, (tail, pol) in zip(self.tables, sets):
             rows, meta = compile_rows(pol)
+            in_rows, in_meta = compile_in_rows(pol)
             t.tail, t.tail_len, t.nrows = tail, len(tail), len(meta)
             t.rows = ctypes.cast(rows, ctypes.POINTER(Row))
+            t.verbs = tail_verbs(tail)
+            t.nin, t.in_rows = len(in_meta), ctypes.cast(in_rows, ctypes.POINTER(InRow))
             self.meta.append(meta)
-            self.keep += [tail, rows]
+            self.in_meta.append(in_meta)
+            self.keep += [tail, rows, in_rows]
         self.local = self.policy.decide(Op("connect", socket.AF_UNIX))  # no rule can match: local
 
 
+def _is_bind_tail(tail: bytes) -> bool:
+    return tail.startswith(b" in:")  # a bind's rules are ingress pairs only (protocol._RULE_PREFIXES)
+
+
+def tail_verbs(tail: bytes) -> int:
+    """The requests a table of these caller rules may serve (fs_table.verbs): the container's own
+    table (no rules) all of them; a bind's pairs only `bind`; egress rules `connect` and `pool`."""
+    return (FOR_EGRESS | FOR_BIND) if not tail else FOR_BIND if _is_bind_tail(tail) else FOR_EGRESS
+
+
 def _tail(data: bytes) -> bytes:
-    """The bytes after a connect request's 5th argument (its caller rules, with the space before)."""
-    words = data.split(b" ", 6)
-    return b" " + words[6] if len(words) == 7 else b""
+    """The bytes after a connect request's 5th argument or a pool or bind request's 6th (its caller
+    rules, with the space before)."""
+    fixed = 6 if data.startswith((b"pool ", b"bind ")) else 5
+    words = data.split(b" ", fixed + 1)
+    return b" " + words[fixed + 1] if len(words) == fixed + 2 else b""
+
+
+def request_bytes(out: Out) -> bytes:
+    """The request C handed back."""
+    return ctypes.string_at(ctypes.addressof(out) + Out.data.offset, out.len)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -158,10 +233,14 @@ def dest_text(family: int, packed: bytes) -> str:
 class FastPath:
     def __init__(self, lib: ctypes.CDLL):
         self.lib = lib
-        self.out = Out()
-        self._out_ref = ctypes.byref(self.out)
+        self.outs = (Out * MAX_BATCH)()
+        self._outs_ref = ctypes.cast(self.outs, ctypes.POINTER(Out))
+        try:
+            self.spin_us = max(0, int(os.environ.get(SPIN_ENV, SPIN_US)))
+        except ValueError:
+            self.spin_us = SPIN_US
         self._by_key: dict[str, _Compiled] = {}
-        self.stats = {"grant": 0, "local": 0, "fail": 0, "handback": 0}
+        self.stats = {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 0}  # grant counts all
 
     def compiled(self, key: str, policy: Policy) -> _Compiled:
         c = self._by_key.get(key)
@@ -173,12 +252,14 @@ class FastPath:
 
     @staticmethod
     def _with_rules(policy: Policy, tail: bytes) -> Policy:
-        req = parse_request(b"connect 2 0.0.0.0 0 1 0" + tail)
+        req = parse_request((b"bind 2 0.0.0.0 0 1 0 -" if _is_bind_tail(tail) else b"connect 2 0.0.0.0 0 1 0") + tail)
         return policy.with_caller_rules(req.ingress, req.egress, req.bbconn)
 
     def learn(self, key: str, policy: Policy, data: bytes) -> None:
-        """After Python answered a handed-back `connect` with caller rules: compile them for next time."""
-        if not data.startswith(b"connect "):
+        """After Python answered a handed-back `connect`, `pool` or `bind` with caller rules: compile
+        them for next time (a table is kept per exact tail: " out:..." for connect and pool, " in:..."
+        for bind)."""
+        if not data.startswith((b"connect ", b"pool ", b"bind ")):
             return
         tail = _tail(data)
         c = self.compiled(key, policy)
@@ -193,11 +274,22 @@ class FastPath:
     def forget(self, key: str) -> None:
         self._by_key.pop(key, None)
 
-    def request_bytes(self) -> bytes:
-        """The request C handed back."""
-        return ctypes.string_at(ctypes.addressof(self.out) + Out.data.offset, self.out.len)
 
-    def serve(self, fd: int, pidfd: int, container_ino: int, c: _Compiled | None) -> Out:
+    @staticmethod
+    def pools(c: _Compiled, pools_off, now: float) -> int:
+        """FS_POOLS when `pools_off()` (egress.pools_off of the container) says "" - asked again at
+        most once every POOLS_RECHECK seconds, and whenever the policy object changed (a new _Compiled)."""
+        if now - c.pools_at >= POOLS_RECHECK:
+            c.pools_on, c.pools_at = not pools_off(), now
+        return POOLS if c.pools_on else 0
+
+    def serve(self, fd: int, pidfd: int, container_ino: int, c: _Compiled | None, flags: int = 0,
+              back_to_back: bool = False) -> list[Out]:
+        """One request of a readable connection answered (or handed back) by C; for a back-to-back
+        caller also those that follow within spin_us of each answer (fs_serve_batch). The answers, in
+        order (reused buffers: read them before the next call)."""
         tables, n = (c.tables, len(c.tables)) if c is not None else (None, 0)
-        self.lib.fs_serve(fd, pidfd, container_ino, c.policy.mark if c is not None else 0, tables, n, self._out_ref)
-        return self.out
+        spin = self.spin_us if back_to_back else 0
+        k = self.lib.fs_serve_batch(fd, pidfd, container_ino, c.policy.mark if c is not None else 0, flags, tables, n,
+                                    self._outs_ref, MAX_BATCH, spin, BATCH_BUDGET_US)
+        return [self.outs[i] for i in range(k)]

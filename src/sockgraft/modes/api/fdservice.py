@@ -31,6 +31,7 @@ MAX_CONNECTIONS = 256  # per container: a flood of idle connections must not exh
 class _Conn:
     key: str
     pidfd: int | None  # the connecting process, pinned: its netns is read at every request
+    last: float = -1.0  # when its last request was answered (perf_counter): back-to-back callers
 
 
 def _err(code: int, message: str) -> Reply:
@@ -209,15 +210,27 @@ class FdService:
                 s.close()
 
     def _serve_fast(self, conn: socket.socket, c: _Conn) -> None:
-        """One request through csrc/fdservice_fast.c: it answers the `connect` requests the
-        compiled table decides, and hands back every other one, which `handle` answers."""
+        """Requests through csrc/fdservice_fast.c: it answers the `connect`, `pool` and `bind` requests
+        the compiled tables decide, and hands back every other one, which `handle` answers. A caller
+        that asked again soon after its last answer (within fast.SPIN_GAP: a loop of binds, say) is
+        served back to back in C while its requests keep coming (fast.FastPath.serve)."""
         t0 = time.perf_counter()
         try:
             policy = self.store.cached_policy(c.key)
         except StoreError:
             policy = None  # nothing is served in C: `handle` answers with the error
         compiled = self.fast.compiled(c.key, policy) if policy is not None else None
-        out = self.fast.serve(conn.fileno(), -1 if c.pidfd is None else c.pidfd, netns.key_ino(c.key) or 0, compiled)
+        flags = self.fast.pools(compiled, lambda: egress.pools_off(self.store, c.key), t0) if compiled else 0
+        outs = self.fast.serve(conn.fileno(), -1 if c.pidfd is None else c.pidfd, netns.key_ino(c.key) or 0, compiled,
+                               flags, back_to_back=t0 - c.last < fast.SPIN_GAP)
+        for out in outs:
+            self._answered(conn, c, policy, compiled, out, t0, len(outs))
+        c.last = time.perf_counter()
+
+    def _answered(self, conn: socket.socket, c: _Conn, policy, compiled, out, t0: float, n: int) -> None:
+        """What Python does for one answer of the fast path: the audit record, the reply C leaves to
+        Python (a failure's message, a handed-back request's answer), the timing (shared by the n
+        requests C answered in one call)."""
         result = out.result
         if result == fast.NOTHING:
             return
@@ -226,33 +239,45 @@ class FdService:
         stats = self.fast.stats
         if result == fast.HANDBACK:
             stats["handback"] += 1
-            data = self.fast.request_bytes()
+            data = fast.request_bytes(out)
             if out.trunc:
                 return self._reply(conn, _err(errno.EMSGSIZE, "request too long"), None)
             reply, sock = self.handle(c.key, out.ino if out.ino_ok else None, data)
-            if policy is not None and data.startswith(b"connect "):
+            if policy is not None:
                 self.fast.learn(c.key, policy, data)
             if self.on_request is not None:
-                self.on_request(time.perf_counter() - t0)
+                self.on_request((time.perf_counter() - t0) / n)
             return self._reply(conn, reply, sock)
         where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port}
+        op = fast.VERBS[out.verb]
         if result == fast.LOCAL:
             stats["local"] += 1
-            self.audit.decision(c.key, self.mode, "connect", compiled.local, **where)
+            self.audit.decision(c.key, self.mode, op, compiled.local, **where)
         else:
-            endpoint, reason = compiled.meta[out.table][out.row]
+            if op == "bind":
+                endpoint, reason = compiled.in_meta[out.table][out.row]
+                reason += " (dual-stack [::] bind)" if out.dual else ""
+            else:
+                endpoint, reason = compiled.meta[out.table][out.row]
             if result == fast.GRANT:
                 stats["grant"] += 1
-                self.audit.record(GRANT, container=c.key, mode=self.mode, op="connect", endpoint=endpoint,
-                                  errno=None, reason=reason, host=[out.host.decode(), out.host_port], **where)
+                extra = {}
+                if op == "pool":
+                    stats["pool"] += 1
+                    extra["count"] = out.count
+                elif op == "bind":
+                    stats["bind"] += 1
+                self.audit.record(GRANT, container=c.key, mode=self.mode, op=op, endpoint=endpoint,
+                                  errno=None, reason=reason, host=[out.host.decode(), out.host_port], **extra, **where)
             else:
                 stats["fail"] += 1
                 code = out.err
-                self.audit.record("fail", container=c.key, mode=self.mode, op="connect", endpoint=endpoint,
-                                  errno=code, reason=os.strerror(code), **where)
+                if op != "pool":  # as `handle`: a failed connect or bind is audited, a failed pool is not
+                    self.audit.record("fail", container=c.key, mode=self.mode, op=op, endpoint=endpoint,
+                                      errno=code, reason=os.strerror(code), **where)
                 self._reply(conn, _err(code, f"{endpoint}: {os.strerror(code)}"), None)
         if self.on_request is not None:
-            self.on_request(time.perf_counter() - t0)
+            self.on_request((time.perf_counter() - t0) / n)
         if out.send_failed:
             self._drop(conn)
 
