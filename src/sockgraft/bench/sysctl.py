@@ -11,8 +11,9 @@ run needs them, restored to the value found before the first owner by the last o
 
 The owners (bench pids) and the original value are kept in a state file per setting, updated under
 the bench lock; owners whose process is dead are dropped at every update (and by `debris.sweep`),
-so a killed run's value is restored by the next run. `conntrack_stats` reads the kernel's counters
-of what a full table cost (reported per cell by the runner)."""
+so a killed run's value is restored by the next run. nf_conntrack_max goes back only once the
+entries fit under it again (else the next run's sweep puts it back). `conntrack_stats` reads the
+kernel's counters of what a full table cost (reported per cell by the runner)."""
 from __future__ import annotations
 
 import json
@@ -31,10 +32,11 @@ CONNTRACK_MAX = 2_097_152  # 8x the default here: the full profile's churn leave
 
 
 class Shared:
-    """One sysctl set to `want(original)` while it has owners."""
+    """One sysctl set to `want(original)` while it has owners; put back when the last one goes and
+    `can_restore(original)` says it may (else at a later update: debris.sweep makes one)."""
 
-    def __init__(self, path: str, state_path: str, want):
-        self.path, self.state_path, self.want = path, state_path, want
+    def __init__(self, path: str, state_path: str, want, can_restore=lambda original: True):
+        self.path, self.state_path, self.want, self.can_restore = path, state_path, want, can_restore
 
     def read(self) -> str:
         with open(self.path) as f:
@@ -75,11 +77,12 @@ class Shared:
             owners = [p for p in state["owners"] if pid_alive(p) and p != remove]
             if add is not None and add not in owners:
                 owners.append(add)
-            if owners:
+            if owners or not self.can_restore(state["original"]):
                 state["owners"] = owners
                 with open(self.state_path, "w") as f:
                     json.dump(state, f)
-                self._write(self.want(state["original"]))
+                if owners:
+                    self._write(self.want(state["original"]))
             else:
                 self._write(state["original"])
                 os.unlink(self.state_path)
@@ -96,7 +99,19 @@ class SharedMode(Shared):
 
 
 FORWARD = Shared(FORWARD_PATH, FORWARD_STATE, lambda original: "1")
-CONNTRACK = Shared(CONNTRACK_MAX_PATH, CONNTRACK_STATE, lambda original: str(max(int(original), CONNTRACK_MAX)))
+def _drained(original: str) -> bool:
+    """Whether the table's entries fit under the original limit again (TIME_WAIT entries live 120 s:
+    lowering the limit below the count would make the kernel drop new packets of whoever still
+    tracks connections)."""
+    try:
+        with open(CONNTRACK_COUNT_PATH) as f:
+            return int(f.read()) <= int(original)
+    except (OSError, ValueError):
+        return True
+
+
+CONNTRACK = Shared(CONNTRACK_MAX_PATH, CONNTRACK_STATE, lambda original: str(max(int(original), CONNTRACK_MAX)),
+                   _drained)
 
 
 def read_forward() -> str:
