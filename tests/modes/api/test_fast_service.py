@@ -110,7 +110,7 @@ def serve_and_ask(state: str, key: str, path: str, ns: str, reqs: list[str]) -> 
         p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, path, json.dumps(reqs)],
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
-        stats = dict(svc.fast.stats) if svc.fast else None
+        stats = dict(svc.fast.stats, back_to_back=svc.fast.back_to_back) if svc.fast else None
     finally:
         svc.stop()
         t.join(10)
@@ -189,7 +189,34 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     # second request with caller rules, the local one and the failure; for pool, 2 container-rule
     # grants + both with the caller rules the connect taught it, the local one and the failure;
     # for bind, 4 grants + the second with caller pairs, 2 local ones and the failure; Python the rest
+    stats.pop("back_to_back")
     assert stats == {"grant": 15, "pool": 4, "bind": 5, "local": 4, "fail": 3, "handback": 16}
+
+
+def test_back_to_back_requests_answered_alike(tmp_path, ns, listener, monkeypatch):
+    """A caller asking again right after each answer is served back to back in C (fs_serve_batch:
+    the service waits awake for its next request): the same replies and audit records as one
+    request at a time (GRAFT_FDSERVICE_SPIN=0) and as Python alone."""
+    state = str(tmp_path / "state")
+    ino = netns.named_ino(ns)
+    with Store(state) as store:
+        store.register(ns, ino, "preload")
+        store.add(ns, parse_endpoint("ep-in type ipv4 addr 127.0.0.1 port dynamic"), ino)
+        store.set_rules(ns, [parse_ingress("0.0.0.0:7001=ep-in")], [parse_egress("127.0.0.1/32=ep-in")], ino)
+    reqs = [r for _ in range(20) for r in ("bind 2 127.0.0.1 7001 1 0 -", "bind 2 127.0.0.1 7002 1 0 -",
+                                           f"connect 2 127.0.0.1 {listener} 1 0", "show")]
+    path = str(tmp_path / "svc.sock")
+    monkeypatch.delenv("GRAFT_FDSERVICE_FAST", raising=False)
+    monkeypatch.setenv("GRAFT_FDSERVICE_SPIN", "3000")  # generous: a loaded test machine still catches some
+    spun, spun_audit, stats = serve_and_ask(state, ns, path, ns, reqs)
+    monkeypatch.setenv("GRAFT_FDSERVICE_SPIN", "0")
+    one, one_audit, one_stats = serve_and_ask(state, ns, path, ns, reqs)
+    monkeypatch.setenv("GRAFT_FDSERVICE_FAST", "0")
+    py, py_audit, _ = serve_and_ask(state, ns, path, ns, reqs)
+    assert stats["back_to_back"] > 0 and one_stats["back_to_back"] == 0
+    assert normalized(spun) == normalized(one) == normalized(py)
+    assert audit_view(spun_audit) == audit_view(one_audit) == audit_view(py_audit)
+    assert stats["bind"] == 20 and stats["local"] == 20 and stats["handback"] == 20
 
 
 def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monkeypatch):
@@ -205,7 +232,7 @@ def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monke
     replies, records, stats = serve_and_ask(state, ns, str(tmp_path / "svc.sock"), other,
                                             [f"connect 2 127.0.0.1 {listener} 1 0"])
     assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
-    assert stats == {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 1}
+    assert stats == {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 1, "back_to_back": 0}
     assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
 
 

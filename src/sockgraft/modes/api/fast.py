@@ -241,6 +241,7 @@ class FastPath:
             self.spin_us = SPIN_US
         self._by_key: dict[str, _Compiled] = {}
         self.stats = {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 0}  # grant counts all
+        self.back_to_back = 0  # answers given in C after the first of a call (fs_serve_batch)
 
     def compiled(self, key: str, policy: Policy) -> _Compiled:
         c = self._by_key.get(key)

@@ -223,6 +223,7 @@ class FdService:
         flags = self.fast.pools(compiled, lambda: egress.pools_off(self.store, c.key), t0) if compiled else 0
         outs = self.fast.serve(conn.fileno(), -1 if c.pidfd is None else c.pidfd, netns.key_ino(c.key) or 0, compiled,
                                flags, back_to_back=t0 - c.last < fast.SPIN_GAP)
+        self.fast.back_to_back += len(outs) - 1
         for out in outs:
             self._answered(conn, c, policy, compiled, out, t0, len(outs))
         c.last = time.perf_counter()
