@@ -15,6 +15,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,12 +27,16 @@
 #include <sys/syscall.h>
 #include <sys/time.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "options.h"
 
+static __thread struct timespec t0; /* when the RECV returned (the steps' stamps count from it) */
+
 #define EXPORT __attribute__((visibility("default")))
 #define NR_CONNECT 42
+#define NR_SENDTO 44
 #define MAX_SOCKADDR 128
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL
@@ -40,6 +46,9 @@
 #endif
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
+#endif
+#ifndef MSG_FASTOPEN
+#define MSG_FASTOPEN 0x20000000
 #endif
 #define N_OPTIONS (sizeof(graft_copied_options) / sizeof(*graft_copied_options))
 
@@ -159,13 +168,48 @@ static int id_valid(int listener, uint64_t id)
 	return ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, &id) == 0;
 }
 
-static int getfd(uint32_t tid, int fd)
+/* pidfds of the threads seen last (gs_loop): a pidfd names one task, so a cached one of a thread
+ * that exited fails with ESRCH (even if its tid was reused) and is opened again. */
+#define GS_PIDS 64
+#define GS_PIDS_IDLE_NS 500000000ull /* an entry not used for this long is closed (gs_loop_run) */
+struct pidcache {
+	uint32_t tid[GS_PIDS];
+	int fd[GS_PIDS];
+	int fdinfo[GS_PIDS]; /* /proc/TID/fdinfo */
+	uint64_t used[GS_PIDS];
+	int open;            /* entries with fd >= 0 */
+};
+
+static int getfd(uint32_t tid, int fd, struct pidcache *pc)
 {
+	int *slot = pc ? &pc->fd[tid % GS_PIDS] : NULL;
+	if (pc)
+		pc->used[tid % GS_PIDS] = (uint64_t)t0.tv_sec * 1000000000ull + (uint64_t)t0.tv_nsec;
+	if (slot && *slot >= 0 && pc->tid[tid % GS_PIDS] == tid) {
+		int dup = (int)syscall(SYS_pidfd_getfd, *slot, fd, 0);
+		if (dup >= 0 || errno != ESRCH)
+			return dup;
+	}
 	int pidfd = (int)syscall(SYS_pidfd_open, (pid_t)tid, PIDFD_THREAD);
 	if (pidfd < 0)
 		return -1;
 	int dup = (int)syscall(SYS_pidfd_getfd, pidfd, fd, 0);
-	close(pidfd);
+	int e = errno;
+	if (slot) {
+		if (*slot >= 0)
+			close(*slot);
+		else
+			pc->open++;
+		*slot = pidfd;
+		pc->tid[tid % GS_PIDS] = tid;
+		int *info = &pc->fdinfo[tid % GS_PIDS];
+		if (*info >= 0)
+			close(*info);
+		*info = -1;
+	} else {
+		close(pidfd);
+	}
+	errno = e;
 	return dup;
 }
 
@@ -175,12 +219,38 @@ static int sockopt_int(int fd, int level, int name, int *v)
 	return getsockopt(fd, level, name, v, &l);
 }
 
-/* Close-on-exec of the target's fd, from /proc/TID/fdinfo/FD (a dup cannot show it). */
-static int fd_cloexec(uint32_t tid, int fd)
+static __thread struct pidcache *out_pc; /* the loop's cache, while serve() runs (NULL: gs_serve) */
+
+/* Close-on-exec of the target's fd, from /proc/TID/fdinfo/FD (a dup cannot show it); with a
+ * cache, relative to the thread's fdinfo directory kept open (a directory of a task that exited
+ * finds nothing, even if its tid was reused: opened again). Its first lines only ("pos:", "flags:"). */
+static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 {
-	char path[64], buf[512];
-	snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
-	int f = open(path, O_RDONLY | O_CLOEXEC);
+	char path[64], buf[128];
+	int f = -1;
+	if (pc && pc->tid[tid % GS_PIDS] == tid && pc->fd[tid % GS_PIDS] >= 0) {
+		int *info = &pc->fdinfo[tid % GS_PIDS];
+		for (int again = 0; f < 0 && again < 2; again++) {
+			if (*info < 0) {
+				snprintf(path, sizeof(path), "/proc/%u/fdinfo", tid);
+				*info = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+			}
+			if (*info < 0)
+				break;
+			snprintf(path, sizeof(path), "%d", fd);
+			f = openat(*info, path, O_RDONLY | O_CLOEXEC);
+			if (f < 0 && errno != ENOENT)
+				break;
+			if (f < 0) { /* no such fd, or the directory's task is gone: once more, opened again */
+				close(*info);
+				*info = -1;
+			}
+		}
+	}
+	if (f < 0) {
+		snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
+		f = open(path, O_RDONLY | O_CLOEXEC);
+	}
 	if (f < 0)
 		return 0;
 	ssize_t n = read(f, buf, sizeof(buf) - 1);
@@ -258,8 +328,6 @@ static void copy_options(int from, int to, int family, int type, int to_family)
 }
 
 /* -- timing of the steps (cost.py) -- */
-#include <time.h>
-static __thread struct timespec t0;
 static void stamp(struct gs_out *out, int step)
 {
 	struct timespec t;
@@ -273,6 +341,24 @@ static int done(struct gs_out *out, int what, int err)
 	out->what = what;
 	out->err = err;
 	return GS_DONE;
+}
+
+/* The sockaddr of an IPv4 (4 bytes of `addr`) or IPv6 address and port; returns its length. */
+static socklen_t ip_sockaddr(int family, const uint8_t *addr, uint16_t port, struct sockaddr_storage *ss)
+{
+	memset(ss, 0, sizeof(*ss));
+	if (family == AF_INET) {
+		struct sockaddr_in *a = (struct sockaddr_in *)ss;
+		a->sin_family = AF_INET;
+		a->sin_port = htons(port);
+		memcpy(&a->sin_addr, addr, 4);
+		return sizeof(*a);
+	}
+	struct sockaddr_in6 *a = (struct sockaddr_in6 *)ss;
+	a->sin6_family = AF_INET6;
+	a->sin6_port = htons(port);
+	memcpy(&a->sin6_addr, addr, 16);
+	return sizeof(*a);
 }
 
 /* A failed grant: answered with the errno, the app keeps its native socket. */
@@ -291,7 +377,7 @@ static int failed(int listener, struct gs_out *out, int err)
 static int handover(int listener, struct gs_out *out, int dup, int h)
 {
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
-	out->cloexec = fd_cloexec(out->pid, out->appfd);
+	out->cloexec = fd_cloexec(out->pid, out->appfd, out_pc);
 	copy_options(dup, h, out->family, out->type, out->family);
 	fcntl(h, F_SETFL, nonblock ? (fcntl(h, F_GETFL) | O_NONBLOCK) : (fcntl(h, F_GETFL) & ~O_NONBLOCK));
 	stamp(out, GS_T_SOCKET);
@@ -316,7 +402,7 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	if (pool && pool->n > 0 && pool->family == hfam && pool->type == type && hport == 0)
 		return handover(listener, out, dup, pool->fds[--pool->n]);
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
-	out->cloexec = fd_cloexec(out->pid, appfd);
+	out->cloexec = fd_cloexec(out->pid, appfd, out_pc);
 	int h = socket(hfam, type | SOCK_NONBLOCK | SOCK_CLOEXEC, out->proto);
 	if (h < 0)
 		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
@@ -331,21 +417,7 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 		err = errno;
 	if (!err) {
 		struct sockaddr_storage ss;
-		memset(&ss, 0, sizeof(ss));
-		socklen_t sl;
-		if (hfam == AF_INET) {
-			struct sockaddr_in *a = (struct sockaddr_in *)&ss;
-			a->sin_family = AF_INET;
-			a->sin_port = htons(hport);
-			memcpy(&a->sin_addr, haddr, 4);
-			sl = sizeof(*a);
-		} else {
-			struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
-			a->sin6_family = AF_INET6;
-			a->sin6_port = htons(hport);
-			memcpy(&a->sin6_addr, haddr, 16);
-			sl = sizeof(*a);
-		}
+		socklen_t sl = ip_sockaddr(hfam, haddr, hport, &ss);
 		if (bind(h, (struct sockaddr *)&ss, sl) != 0)
 			err = errno;
 		/* marked once bound: the bind guard (host/bindguard.py) refuses any later bind */
@@ -454,9 +526,28 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	return graft(listener, out, dup, hfam, haddr, hport, t->mark, t->pools ? &t->pools[row] : NULL);
 }
 
-/* Receive and serve one notification (see seccomp_fast.h). Returns GS_NOTHING (the target went
- * away before it was received), GS_HANDBACK, GS_DONE, GS_PARK, or -errno of a failed RECV. */
-EXPORT int gs_serve(int listener, const struct gs_table *t, struct gs_out *out)
+/* A sendto with a destination on a TCP socket, without MSG_FASTOPEN (a register: the application
+ * cannot change it after the trap): the kernel ignores the address of a stream socket's send
+ * (handlers.on_sendto performs it unjudged), so the call runs as made (CONTINUE). Anything else:
+ * handed back. */
+static int serve_sendto(int listener, struct gs_out *out, int dup)
+{
+	int fam = 0, type = 0, proto = 0;
+	if (out->args[3] & MSG_FASTOPEN)
+		return GS_HANDBACK;
+	if (sockopt_int(dup, SOL_SOCKET, SO_DOMAIN, &fam) != 0 || (fam != AF_INET && fam != AF_INET6))
+		return GS_HANDBACK;
+	if (sockopt_int(dup, SOL_SOCKET, SO_TYPE, &type) != 0 || type != SOCK_STREAM ||
+	    sockopt_int(dup, SOL_SOCKET, SO_PROTOCOL, &proto) != 0 || proto != IPPROTO_TCP)
+		return GS_HANDBACK;
+	out->family = fam, out->type = type, out->proto = proto;
+	if (send_continue(listener, out->id) == ENOENT)
+		return done(out, GS_DONE_GONE, 0);
+	return done(out, GS_DONE_CONTINUE, 0);
+}
+
+/* Receive and serve one notification; `t` NULL: every connect is handed back (stale). */
+static int serve(int listener, const struct gs_table *t, struct gs_out *out, struct pidcache *pc)
 {
 	struct seccomp_notif n;
 	memset(&n, 0, sizeof(n));
@@ -465,21 +556,33 @@ EXPORT int gs_serve(int listener, const struct gs_table *t, struct gs_out *out)
 		return errno == ENOENT || errno == EINTR ? GS_NOTHING : -errno;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	memset(out->ns, 0, sizeof(out->ns));
-	out->pooled = 0;
+	out->pooled = 0, out->stale = 0;
 	out->id = n.id, out->pid = n.pid, out->flags = n.flags, out->nr = n.data.nr, out->arch = n.data.arch;
 	out->ip = n.data.instruction_pointer;
 	memcpy(out->args, n.data.args, sizeof(out->args));
 	out->decided = -1, out->row = -1, out->hostfd = -1;
 	out->appfd = (int)(uint32_t)n.data.args[0];
-	if (n.data.nr != NR_CONNECT)
+	if (n.data.nr != NR_CONNECT && n.data.nr != NR_SENDTO)
 		return GS_HANDBACK;
-	int dup = getfd(n.pid, out->appfd);
+	if (n.data.nr == NR_CONNECT && !t) {
+		out->stale = 1;
+		return GS_HANDBACK;
+	}
+	out_pc = pc;
+	int dup = getfd(n.pid, out->appfd, pc);
 	stamp(out, GS_T_GETFD);
 	if (dup < 0)
 		return GS_HANDBACK; /* EBADF, a task gone: the Python handler says which */
-	int r = serve_connect(listener, t, out, dup);
+	int r = n.data.nr == NR_SENDTO ? serve_sendto(listener, out, dup) : serve_connect(listener, t, out, dup);
 	close(dup);
 	return r;
+}
+
+/* Receive and serve one notification (see seccomp_fast.h). Returns GS_NOTHING (the target went
+ * away before it was received), GS_HANDBACK, GS_DONE, GS_PARK, or -errno of a failed RECV. */
+EXPORT int gs_serve(int listener, const struct gs_table *t, struct gs_out *out)
+{
+	return serve(listener, t, out, NULL);
 }
 
 /* With same-CPU wake-ups the application runs as soon as it is answered and often traps again
@@ -501,4 +604,395 @@ EXPORT int gs_serve_batch(int listener, const struct gs_table *t, struct gs_out 
 			break;
 	}
 	return n;
+}
+
+
+/* -- gs_loop (seccomp_fast.h) ------------------------------------------------------------------- */
+struct gs_slot {
+	int fd;            /* the listener (-1: free) */
+	uint32_t gen;      /* bumped at every add: an event of an earlier listener in this slot is ignored */
+	int hup;           /* no longer polled: hung up */
+	struct gs_table *table;
+};
+
+struct gs_loop {
+	int ctlfd, evfd, shmfd;
+	volatile int stop;
+	int dirty;           /* the slots changed: the poll set is made again */
+	pthread_mutex_t mu;  /* the slots, their tables and pools, the pidfd cache, one notification served */
+	pthread_mutex_t rmu; /* the ring */
+	pthread_cond_t room;
+	uint32_t head, tail; /* records [tail, head) are ready */
+	uint64_t last_signal;
+	uint64_t aged;       /* the pidfd cache was last aged (age_pids) */
+	uint64_t counts[4];  /* sendto CONTINUE, notifications, stale hand-backs, records dropped at stop */
+	struct pidcache pids;
+	struct gs_slot slots[GS_SLOTS];
+	struct gs_out ring[GS_RING];
+};
+
+static uint64_t now_ns(void)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (uint64_t)t.tv_sec * 1000000000ull + (uint64_t)t.tv_nsec;
+}
+
+/* The first copy of SQLite's WAL index header (48 bytes at the start of the -shm file), hashed:
+ * every commit changes it (iChange, mxFrame, salts). ~0 when it cannot be read: no table matches. */
+EXPORT uint64_t gs_version(struct gs_loop *l)
+{
+	uint8_t h[48];
+	if (!l || l->shmfd < 0 || pread(l->shmfd, h, sizeof(h), 0) != (ssize_t)sizeof(h))
+		return ~0ull;
+	uint64_t x = 1469598103934665603ull;
+	for (size_t i = 0; i < sizeof(h); i++)
+		x = (x ^ h[i]) * 1099511628211ull;
+	return x == ~0ull ? x - 1 : x;
+}
+
+EXPORT struct gs_loop *gs_loop_new(const char *shm_path)
+{
+	struct gs_loop *l = calloc(1, sizeof(*l));
+	if (!l)
+		return NULL;
+	l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC);
+	l->ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	l->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	for (int i = 0; i < GS_SLOTS; i++)
+		l->slots[i].fd = -1;
+	for (int i = 0; i < GS_PIDS; i++)
+		l->pids.fd[i] = l->pids.fdinfo[i] = -1;
+	pthread_mutex_init(&l->mu, NULL);
+	pthread_mutex_init(&l->rmu, NULL);
+	pthread_cond_init(&l->room, NULL);
+	if (l->shmfd < 0 || l->ctlfd < 0 || l->evfd < 0) {
+		int e = errno;
+		gs_loop_free(l);
+		errno = e;
+		return NULL;
+	}
+	return l;
+}
+
+EXPORT int gs_loop_fd(struct gs_loop *l)
+{
+	return l->evfd;
+}
+
+EXPORT void gs_loop_lock(struct gs_loop *l)
+{
+	pthread_mutex_lock(&l->mu);
+}
+
+EXPORT void gs_loop_unlock(struct gs_loop *l)
+{
+	pthread_mutex_unlock(&l->mu);
+}
+
+static void wake_loop(struct gs_loop *l)
+{
+	uint64_t one = 1;
+	if (write(l->ctlfd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: already woken */
+	}
+}
+
+EXPORT int gs_loop_add(struct gs_loop *l, int listener, struct gs_table *t)
+{
+	int r = -ENOSPC;
+	pthread_mutex_lock(&l->mu);
+	for (int i = 0; i < GS_SLOTS; i++) {
+		struct gs_slot *s = &l->slots[i];
+		if (s->fd >= 0)
+			continue;
+		s->gen++;
+		s->fd = listener, s->hup = 0, s->table = t;
+		l->dirty = 1;
+		r = i;
+		break;
+	}
+	pthread_mutex_unlock(&l->mu);
+	wake_loop(l);
+	return r;
+}
+
+EXPORT struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t)
+{
+	if (slot < 0 || slot >= GS_SLOTS)
+		return NULL;
+	pthread_mutex_lock(&l->mu);
+	struct gs_table *old = l->slots[slot].table;
+	l->slots[slot].table = t;
+	pthread_mutex_unlock(&l->mu);
+	return old;
+}
+
+/* The loop forgets the slot's listener (the caller closes it once this returns). */
+EXPORT int gs_loop_remove(struct gs_loop *l, int slot)
+{
+	if (slot < 0 || slot >= GS_SLOTS)
+		return -EINVAL;
+	pthread_mutex_lock(&l->mu);
+	struct gs_slot *s = &l->slots[slot];
+	s->fd = -1, s->hup = 0, s->table = NULL;
+	l->dirty = 1;
+	pthread_mutex_unlock(&l->mu);
+	wake_loop(l);
+	return 0;
+}
+
+static void signal_caller(struct gs_loop *l)
+{
+	uint64_t one = 1;
+	l->last_signal = now_ns();
+	if (write(l->evfd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: the counter is full, the caller is woken already */
+	}
+}
+
+/* Queue a record for the caller (waits for room; at stop, a record that finds none is dropped,
+ * its host socket closed). */
+static void push(struct gs_loop *l, const struct gs_out *rec)
+{
+	pthread_mutex_lock(&l->rmu);
+	while (l->head - l->tail >= GS_RING && !l->stop)
+		pthread_cond_wait(&l->room, &l->rmu);
+	if (l->head - l->tail >= GS_RING) {
+		l->counts[3]++;
+		pthread_mutex_unlock(&l->rmu);
+		if (rec->kind == GS_PARK && rec->hostfd >= 0)
+			close(rec->hostfd);
+		return;
+	}
+	l->ring[l->head % GS_RING] = *rec;
+	l->head++;
+	uint32_t queued = l->head - l->tail;
+	pthread_mutex_unlock(&l->rmu);
+	if (rec->kind != GS_DONE || queued >= GS_RING / 2 || now_ns() - l->last_signal >= GS_SIGNAL_NS)
+		signal_caller(l);
+}
+
+EXPORT int gs_loop_take(struct gs_loop *l, struct gs_out *outs, int max)
+{
+	uint64_t v;
+	if (read(l->evfd, &v, sizeof(v)) < 0) {
+		/* EAGAIN: nothing signalled; records may still be queued */
+	}
+	int n = 0;
+	pthread_mutex_lock(&l->rmu);
+	while (n < max && l->tail != l->head) {
+		outs[n++] = l->ring[l->tail % GS_RING];
+		l->tail++;
+	}
+	pthread_cond_broadcast(&l->room);
+	pthread_mutex_unlock(&l->rmu);
+	return n;
+}
+
+EXPORT void gs_loop_counts(struct gs_loop *l, uint64_t counts[4])
+{
+	pthread_mutex_lock(&l->rmu);
+	memcpy(counts, l->counts, sizeof(l->counts));
+	pthread_mutex_unlock(&l->rmu);
+}
+
+static void count(struct gs_loop *l, int i)
+{
+	pthread_mutex_lock(&l->rmu);
+	l->counts[i]++;
+	pthread_mutex_unlock(&l->rmu);
+}
+
+/* One ready listener: receive and serve one notification under the mutex, then queue its record. */
+static void serve_slot(struct gs_loop *l, uint32_t i, uint32_t gen, uint32_t events)
+{
+	struct gs_out rec;
+	int r, low = 0;
+	pthread_mutex_lock(&l->mu);
+	struct gs_slot *s = &l->slots[i];
+	if (s->fd < 0 || s->gen != gen || s->hup) {
+		pthread_mutex_unlock(&l->mu);
+		return;
+	}
+	if (!(events & POLLIN)) { /* POLLHUP/ERR: every task under this filter is gone */
+		s->hup = 1, l->dirty = 1;
+		memset(&rec, 0, sizeof(rec));
+		r = GS_HUP;
+	} else {
+		const struct gs_table *t = s->table;
+		if (t && t->version != gs_version(l))
+			t = NULL;
+		r = serve(s->fd, t, &rec, &l->pids);
+		if (r == GS_DONE && rec.pooled && t->pools && rec.row >= 0 && (uint32_t)rec.row < t->nrows)
+			low = t->pools[rec.row].n < GS_POOL / 2;
+		if (r < 0) { /* the listener is unusable: said once, then treated as hung up */
+			s->hup = 1, l->dirty = 1;
+			rec.err = -r;
+			r = GS_ERROR;
+		}
+	}
+	pthread_mutex_unlock(&l->mu);
+	if (r == GS_NOTHING)
+		return;
+	rec.kind = r;
+	rec.slot = (int32_t)i;
+	if (r == GS_DONE && rec.what == GS_DONE_CONTINUE) {
+		count(l, 0);
+		return;
+	}
+	if (rec.stale)
+		count(l, 2);
+	count(l, 1);
+	push(l, &rec);
+	if (low) /* a pool ran low: the caller fills it now, not at its next look */
+		signal_caller(l);
+}
+
+/* Close the pidfds and fdinfo directories of threads not seen for GS_PIDS_IDLE_NS (a task that
+ * exited must not keep them, nor the supervisor hold fds of tasks long gone). Under l->mu. */
+static void age_pids(struct pidcache *pc, uint64_t now)
+{
+	for (int i = 0; i < GS_PIDS && pc->open; i++) {
+		if (pc->fd[i] < 0 || now - pc->used[i] < GS_PIDS_IDLE_NS)
+			continue;
+		close(pc->fd[i]);
+		pc->fd[i] = -1;
+		pc->open--;
+		if (pc->fdinfo[i] >= 0)
+			close(pc->fdinfo[i]);
+		pc->fdinfo[i] = -1;
+	}
+}
+
+/* poll(), not epoll: a wake-up of the listener's waitqueue on the trapping task's CPU
+ * (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP) reaches a poll() waiter as such; epoll's callback wakes
+ * its waiter wherever the scheduler likes (measured: ~25 µs more per notification). */
+EXPORT int gs_loop_run(struct gs_loop *l)
+{
+	static __thread struct pollfd pfds[GS_SLOTS + 1];
+	static __thread uint32_t idx[GS_SLOTS + 1], gens[GS_SLOTS + 1];
+	nfds_t n = 0;
+	pthread_mutex_lock(&l->mu);
+	l->dirty = 1;
+	pthread_mutex_unlock(&l->mu);
+	while (!l->stop) {
+		pthread_mutex_lock(&l->mu);
+		if (l->dirty) {
+			n = 0;
+			pfds[n++] = (struct pollfd){.fd = l->ctlfd, .events = POLLIN};
+			for (uint32_t i = 0; i < GS_SLOTS; i++) {
+				if (l->slots[i].fd < 0 || l->slots[i].hup)
+					continue;
+				idx[n] = i, gens[n] = l->slots[i].gen;
+				pfds[n++] = (struct pollfd){.fd = l->slots[i].fd, .events = POLLIN};
+			}
+			l->dirty = 0;
+		}
+		uint64_t now = now_ns();
+		if (l->pids.open && now - l->aged >= GS_PIDS_IDLE_NS / 4) {
+			age_pids(&l->pids, now);
+			l->aged = now;
+		}
+		int timeout = l->pids.open ? (int)(GS_PIDS_IDLE_NS / 4000000) : -1;
+		pthread_mutex_unlock(&l->mu);
+		int r = poll(pfds, n, timeout);
+		if (r < 0) {
+			if (errno == EINTR)
+				continue;
+			return -errno;
+		}
+		if (pfds[0].revents) {
+			uint64_t v;
+			if (read(l->ctlfd, &v, sizeof(v)) < 0) {
+				/* EAGAIN: another reader took it */
+			}
+		}
+		for (nfds_t k = 1; k < n && !l->stop; k++) {
+			if (pfds[k].revents & POLLNVAL) {
+				pthread_mutex_lock(&l->mu); /* closed under us: only after gs_loop_remove */
+				l->dirty = 1;
+				pthread_mutex_unlock(&l->mu);
+			} else if (pfds[k].revents) {
+				serve_slot(l, idx[k], gens[k], (uint32_t)pfds[k].revents);
+			}
+		}
+	}
+	return 0;
+}
+
+EXPORT void gs_loop_stop(struct gs_loop *l)
+{
+	pthread_mutex_lock(&l->rmu);
+	l->stop = 1;
+	pthread_cond_broadcast(&l->room);
+	pthread_mutex_unlock(&l->rmu);
+	wake_loop(l);
+}
+
+/* After gs_loop_run returned (or never ran): closes what the loop opened, and the host sockets of
+ * records never taken. The listeners and tables are the caller's. */
+EXPORT void gs_loop_free(struct gs_loop *l)
+{
+	if (!l)
+		return;
+	for (; l->tail != l->head; l->tail++) {
+		struct gs_out *r = &l->ring[l->tail % GS_RING];
+		if (r->kind == GS_PARK && r->hostfd >= 0)
+			close(r->hostfd);
+	}
+	for (int i = 0; i < GS_PIDS; i++) {
+		if (l->pids.fd[i] >= 0)
+			close(l->pids.fd[i]);
+		if (l->pids.fdinfo[i] >= 0)
+			close(l->pids.fdinfo[i]);
+	}
+	if (l->shmfd >= 0)
+		close(l->shmfd);
+	if (l->ctlfd >= 0)
+		close(l->ctlfd);
+	if (l->evfd >= 0)
+		close(l->evfd);
+	pthread_mutex_destroy(&l->mu);
+	pthread_mutex_destroy(&l->rmu);
+	pthread_cond_destroy(&l->room);
+	free(l);
+}
+
+/* Top up row `row`'s pool of table `t` (installed in the loop or not yet: `l` NULL) to GS_POOL with
+ * host sockets as hostsock.pooled makes them: `family` stream socket, IP_BIND_ADDRESS_NO_PORT
+ * (V6ONLY off), bound to `addr` port 0, then marked `mark`; not connected. Made outside the mutex,
+ * put in under it. Returns how many were added, or -errno of the first that failed (none added). */
+EXPORT int gs_pool_fill(struct gs_loop *l, struct gs_table *t, int row, int family, const uint8_t addr[16], uint32_t mark)
+{
+	if (!t->pools || row < 0 || (uint32_t)row >= t->nrows || (family != AF_INET && family != AF_INET6))
+		return -EINVAL;
+	struct gs_pool *p = &t->pools[row];
+	int made[GS_POOL], n = 0, err = 0, want = GS_POOL - (int)__atomic_load_n(&p->n, __ATOMIC_RELAXED);
+	struct sockaddr_storage ss;
+	socklen_t sl = ip_sockaddr(family, addr, 0, &ss);
+	int one = 1, zero = 0;
+	while (n < want) {
+		int h = socket(family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (h < 0 || setsockopt(h, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) != 0 ||
+		    (family == AF_INET6 && setsockopt(h, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) != 0) ||
+		    bind(h, (struct sockaddr *)&ss, sl) != 0 || setsockopt(h, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0) {
+			err = errno;
+			if (h >= 0)
+				close(h);
+			break;
+		}
+		made[n++] = h;
+	}
+	if (l)
+		pthread_mutex_lock(&l->mu);
+	p->family = family, p->type = SOCK_STREAM;
+	int added = 0;
+	while (added < n && p->n < GS_POOL)
+		p->fds[p->n++] = made[added++];
+	if (l)
+		pthread_mutex_unlock(&l->mu);
+	for (int i = added; i < n; i++)
+		close(made[i]);
+	return added ? added : (err ? -err : 0);
 }

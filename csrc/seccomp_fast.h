@@ -22,7 +22,7 @@ struct gs_row {
 /* Host sockets made ahead for one row (issue 11, lever 4): the endpoint's address bound with
  * IP_BIND_ADDRESS_NO_PORT, marked, not connected. The Python loop fills them between calls (only
  * while the kernel guards such sockets: host/bindguard.py, host/egress.py); C takes them. */
-#define GS_POOL 16
+#define GS_POOL 32
 struct gs_pool {
 	int32_t family;   /* of the sockets (0: this row has no pool) */
 	int32_t type;
@@ -32,6 +32,8 @@ struct gs_pool {
 
 struct gs_table {
 	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
+	uint64_t version;           /* gs_loop: the state database's version it was compiled at
+	                             * (gs_version); a table of another version is not used */
 	uint64_t target_netns_ino;  /* the container's netns inode (0: unknown, never foreign) */
 	uint32_t nrows;
 	uint32_t mark;              /* SO_MARK of every host socket made (the container's; 0: none) */
@@ -39,8 +41,10 @@ struct gs_table {
 	struct gs_pool *pools;      /* one per row, or NULL: no pools */
 };
 
-enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3 };
-enum { GS_DONE_GRANT = 1, GS_DONE_LOCAL = 2, GS_DONE_FAILED = 3, GS_DONE_GONE = 4 };
+enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3, GS_HUP = 4, GS_ERROR = 5 };
+/* GS_DONE_CONTINUE: a sendto with a destination on a TCP socket (no MSG_FASTOPEN), answered CONTINUE:
+ * the kernel ignores the address of a stream socket's send */
+enum { GS_DONE_GRANT = 1, GS_DONE_LOCAL = 2, GS_DONE_FAILED = 3, GS_DONE_GONE = 4, GS_DONE_CONTINUE = 5 };
 /* the steps timed in gs_out.ns (cost.py prints them) */
 enum { GS_T_GETFD, GS_T_READ, GS_T_JUDGE, GS_T_SOCKET, GS_T_CONNECT, GS_T_ADDFD, GS_T_SEND, GS_STEPS };
 enum { GS_LOCAL = 0, GS_GRANT = 1, GS_ASK = 2 };
@@ -70,6 +74,8 @@ struct gs_out {
 	uint32_t ns[8];
 	int32_t kind;     /* gs_serve_batch: what gs_serve returned for this record */
 	uint32_t pooled;  /* GS_DONE_GRANT with a pooled socket: the application's connect ran (CONTINUE) */
+	int32_t slot;     /* gs_loop: the listener's slot (gs_loop_add) */
+	int32_t stale;    /* gs_loop: handed back because the slot's table was missing or of an old version */
 };
 
 int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
@@ -79,5 +85,40 @@ int gs_serve_batch(int listener, const struct gs_table *t, struct gs_out *outs, 
 int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
 	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_abi(void);
+
+/* -- gs_loop: the wait-and-serve loop in its own thread (issue 11, lever 5) ----------------------
+ * gs_loop_run (called from a thread of its own: ctypes releases the GIL) epolls the listeners it
+ * was given and serves each notification with gs_serve, under the loop's mutex. What it cannot
+ * serve (GS_HANDBACK), a blocking connect in progress (GS_PARK), a listener that hung up (GS_HUP,
+ * removed from the loop's epoll; the caller closes it after gs_loop_remove) and a record of every
+ * notification served (GS_DONE: for the audit and the stats) go to the caller through a ring it
+ * reads with gs_loop_take when gs_loop_fd (an eventfd) is readable. Records other than GS_DONE
+ * signal at once; GS_DONE ones at most every GS_SIGNAL_NS, or when the ring is half full (the
+ * caller also reads the ring on a short timer while records come). A sendto answered CONTINUE
+ * makes no record: gs_loop_counts says how many. The tables and their pools belong to the caller:
+ * it swaps them (gs_loop_set_table) and fills pools (gs_loop_lock/unlock around its writes) while
+ * the loop runs; a table swapped out is no longer used once gs_loop_set_table returns. The loop
+ * uses a table only if its `version` is the database's current one (the WAL index header in the
+ * `-shm` file, read on every notification: a commit by anyone changes it): a notification seen
+ * with an older table is handed back (`stale`), and the caller, which decides from the engine,
+ * compiles the table again. */
+#define GS_RING 1024
+#define GS_SLOTS 1024
+#define GS_SIGNAL_NS 20000000ull
+struct gs_loop;
+struct gs_loop *gs_loop_new(const char *shm_path);
+int gs_loop_fd(struct gs_loop *l);
+int gs_loop_add(struct gs_loop *l, int listener, struct gs_table *t);
+struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t);
+int gs_loop_remove(struct gs_loop *l, int slot);
+int gs_loop_run(struct gs_loop *l);
+void gs_loop_stop(struct gs_loop *l);
+int gs_loop_take(struct gs_loop *l, struct gs_out *outs, int max);
+void gs_loop_counts(struct gs_loop *l, uint64_t counts[4]);
+void gs_loop_lock(struct gs_loop *l);
+void gs_loop_unlock(struct gs_loop *l);
+uint64_t gs_version(struct gs_loop *l);
+int gs_pool_fill(struct gs_loop *l, struct gs_table *t, int row, int family, const uint8_t addr[16], uint32_t mark);
+void gs_loop_free(struct gs_loop *l);
 
 #endif

@@ -208,6 +208,7 @@ class Daemon:
         """Receive no more notifications; answer those received (parked connects, jobs) before the
         loop stops. What was not received stays queued in the kept listener for the next graftd."""
         sup = self.supervisor
+        sup.stop_receiving()  # its C loop (modes/seccomp/fast.py) too; what it received is served
         for t in list(sup.targets.values()):
             try:
                 sup.epoll.modify(t.fd, 0)  # only POLLHUP from now on

@@ -2,7 +2,8 @@
 
 1. latency: N blocking connect() from a Python client to a host listener on 127.0.0.1, natively
    and from a container through `graft run --mode seccomp` (a dynamic egress endpoint), with the
-   native fast path (fast.py) and without it (GRAFT_SECCOMP_FAST=0), side by side; p50/p99 of
+   native fast path (fast.py), with it but without its C loop (GRAFT_SECCOMP_LOOP=0: the Python
+   loop calls gs_serve_batch) and without it (GRAFT_SECCOMP_FAST=0), side by side; p50/p99 of
    each connect. `--pythonpath DIR` runs graft from another tree (e.g. a `git worktree` of an older
    commit) for a before/after comparison.
 2. steps: the same client under a supervisor in this process whose kernel calls and handler steps
@@ -71,8 +72,10 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
         native = subprocess.run([sys.executable, "-c", CLIENT, port, str(n)], capture_output=True, text=True,
                                 check=True, timeout=300).stdout
         out["native"] = _pcts([float(x) for x in native.split()])
-        for name, fast in (("seccomp fast", "1"), ("seccomp python", "0")):
-            env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"), GRAFT_SECCOMP_FAST=fast)
+        for name, fast, loop in (("seccomp fast", "1", "1"), ("fast, no C loop", "1", "0"),
+                                 ("seccomp python", "0", "1")):
+            env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"), GRAFT_SECCOMP_FAST=fast,
+                       GRAFT_SECCOMP_LOOP=loop)
             if pythonpath:
                 env["PYTHONPATH"] = pythonpath
             try:
@@ -88,27 +91,38 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
     return out
 
 
+def _c_steps(out, times) -> None:
+    """The steps gs_serve stamped in a record of a grant it served (pooled or not)."""
+    from sockgraft.modes.seccomp import fast as F
+
+    ns = out.ns
+    if out.kind != F.DONE or out.what != F.DONE_GRANT:
+        return
+    prev = 0
+    for i, name in enumerate(F.STEPS):
+        if ns[i]:
+            times["  C " + name].append((ns[i] - prev) / 1e3)
+            prev = ns[i]
+
+
 class _TimedLib:
     """The fast path's library with gs_serve timed, and the steps it timed itself recorded."""
 
     def __init__(self, lib, timed, times):
-        from sockgraft.modes.seccomp import fast as F
-
+        self.lib = lib
         serve = timed("gs_serve_batch (C)", lib.gs_serve_batch)
 
         def gs_serve_batch(fd, table, outs, most):
             count = serve(fd, table, outs, most)
             times["notifications per C call (count)"].append(max(count, 0))
             for out in outs[:max(count, 0)]:
-                ns = out.ns
-                if out.kind == F.DONE and all(ns[:len(F.STEPS)]):  # a grant served in C: its steps
-                    prev = 0
-                    for i, name in enumerate(F.STEPS):
-                        times["  C " + name].append((ns[i] - prev) / 1e3)
-                        prev = ns[i]
+                _c_steps(out, times)
             return count
 
         self.gs_serve_batch = gs_serve_batch
+
+    def __getattr__(self, name):  # the C loop's functions: as they are
+        return getattr(self.lib, name)
 
 
 def steps(n: int, ns: str, fast: bool = False) -> dict:
@@ -150,6 +164,13 @@ def steps(n: int, ns: str, fast: bool = False) -> dict:
         sup = attach.supervisor
         if sup.fast is not None:
             sup.fast.lib = _TimedLib(sup.fast.lib, timed, times)
+            record = sup.fast.record
+
+            def recorded(t, out, park):  # the C loop's records: the steps it stamped
+                _c_steps(out, times)
+                return record(t, out, park)
+
+            sup.fast.record = recorded
         k = sup.kernel
         for method, name in (("recv", "recv"), ("getfd", "pidfd_getfd"), ("read", "memory copy"),
                              ("id_valid", "id_valid"), ("cloexec", "cloexec (/proc fdinfo)"),

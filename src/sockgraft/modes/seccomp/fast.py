@@ -11,11 +11,21 @@ the C decides nothing the engine would not (tests/modes/seccomp/test_fast.py hol
 equal to `EgressTable.lookup`), and what it did is audited here with the engine's own Decision
 (`policy.decide` of the same operation, asked once per rule and socket kind, after the answer).
 
+The wait itself is in C too (`Loop`, gs_loop_*): a thread of its own polls the listeners and
+serves them; hand-backs, parks, hang-ups and a record of each notification served come back here
+through a ring (`take`), tables are swapped and pools filled under the loop's mutex, and a table is
+used only at the state database's version it was compiled at (the WAL index header: `refresh`
+compiles again). A sendto with a destination on a TCP socket (no MSG_FASTOPEN) is answered
+CONTINUE in C. Without a WAL index (a read-only store) or with `GRAFT_SECCOMP_LOOP=0`, the
+supervisor's Python loop epolls the listeners and calls `gs_serve_batch` (`serve`).
+
 `GRAFT_SECCOMP_FAST=0` turns it off; a missing or unloadable library is said once on stderr and
 the Python path serves everything.
 
-Public API: `load() -> Lib | None`, `enabled()`, `Fast(lib, kernel, store, audit, stats)` with
-`serve(target) -> K.Notif | None` and `compile(policy, target)`.
+Public API: `load() -> Lib | None`, `enabled()`, `Fast(lib, kernel, store, audit,
+stats)` with `serve(target, park)`, `compile(target)`, `forget(target)`, and for the C loop
+`open_loop()`, `attach(target)`, `take()`, `record(target, out, park)`, `refresh()`, `stop_loop()`,
+`close()`.
 """
 from __future__ import annotations
 
@@ -29,16 +39,17 @@ import time
 from sockgraft.core.engine import Op
 from sockgraft.host import egress, hostsock
 from sockgraft.modes.seccomp import kernel as K
+from sockgraft.modes.seccomp import native as N
 
 LIB_NAME = "libgraft-seccomp.so"
 PREFIX = os.environ.get("GRAFT_PREFIX", "/usr/local")  # the Makefile's PREFIX
 LIB_DIR = os.path.join(PREFIX, "lib", "sockgraft")
 ENV = "GRAFT_SECCOMP_FAST"
 
-NOTHING, HANDBACK, DONE, PARK = 0, 1, 2, 3
+NOTHING, HANDBACK, DONE, PARK, HUP, ERROR = 0, 1, 2, 3, 4, 5
 FALLBACK = object()  # serve(): receive this one in Python
 BATCH = 16  # notifications served in one call at most (other listeners wait no longer than that)
-DONE_GRANT, DONE_LOCAL, DONE_FAILED, DONE_GONE = 1, 2, 3, 4
+DONE_GRANT, DONE_LOCAL, DONE_FAILED, DONE_GONE, DONE_CONTINUE = 1, 2, 3, 4, 5
 LOCAL, GRANT, ASK = 0, 1, 2
 MODE = "seccomp"
 
@@ -49,7 +60,7 @@ class Row(ctypes.Structure):
                 ("net", ctypes.c_uint8 * 16), ("epaddr", ctypes.c_uint8 * 16)]
 
 
-POOL = 16  # csrc/seccomp_fast.h GS_POOL (the layout check below holds it)
+POOL = 32  # csrc/seccomp_fast.h GS_POOL (the layout check below holds it)
 POOL_LOW = POOL // 2  # a row's pool is filled again once it holds fewer
 
 
@@ -59,7 +70,7 @@ class Pool(ctypes.Structure):
 
 
 class Table(ctypes.Structure):
-    _fields_ = [("host_cookie", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
+    _fields_ = [("host_cookie", ctypes.c_uint64), ("version", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
                 ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row)),
                 ("pools", ctypes.POINTER(Pool))]
 
@@ -73,7 +84,7 @@ class Out(ctypes.Structure):
                 ("proto", ctypes.c_int32), ("hostfd", ctypes.c_int32), ("appfd", ctypes.c_int32),
                 ("cloexec", ctypes.c_int32), ("sndtimeo_us", ctypes.c_int64), ("addrlen", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 128), ("ns", ctypes.c_uint32 * 8), ("kind", ctypes.c_int32),
-                ("pooled", ctypes.c_uint32)]
+                ("pooled", ctypes.c_uint32), ("slot", ctypes.c_int32), ("stale", ctypes.c_int32)]
 
 
 # the steps gs_serve times (gs_out.ns; seccomp_fast.h GS_T_*): cost.py prints them
@@ -103,6 +114,22 @@ def load(path: str | None = None) -> ctypes.CDLL:
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                               ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_uint16)]
     lib.gs_lookup.restype = ctypes.c_int
+    P = ctypes.c_void_p
+    for name, args, res in (("gs_loop_new", [ctypes.c_char_p], P), ("gs_loop_fd", [P], ctypes.c_int),
+                            ("gs_loop_add", [P, ctypes.c_int, ctypes.POINTER(Table)], ctypes.c_int),
+                            ("gs_loop_set_table", [P, ctypes.c_int, ctypes.POINTER(Table)], P),
+                            ("gs_loop_remove", [P, ctypes.c_int], ctypes.c_int), ("gs_loop_run", [P], ctypes.c_int),
+                            ("gs_loop_stop", [P], None), ("gs_loop_take", [P, ctypes.POINTER(Out), ctypes.c_int], ctypes.c_int),
+                            ("gs_loop_counts", [P, ctypes.c_uint64 * 4], None), ("gs_loop_lock", [P], None),
+                            ("gs_loop_unlock", [P], None), ("gs_version", [P], ctypes.c_uint64),
+                            ("gs_loop_free", [P], None),
+                            ("gs_pool_fill", [P, ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int, ctypes.c_uint8 * 16,
+                                              ctypes.c_uint32], ctypes.c_int)):
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:  # an older library
+            raise OSError(f"{path or library_path()}: no {name} (rebuild: scripts/setup)") from None
+        fn.argtypes, fn.restype = args, res
     return lib
 
 
@@ -146,28 +173,30 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
     return rows, len(table.rows)
 
 
-def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0):
+def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
     """(Table, the arrays it points to: keep them alive together)."""
     rows, n = compile_rows(egress_table)
-    t = Table(host_cookie, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None)
+    t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None)
     return t, rows
 
 
 class Compiled:
     """One target's table, compiled from one policy object, with its rows' pools of host sockets."""
 
-    __slots__ = ("policy", "table", "rows", "decisions", "pools", "pools_said", "checked")
+    __slots__ = ("policy", "table", "rows", "decisions", "pools", "pools_said", "checked", "lock")
 
-    def __init__(self, policy, host_cookie: int, netns_ino: int | None):
+    def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None):
         self.policy = policy
-        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0, policy.mark)
+        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0, policy.mark, version)
         self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
         self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
         self.pools_said, self.checked = "", -1e9
+        self.lock = lock or N.NoLock()  # the C loop's mutex while the C may use this table
 
     def fill(self, why_off) -> None:
         """Top up the pools of the rows whose endpoint is a dynamic IP one (off the answer's path:
-        between calls of the C loop). `why_off()` says why pools may not be used ("" when they may),
+        between calls of the C loop, or beside the C loop thread: the sockets are made first, then
+        put in under its mutex). `why_off()` says why pools may not be used ("" when they may),
         asked at most once a second; while they may not, C makes each socket inline."""
         now = time.monotonic()
         if now - self.checked >= 1.0:
@@ -176,33 +205,46 @@ class Compiled:
             if self.pools_said:
                 self.close()
             elif self.pools is None:
-                self.pools = (Pool * len(self.rows))()
-                self.table.pools = ctypes.cast(self.pools, ctypes.POINTER(Pool))
+                pools = (Pool * len(self.rows))()
+                with self.lock:
+                    self.pools = pools
+                    self.table.pools = ctypes.cast(pools, ctypes.POINTER(Pool))
         if self.pools is None:
             return
         for i in range(self.table.nrows):
             r, p = self.rows[i], self.pools[i]
-            if r.eptype not in (4, 6) or r.epport != 0 or p.n >= POOL_LOW:
+            if r.eptype not in (4, 6) or r.epport != 0 or p.n >= POOL_LOW:  # p.n read unlocked: a hint
                 continue
             family = socket.AF_INET if r.eptype == 4 else socket.AF_INET6
+            if isinstance(self.lock, N.LoopLock):  # made in C (the GIL released), put in under the mutex
+                self.lock.lib.gs_pool_fill(self.lock.ctx, ctypes.byref(self.table), i, family, r.epaddr,
+                                           self.policy.mark)
+                continue  # a failure: C makes the socket inline, and says what failed
             addr = str(ipaddress.ip_address(bytes(r.epaddr[:4] if r.eptype == 4 else r.epaddr)))
-            p.family, p.type = family, socket.SOCK_STREAM
+            made: list[int] = []
             try:
-                while p.n < POOL:
-                    s = hostsock.pooled(family, addr, socket.SOCK_STREAM, 0, self.policy.mark)
-                    p.fds[p.n] = s.detach()
-                    p.n += 1
+                while len(made) < POOL - p.n:
+                    made.append(hostsock.pooled(family, addr, socket.SOCK_STREAM, 0, self.policy.mark).detach())
             except OSError:
-                continue  # C makes the socket inline, and says what failed
+                pass  # C makes the socket inline, and says what failed
+            with self.lock:
+                p.family, p.type = family, socket.SOCK_STREAM
+                while made and p.n < POOL:
+                    p.fds[p.n] = made.pop()
+                    p.n += 1
+            for fd in made:
+                os.close(fd)
 
     def close(self) -> None:
         if self.pools is not None:
-            self.table.pools = None
-            for p in self.pools:
-                for fd in p.fds[:p.n]:
-                    os.close(fd)
-                p.n = 0
-            self.pools = None
+            with self.lock:
+                pools, self.pools = self.pools, None
+                self.table.pools = None
+                fds = [fd for p in pools for fd in p.fds[:p.n]]
+                for p in pools:
+                    p.n = 0
+            for fd in fds:
+                os.close(fd)
 
 
 class Fast:
@@ -210,6 +252,10 @@ class Fast:
         self.lib, self.kernel, self.store, self.audit, self.stats = lib, kernel, store, audit, stats
         self.outs = (Out * BATCH)()
         self.compiled: dict[int, Compiled] = {}  # listener fd -> its compiled table
+        self.loop: N.Loop | None = None
+        self.slots: dict[int, object] = {}  # the C loop's slot -> its Target
+        self.version = None  # of the database, when the tables were last checked (C loop)
+        self.counted = (0, 0, 0, 0)
 
     def compile(self, t) -> Compiled:
         policy = self.store.cached_policy(t.key)
@@ -222,7 +268,111 @@ class Fast:
             self.stats["fast_tables"] += 1
         return c
 
+    # -- the C loop (gs_loop) -----------------------------------------------------------------
+    def open_loop(self) -> int | None:
+        """The C loop's context made (its eventfd returned; `self.loop.start()` starts its thread),
+        or None where it cannot run: the state database has no WAL index to watch (the read-only
+        view), or it is turned off."""
+        if not N.loop_enabled():
+            return None
+        try:
+            self.loop = N.Loop(self.lib, self.store.path + "-shm", Out)
+        except OSError as e:
+            self.stats["fast_loop_off"] += 1
+            print(f"graft: seccomp supervisor: {e.strerror or e}: the Python loop receives", file=sys.stderr)
+            return None
+        self.stats["fast_loop"] += 1
+        return self.loop.fd
+
+    def attach(self, t) -> bool:
+        """Give a new listener to the C loop, with its table (False: the store failed; the Python
+        loop then serves it as before)."""
+        version = self.loop.version()  # before the policy is read: a commit between them is seen
+        try:
+            policy = self.store.cached_policy(t.key)
+        except Exception as e:
+            print(f"graft: seccomp fast path: no table for {t.key}: {type(e).__name__}: {e}", file=sys.stderr)
+            return False
+        c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock)
+        c.fill(lambda: egress.pools_off(self.store, t.key))
+        self.stats["fast_tables"] += 1
+        slot = self.lib.gs_loop_add(self.loop.ctx, t.fd, ctypes.byref(c.table))
+        if slot < 0:
+            c.close()
+            del self.compiled[t.fd]
+            print(f"graft: seccomp supervisor: native loop: {os.strerror(-slot)}", file=sys.stderr)
+            return False
+        t.slot = slot
+        self.slots[slot] = t
+        return True
+
+    def refresh(self) -> None:
+        """The tables of the C loop's targets checked against the database (a commit by anyone
+        changes its version): a new policy object gets a new table, swapped in; the same one is
+        marked current. And their pools topped up. Cheap when nothing changed (one pread)."""
+        version = self.loop.version()
+        changed = version != self.version
+        for t in list(self.slots.values()):
+            c = self.compiled.get(t.fd)
+            if c is None:
+                continue
+            if changed:
+                try:
+                    policy = self.store.cached_policy(t.key)
+                except Exception:
+                    continue  # the old table stays stale: C hands its connects back
+                if policy is c.policy:
+                    with self.loop.lock:
+                        c.table.version = version
+                else:
+                    new = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock)
+                    new.fill(lambda: egress.pools_off(self.store, t.key))
+                    self.lib.gs_loop_set_table(self.loop.ctx, t.slot, ctypes.byref(new.table))
+                    self.compiled[t.fd] = new
+                    c.close()  # the C no longer uses it
+                    self.stats["fast_tables"] += 1
+                    continue
+            c.fill(lambda: egress.pools_off(self.store, t.key))
+        self.version = version
+        self.refresh_counts()
+
+    def take(self) -> list:
+        return self.loop.take() if self.loop is not None else []
+
+    def target_of(self, out: Out):
+        return self.slots.get(out.slot)
+
+    def stop_loop(self) -> list:
+        """Stop the C thread; returns the records it left (the caller does their bookkeeping)."""
+        if self.loop is None or self.loop.thread is None:
+            return []
+        self.loop.stop()
+        return self.loop.take()
+
+    def close(self) -> None:
+        """After stop_loop: every table's pools, then the loop's context (whose mutex they take)."""
+        for c in self.compiled.values():
+            c.close()
+        self.compiled.clear()
+        self.slots.clear()
+        if self.loop is not None:
+            self.refresh_counts()
+            self.loop.free()
+            self.loop = None
+
+    def refresh_counts(self) -> None:
+        counts = self.loop.counts()
+        sendto = counts[0] - self.counted[0]
+        if sendto:
+            self.stats["fast_sendto_continue"] += sendto
+            self.stats["notifications"] += sendto
+        self.counted = counts
+
     def forget(self, t) -> None:
+        if self.loop is not None and getattr(t, "slot", -1) >= 0:
+            self.lib.gs_loop_remove(self.loop.ctx, t.slot)  # the C no longer uses t.fd nor its table
+            self.slots.pop(t.slot, None)
+            t.slot = -1
         c = self.compiled.pop(t.fd, None)
         if c is not None:
             c.close()
@@ -251,12 +401,23 @@ class Fast:
                 return n
         return None
 
+    def record(self, t, out: Out, park) -> K.Notif | None:
+        """The bookkeeping of one record of the C loop (`t`: its target): what `serve` does with
+        what gs_serve_batch returned; a hand-back is returned for the Python handlers."""
+        c = self.compiled.get(t.fd)
+        if c is None:  # forgotten meanwhile: a record without its table (nothing to audit from)
+            c = Compiled.__new__(Compiled)
+            c.policy, c.decisions = self.store.cached_policy(t.key), {}
+        return self._served(t, c, out, park)
+
     def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
         r = out.kind
         self.stats["notifications"] += 1
         n = K.Notif(out.id, out.pid, out.flags, out.nr, out.arch, out.ip, tuple(out.args))
         if r == HANDBACK:
             self.stats["fast_handback"] += 1
+            if out.stale:
+                self.stats["fast_stale"] += 1
             return n
         raw = bytes(out.addr[:out.addrlen])
         if out.decided >= 0:
@@ -279,6 +440,8 @@ class Fast:
                 self.stats["fast_pooled"] += 1
         elif what == DONE_LOCAL:
             self.stats["fast_local"] += 1
+        elif what == DONE_CONTINUE:
+            self.stats["fast_sendto_continue"] += 1
         elif what == DONE_GONE:
             self.stats["gone"] += 1
         else:

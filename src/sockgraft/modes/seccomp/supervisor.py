@@ -1,9 +1,12 @@
 """The seccomp supervisor: one epoll loop in the host netns serving the listeners of many containers.
 
 A listener comes from anywhere (`graft run --mode seccomp`, or an OCI runtime through
-`linux.seccomp.listenerPath`): `add_listener(fd, container_key, pid)`. For each notification the
-loop first lets the native fast path (fast.py, libgraft-seccomp.so) receive it: a connect the
-container's compiled egress table decides is served there in C; anything else comes back. The
+`linux.seccomp.listenerPath`): `add_listener(fd, container_key, pid)`. The native fast path
+(fast.py, libgraft-seccomp.so) waits on the listeners in a C thread of its own and serves there the
+connects the container's compiled egress table decides; anything else comes back to this loop
+(through the C loop's eventfd), as do the records of what C served (audit, stats). Without that
+loop (no WAL index, GRAFT_SECCOMP_LOOP=0) this loop epolls the listeners and lets the fast path
+receive each notification. The
 loop builds a `Call` (targets.py) and hands it to the handlers (handlers.py, sidedoors.py), which
 take their own duplicate of the target's fd, copy the memory arguments once, check the
 notification is still valid, ask the engine, audit, and perform the operation themselves. The
@@ -11,7 +14,7 @@ operations that may block run in a small pool (jobs.py); a blocking connect bein
 parked here until its host-side connect completes.
 
 Public API: `Supervisor(state_dir, audit, workers, on_notification)`, `add_listener`,
-`active_keys`, `start_thread`, `run`, `stop`, `close`.
+`active_keys`, `start_thread`, `run`, `stop_receiving`, `stop`, `close`.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class Supervisor:
         """`on_notification(seconds)`, if given, is called with the time each notification took.
         `kernel`: the kernel calls about targets (targets.Kernel; a unit test may pass a fake)."""
         self.store = Store(state_dir)
+        self._own_audit = audit is None  # closed with the supervisor
         self.audit = audit or Audit(state_dir)
         self.audit.deferred = True  # answer first, write the log lines when the loop is idle
         self.on_notification = on_notification
@@ -61,6 +65,13 @@ class Supervisor:
         # the native connect path (fast.py): only with the real kernel calls, GRAFT_SECCOMP_FAST != 0
         lib = F.try_load() if kernel is None else None
         self.fast = F.Fast(lib, self.kernel, self.store, self.audit, self.stats) if lib is not None else None
+        # the C wait-and-serve loop (fast.Loop): made here (its fds are the supervisor's from the
+        # start), its thread started by run(); None: the listeners are epolled here
+        self.native_fd = self.fast.open_loop() if self.fast is not None else None
+        if self.native_fd is not None:
+            self.epoll.register(self.native_fd, select.EPOLLIN)
+        self._records_came = False  # the last look at the C loop's records found some
+        self._quiesce: threading.Event | None = None  # stop_receiving() asked
         self.thread: threading.Thread | None = None
 
     # -- public API --------------------------------------------------------------------------
@@ -97,6 +108,21 @@ class Supervisor:
                 out[t.key] = out.get(t.key, 0) + 1
         return out
 
+    def stop_receiving(self, timeout: float = 5.0) -> None:
+        """The C loop receives no more notifications; what it received and handed over is served
+        (hand-backs, parks) before this returns. For a drain before a restart (graftd): what was
+        not received stays queued in the kept listener. The listeners the Python loop epolls are
+        the caller's (`epoll.modify(fd, 0)`)."""
+        if self.native_fd is None:
+            return
+        done = threading.Event()
+        self._quiesce = done
+        self._wake()
+        if self.thread is None or not self.thread.is_alive() or self.thread is threading.current_thread():
+            self._quiesce_now()
+        else:
+            done.wait(timeout)
+
     def start_thread(self) -> threading.Thread:
         self.thread = threading.Thread(target=self.run, name="graft-seccomp-supervisor", daemon=True)
         self.thread.start()
@@ -110,7 +136,12 @@ class Supervisor:
 
     def close(self) -> None:
         self.stop()
+        self._stop_native()  # if run() never ran its finally (no thread)
+        if self.fast is not None:
+            self.fast.close()  # the C loop's context, every table's pools
         self.audit.flush(force=True)  # the aggregated grants and locals of the last interval too
+        if self._own_audit:
+            self.audit.close()
         self.jobs.shutdown()
         for p in list(self.pending.values()):
             p.host.close()
@@ -126,6 +157,8 @@ class Supervisor:
         self.store.close()
 
     def run(self) -> None:
+        if self.native_fd is not None and self.fast.loop.thread is None:
+            self.fast.loop.start()
         try:
             while not self._stop:
                 try:
@@ -137,12 +170,20 @@ class Supervisor:
                         self._dispatch(fd, ev)
                     except Exception as e:  # one bad event must not stop the loop for everyone
                         print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
+                if self.native_fd is not None:
+                    try:
+                        if not events:
+                            self._records()  # those not signalled (GS_SIGNAL_NS)
+                        self.fast.refresh()  # the tables checked against the database, pools filled
+                    except Exception as e:
+                        print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
                 self.audit.flush()
                 now = time.monotonic()
                 if now - self._last_sweep >= SWEEP_INTERVAL or self._deadline_due(now):
                     self._last_sweep = now
                     self._sweep()
         finally:
+            self._stop_native()
             if not self._stop:
                 # the loop died: close the listeners so the containers' trapped calls fail (ENOSYS)
                 # instead of waiting for an answer that never comes
@@ -153,6 +194,8 @@ class Supervisor:
     def _dispatch(self, fd: int, ev: int) -> None:
         if fd == self._wake_r:
             self._drain()
+        elif fd == self.native_fd:
+            self._records()
         elif fd in self.targets:
             t = self.targets[fd]
             if ev & select.EPOLLIN:
@@ -181,11 +224,68 @@ class Supervisor:
             self.stats["notifications"] += 1
         self.handlers.serve(Call(self.kernel, t, n))
 
+    # -- the C loop (fast.Loop) -----------------------------------------------------------------
+    def _records(self, records: list | None = None) -> None:
+        """What the C loop handed over: hand-backs served by the Python handlers, parks, hang-ups,
+        and the records of what it served (audit, stats)."""
+        records = self.fast.take() if records is None else records
+        self._records_came = bool(records)
+        for out in records:
+            t = self.fast.target_of(out)
+            if t is None:
+                continue
+            try:
+                if out.kind in (F.HUP, F.ERROR):
+                    if out.kind == F.ERROR:
+                        print(f"graft: seccomp supervisor: listener of {t.key}: {os.strerror(out.err)}",
+                              file=sys.stderr)
+                    self._drop(t)
+                    continue
+                t0 = time.perf_counter()
+                n = self.fast.record(t, out, self._park_native)
+                if n is not None:
+                    self.handlers.serve(Call(self.kernel, t, n))
+                    if self.on_notification is not None:
+                        self.on_notification(time.perf_counter() - t0)
+            except Exception as e:  # one bad record must not stop the loop for everyone
+                print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _quiesce_now(self) -> None:
+        with self._lock:
+            ev, self._quiesce = self._quiesce, None
+        if ev is None:
+            return
+        try:
+            self._records(self.fast.stop_loop())  # served: the Python loop goes on for them
+        finally:
+            ev.set()
+
+    def _stop_native(self) -> None:
+        """Stop the C loop's thread; the records it left get their bookkeeping (no hand-back is
+        served any more: its task gets ENOSYS when the listener closes; a parked socket is closed)."""
+        if self.fast is None or self.native_fd is None:
+            return
+        left = self.fast.stop_loop()  # [] once stopped
+        for out in left:
+            t = self.fast.target_of(out)
+            if out.kind == F.PARK:
+                os.close(out.hostfd)
+            elif out.kind == F.DONE and t is not None:
+                try:
+                    self.fast.record(t, out, None)
+                except Exception as e:
+                    print(f"graft: seccomp supervisor: {type(e).__name__}: {e}", file=sys.stderr)
+
     def _park_native(self, t: Target, n: K.Notif, host: socket.socket, appfd: int, cloexec: bool,
                      deadline: float | None, raw: bytes) -> None:
         self._park(Call(self.kernel, t, n), host, appfd, cloexec, deadline, raw)
 
     def _timeout(self) -> float:
+        if self._records_came:  # the C loop's unsignalled records are picked up soon
+            return min(0.05, self._timeout_pending())
+        return self._timeout_pending()
+
+    def _timeout_pending(self) -> float:
         deadlines = [p.deadline for p in self.pending.values() if p.deadline]
         if not deadlines:
             return SWEEP_INTERVAL
@@ -206,11 +306,15 @@ class Supervisor:
                 pass
         except BlockingIOError:
             pass
+        if self._quiesce is not None:
+            self._quiesce_now()
         while self._adds:
             t = self._adds.popleft()
             self._sync_wake_up(t)
             self.targets[t.fd] = t
-            self.epoll.register(t.fd, select.EPOLLIN)
+            native = self.native_fd is not None and self.fast.loop.thread is not None  # not stop_receiving()
+            if not native or not self.fast.attach(t):
+                self.epoll.register(t.fd, select.EPOLLIN)
         with self._lock:
             done = [t for t in self.targets.values() if t.closing and t.busy == 0]
         for t in done:
@@ -231,7 +335,8 @@ class Supervisor:
 
     def _drop(self, t: Target) -> None:
         """Every task under this filter is gone."""
-        self.epoll.unregister(t.fd)
+        if t.slot < 0:
+            self.epoll.unregister(t.fd)
         for fd, p in list(self.pending.items()):
             if p.target is t:
                 del self.pending[fd]

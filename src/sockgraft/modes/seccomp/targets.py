@@ -41,6 +41,7 @@ class Target:
     closing: bool = False
     views: dict = field(default_factory=dict)  # host socket inode -> the sockaddr the app bound
     served: dict = field(default_factory=dict)  # (host addr, port) of a grafted bind -> app sockaddr
+    slot: int = -1  # its slot in the native loop (fast.Loop), -1: the Python loop epolls it
 
 
 class Kernel:
