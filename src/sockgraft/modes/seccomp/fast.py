@@ -308,8 +308,8 @@ class Fast:
 
     def refresh(self) -> None:
         """The tables of the C loop's targets checked against the database (a commit by anyone
-        changes its version): a new policy object gets a new table, swapped in; the same one is
-        marked current. And their pools topped up. Cheap when nothing changed (one pread)."""
+        changes its version): a different policy gets a new table, swapped in; an equal one (another
+        container's commit) is marked current. And their pools topped up. Cheap when nothing changed."""
         version = self.loop.version()
         changed = version != self.version
         for t in list(self.slots.values()):
@@ -321,7 +321,8 @@ class Fast:
                     policy = self.store.cached_policy(t.key)
                 except Exception:
                     continue  # the old table stays stale: C hands its connects back
-                if policy is c.policy:
+                if policy is c.policy or policy == c.policy:  # another container's commit, say
+                    c.policy = policy
                     with self.loop.lock:
                         c.table.version = version
                 else:
