@@ -105,6 +105,18 @@ static void fork_after(void)
 	prefilter_unlock();
 }
 
+/* This process's id, kept here: getpid() is a system call (glibc caches it no more), and the pool,
+ * the prefilter and the service connection asked it up to 3 times per connect. Set at init and in
+ * the child of every fork() (pthread_atfork); a child made without fork()'s handlers (a raw clone,
+ * glibc's _Fork) that then makes sockets is not supported (it would see its parent's pid). */
+pid_t g_pid;
+
+static void fork_child(void)
+{
+	g_pid = getpid();
+	fork_after();
+}
+
 static void *next(const char *name)
 {
 	return dlsym(RTLD_NEXT, name);
@@ -154,7 +166,8 @@ static void init(void)
 	add_words(&g_tail_bind, "GRAFT_CONV_PAIRS", "in:");
 	add_words(&g_tail_connect, "GRAFT_EGRESS", "out:");
 	add_words(&g_tail_connect, "GRAFT_BBCONN", "bbconn:");
-	pthread_atfork(fork_prepare, fork_after, fork_after);
+	g_pid = getpid();
+	pthread_atfork(fork_prepare, fork_after, fork_child);
 	g_enabled = g_service != NULL;
 }
 

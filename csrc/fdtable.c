@@ -159,13 +159,18 @@ void st_mark_decided(int fd)
  * the options the application set and its O_NONBLOCK; update the state. newfd is consumed. */
 int st_install(int fd, int newfd, struct gs *st)
 {
+	return st_install_ino(fd, newfd, 0, st);
+}
+
+/* newino: newfd's inode when the caller knows it (0: asked here). */
+int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st)
+{
 	int fl = real_fcntl(fd, F_GETFL);
 	copy_options(fd, newfd, st);
-	if (fl >= 0 && (fl & O_NONBLOCK))
-		real_fcntl(newfd, F_SETFL, real_fcntl(newfd, F_GETFL) | O_NONBLOCK);
-	else
-		real_fcntl(newfd, F_SETFL, real_fcntl(newfd, F_GETFL) & ~O_NONBLOCK);
-	ino_t old = st->ino, ino = fd_ino(newfd);
+	/* The service's sockets carry no status flag but O_NONBLOCK (never O_APPEND, O_ASYNC, O_DIRECT
+	 * or O_NOATIME), so newfd's flags become the application's O_NONBLOCK without reading them. */
+	real_fcntl(newfd, F_SETFL, fl >= 0 ? (fl & O_NONBLOCK) : 0);
+	ino_t old = st->ino, ino = newino ? newino : fd_ino(newfd);
 	int rc = 0;
 	table_lock();
 	if (fd_ino(fd) != old) { /* the application closed or replaced fd meanwhile */

@@ -95,9 +95,10 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 		return 0;
 	}
 	if (verb == PF_CONNECT) {
-		int pooled = pool_get(fam, addr, port, st->type, st->proto);
+		ino_t pino;
+		int pooled = pool_get(fam, addr, port, st->type, st->proto, &pino);
 		if (pooled >= 0)
-			return st_install(fd, pooled, st) == 0 ? 2 : -1;
+			return st_install_ino(fd, pooled, pino, st) == 0 ? 2 : -1;
 		if (pooled == POOL_LOCAL) {
 			st_mark_decided(fd);
 			return 0;

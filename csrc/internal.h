@@ -53,6 +53,7 @@ extern int g_prefilter;     /* GRAFT_PREFILTER (default 1; 0: ask about every op
 extern char *g_service;     /* $GRAFT_SOCKET */
 extern char *g_tail_bind;   /* " in:PAIR ..." from GRAFT_CONV_PAIRS */
 extern char *g_tail_connect; /* " out:RULE ... bbconn:NAME" from GRAFT_EGRESS, GRAFT_BBCONN */
+extern pid_t g_pid;         /* getpid(), kept by env.c (init, fork child): no system call per use */
 
 void graft_init(void);
 #define ENSURE() graft_init()
@@ -83,6 +84,8 @@ void st_forget_range(unsigned int first, unsigned int last);
 int st_fresh(int fd, struct gs *st);
 void st_mark_decided(int fd);
 int st_install(int fd, int newfd, struct gs *st);
+/* the same, for a newfd whose inode the caller knows (a pooled socket) */
+int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st);
 void st_note_option(int fd, int level, int name);
 void table_lock(void);
 void table_unlock(void);
@@ -118,8 +121,8 @@ int egress_row(const char *addr, unsigned *gen);
 /* -- pool.c ----------------------------------------------------------------------------------- */
 enum { POOL_LOCAL = -1, POOL_OFF = -2, POOL_ERR = -3 };
 /* a pooled host socket for a connect (>= 0: install it, then connect), or POOL_LOCAL (no rule:
- * the real call), POOL_OFF (no pool: ask `connect`), POOL_ERR (denied, errno set) */
-int pool_get(int family, const char *addr, int port, int type, int proto);
+ * the real call), POOL_OFF (no pool: ask `connect`), POOL_ERR (denied, errno set); *ino: its inode */
+int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino);
 void pool_lock(void);
 void pool_unlock(void);
 void prefilter_lock(void);

@@ -174,8 +174,9 @@ static void refill_ask(int family, const char *addr, int port, int type, int pro
 	inflight.gen = gen;
 }
 
-/* Under lock: a pooled socket of this key (removed from the slots), or -1; *left: how many remain. */
-static int take(int family, int type, int proto, int row, unsigned gen, int *left)
+/* Under lock: a pooled socket of this key (removed from the slots), or -1; *left: how many remain,
+ * *ino: its inode (just checked: the installer need not ask again). */
+static int take(int family, int type, int proto, int row, unsigned gen, int *left, ino_t *ino)
 {
 	int got = -1;
 	*left = 0;
@@ -195,17 +196,19 @@ static int take(int family, int type, int proto, int row, unsigned gen, int *lef
 		if (fd_ino(s.fd) != s.ino) /* the application closed or reused that fd number */
 			continue;
 		got = s.fd;
+		*ino = s.ino;
 	}
 	return got;
 }
 
-int pool_get(int family, const char *addr, int port, int type, int proto)
+int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino)
 {
 	unsigned gen;
 	int row = egress_row(addr, &gen);
 	if (row < 0 || (type != SOCK_STREAM && type != SOCK_DGRAM))
 		return POOL_OFF;
-	pid_t pid = getpid();
+	pid_t pid = g_pid;
+	*ino = 0; /* unknown: st_install asks */
 	pthread_mutex_lock(&lock);
 	if (owner != pid) { /* a forked child: its copies of the parent's sockets (and of the parent's
 			     * refill connection, with its batch in flight) are not its to use */
@@ -220,11 +223,11 @@ int pool_get(int family, const char *addr, int port, int type, int proto)
 		return POOL_OFF;
 	}
 	refill_collect(0);
-	int left, fd = take(family, type, proto, row, gen, &left);
+	int left, fd = take(family, type, proto, row, gen, &left, ino);
 	if (fd < 0 && inflight.active && inflight.row == row && inflight.gen == gen && inflight.family == family &&
 	    inflight.type == type && inflight.proto == proto) {
 		refill_collect(REFILL_WAIT_MS); /* the batch of this key is on its way: wait for it, not ask again */
-		fd = take(family, type, proto, row, gen, &left);
+		fd = take(family, type, proto, row, gen, &left, ino);
 	}
 	if (fd >= 0) {
 		if (left <= POOL_LOW)

@@ -113,7 +113,7 @@ int service_dial(void)
 
 static int conn_get(void) /* under conn_lock; the fd or -errno */
 {
-	if (conn_fd >= 0 && conn_pid == getpid() && fd_ino(conn_fd) == conn_ino)
+	if (conn_fd >= 0 && conn_pid == g_pid && fd_ino(conn_fd) == conn_ino)
 		return conn_fd;
 	conn_forget();
 	int s = service_dial();
@@ -121,7 +121,7 @@ static int conn_get(void) /* under conn_lock; the fd or -errno */
 		return s;
 	conn_fd = s;
 	conn_ino = fd_ino(s);
-	conn_pid = getpid();
+	conn_pid = g_pid;
 	return s;
 }
 
@@ -339,7 +339,7 @@ int might_graft(int verb, int family, const char *addr, int port, int v6only)
 	if (!g_prefilter)
 		return 1;
 	int saved = errno;
-	pid_t pid = getpid();
+	pid_t pid = g_pid;
 	long long now = now_ns();
 	pthread_mutex_lock(&pf_lock);
 	int stale = pf_pid != pid || now - pf_at >= PF_MAX_AGE_NS;
@@ -361,7 +361,7 @@ int might_graft(int verb, int family, const char *addr, int port, int v6only)
 int egress_row(const char *addr, unsigned *gen)
 {
 	pthread_mutex_lock(&pf_lock);
-	int row = pf_ok && pf_pid == getpid() ? pf_egress_row(&pf_cur, addr) : -1;
+	int row = pf_ok && pf_pid == g_pid ? pf_egress_row(&pf_cur, addr) : -1;
 	*gen = pf_gen;
 	pthread_mutex_unlock(&pf_lock);
 	return row;
