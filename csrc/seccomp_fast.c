@@ -37,6 +37,8 @@ static __thread struct timespec t0; /* when the RECV returned (the steps' stamps
 #define EXPORT __attribute__((visibility("default")))
 #define NR_CONNECT 42
 #define NR_SENDTO 44
+#define NR_BIND 49
+#define NR_GETSOCKNAME 51
 #define MAX_SOCKADDR 128
 #ifndef PIDFD_THREAD
 #define PIDFD_THREAD O_EXCL
@@ -470,7 +472,10 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	return done(out, GS_DONE_GRANT, err);
 }
 
-static int serve_connect(int listener, const struct gs_table *t, struct gs_out *out, int dup)
+/* The socket (an IP one of the container's netns: a host socket, grafted already, is the
+ * engine's own rule) and the sockaddr of a bind or connect (args[1], args[2]), copied once into
+ * out->addr. 0, or GS_HANDBACK. */
+static int read_call(const struct gs_table *t, struct gs_out *out, int dup)
 {
 	int fam = 0, type = 0, proto = 0;
 	uint64_t cookie = 0;
@@ -480,7 +485,7 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	if (sockopt_int(dup, SOL_SOCKET, SO_TYPE, &type) != 0 || sockopt_int(dup, SOL_SOCKET, SO_PROTOCOL, &proto) != 0)
 		return GS_HANDBACK;
 	if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0 || cookie == t->host_cookie)
-		return GS_HANDBACK; /* a grafted socket: the engine's own rule */
+		return GS_HANDBACK;
 	out->family = fam, out->type = type, out->proto = proto;
 	uint64_t len = out->args[2] & 0xFFFFFFFFu;
 	if (len < 2 || len > MAX_SOCKADDR || !out->args[1])
@@ -490,6 +495,14 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 		return GS_HANDBACK;
 	out->addrlen = (uint32_t)len;
 	stamp(out, GS_T_READ);
+	return 0;
+}
+
+static int serve_connect(int listener, const struct gs_table *t, struct gs_out *out, int dup)
+{
+	if (read_call(t, out, dup))
+		return GS_HANDBACK;
+	int fam = out->family, type = out->type, proto = out->proto;
 	if (!id_valid(listener, out->id))
 		return done(out, GS_DONE_GONE, 0);
 	uint8_t ip[16], haddr[16];
@@ -502,6 +515,19 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	if (verdict == GS_ASK)
 		return GS_HANDBACK;
 	if (verdict == GS_LOCAL) {
+		if (t->pools) {
+			/* The kernel guards this container's host sockets (Python fills pools only then:
+			 * egress.pools_off): the application's own connect runs (CONTINUE), blocking or not.
+			 * Whatever the fd and the address are by the time the kernel reads them, a socket
+			 * of the container's netns stays there, and a host socket it holds is connected
+			 * already (EISCONN), cannot be re-bound (bind guard), or starts flows only where the
+			 * kernel's egress table lets its mark go. */
+			out->decided = GS_LOCAL;
+			out->pooled = 1;
+			if (send_continue(listener, out->id) == ENOENT)
+				return done(out, GS_DONE_GONE, 0);
+			return done(out, GS_DONE_LOCAL, 0);
+		}
 		if (type == SOCK_STREAM && !(fcntl(dup, F_GETFL) & O_NONBLOCK))
 			return GS_HANDBACK; /* a blocking connect: the Python pool waits for it */
 		out->decided = GS_LOCAL;
@@ -546,6 +572,81 @@ static int serve_sendto(int listener, struct gs_out *out, int dup)
 	return done(out, GS_DONE_CONTINUE, 0);
 }
 
+/* Whether no ingress pair of `t` can take a bind of this sockaddr on a socket of `family` (1), or
+ * the engine must judge it (0). Pure; tests/modes/seccomp/test_fast.py holds it against
+ * Policy.decide: 1 only where the engine answers "local". */
+EXPORT int gs_bind_local(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen)
+{
+	static const uint8_t zero[16];
+	uint16_t safam;
+	uint8_t ip[16];
+	if (salen < 2)
+		return 0;
+	memcpy(&safam, sa, 2);
+	int version = safam == family ? dest_of(family, sa, salen, ip) : 0;
+	if (!version)
+		return 0;
+	uint16_t port = (uint16_t)(sa[2] << 8 | sa[3]);
+	int dual = family == AF_INET6 && version == 6 && memcmp(ip, zero, 16) == 0;
+	for (uint32_t i = 0; i < t->ningress; i++) {
+		const struct gs_in *r = &t->ingress[i];
+		if (port < r->lo || port > r->hi)
+			continue;
+		if ((r->version == version && (r->any || memcmp(r->addr, ip, version == 4 ? 4 : 16) == 0)) ||
+		    (dual && r->version == 4))
+			return 0;
+	}
+	return 1;
+}
+
+/* A bind of an IP socket of the container (not a host socket) that no ingress pair can take: the
+ * engine's "local" (what IngressTable.lookup answers where no row matches), decided without
+ * Python. Conservative where the engine needs more than the table: `::` on an IPv6 socket counts
+ * as dual-stack (IPv4 pairs may take it) whatever V6ONLY is. Where the kernel guards the
+ * container's host sockets (t->pools: egress.pools_off), answered CONTINUE: the application's own
+ * bind runs with its own credentials, and whatever the fd is by then, a host socket it holds is
+ * bound already (EINVAL) or refused by the bind guard; else performed on our duplicate with the
+ * copied address, as the Python handler does. Anything else: handed back. */
+static int serve_bind(int listener, const struct gs_table *t, struct gs_out *out, int dup)
+{
+	if (read_call(t, out, dup))
+		return GS_HANDBACK;
+	int fam = out->family, type = out->type, proto = out->proto;
+	if (!((type == SOCK_STREAM && proto == IPPROTO_TCP) || (type == SOCK_DGRAM && proto == IPPROTO_UDP)))
+		return GS_HANDBACK;
+	if (!gs_bind_local(t, fam, out->addr, out->addrlen))
+		return GS_HANDBACK;
+	out->decided = GS_LOCAL;
+	stamp(out, GS_T_JUDGE);
+	if (t->pools) { /* (a notification no longer valid: the CONTINUE fails, nothing runs) */
+		out->pooled = 1;
+		if (send_continue(listener, out->id) == ENOENT)
+			return done(out, GS_DONE_GONE, 0);
+		return done(out, GS_DONE_LOCAL, 0);
+	}
+	if (!id_valid(listener, out->id)) /* the address read was this task's */
+		return done(out, GS_DONE_GONE, 0);
+	int err = bind(dup, (struct sockaddr *)out->addr, out->addrlen) == 0 ? 0 : errno;
+	if (send_resp(listener, out->id, err) == ENOENT)
+		return done(out, GS_DONE_GONE, 0);
+	return done(out, GS_DONE_LOCAL, err);
+}
+
+/* getsockname of a socket of the container's own netns: the kernel's answer is the right one
+ * (CONTINUE; a Python server calls it for every accepted connection). A host socket's answer is
+ * translated by the Python handler: handed back. (A thread swapping a host socket onto the fd
+ * meanwhile would read that socket's host address: the endpoint's, which its table names.) */
+static int serve_getsockname(int listener, const struct gs_table *t, struct gs_out *out, int dup)
+{
+	uint64_t cookie = 0;
+	socklen_t cl = sizeof(cookie);
+	if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0 || cookie == t->host_cookie)
+		return GS_HANDBACK;
+	if (send_continue(listener, out->id) == ENOENT)
+		return done(out, GS_DONE_GONE, 0);
+	return done(out, GS_DONE_CONTINUE, 0);
+}
+
 /* Receive and serve one notification; `t` NULL: every connect is handed back (stale). */
 static int serve(int listener, const struct gs_table *t, struct gs_out *out, struct pidcache *pc)
 {
@@ -562,9 +663,9 @@ static int serve(int listener, const struct gs_table *t, struct gs_out *out, str
 	memcpy(out->args, n.data.args, sizeof(out->args));
 	out->decided = -1, out->row = -1, out->hostfd = -1;
 	out->appfd = (int)(uint32_t)n.data.args[0];
-	if (n.data.nr != NR_CONNECT && n.data.nr != NR_SENDTO)
+	if (n.data.nr != NR_CONNECT && n.data.nr != NR_SENDTO && n.data.nr != NR_BIND && n.data.nr != NR_GETSOCKNAME)
 		return GS_HANDBACK;
-	if (n.data.nr == NR_CONNECT && !t) {
+	if (n.data.nr != NR_SENDTO && !t) {
 		out->stale = 1;
 		return GS_HANDBACK;
 	}
@@ -573,7 +674,10 @@ static int serve(int listener, const struct gs_table *t, struct gs_out *out, str
 	stamp(out, GS_T_GETFD);
 	if (dup < 0)
 		return GS_HANDBACK; /* EBADF, a task gone: the Python handler says which */
-	int r = n.data.nr == NR_SENDTO ? serve_sendto(listener, out, dup) : serve_connect(listener, t, out, dup);
+	int r = n.data.nr == NR_SENDTO ? serve_sendto(listener, out, dup)
+		: n.data.nr == NR_BIND ? serve_bind(listener, t, out, dup)
+		: n.data.nr == NR_GETSOCKNAME ? serve_getsockname(listener, t, out, dup)
+		: serve_connect(listener, t, out, dup);
 	close(dup);
 	return r;
 }
@@ -625,7 +729,7 @@ struct gs_loop {
 	uint32_t head, tail; /* records [tail, head) are ready */
 	uint64_t last_signal;
 	uint64_t aged;       /* the pidfd cache was last aged (age_pids) */
-	uint64_t counts[4];  /* sendto CONTINUE, notifications, stale hand-backs, records dropped at stop */
+	uint64_t counts[4];  /* CONTINUE without a record (sendto on TCP, getsockname of a container socket), notifications, stale hand-backs, records dropped at stop */
 	struct pidcache pids;
 	struct gs_slot slots[GS_SLOTS];
 	struct gs_out ring[GS_RING];

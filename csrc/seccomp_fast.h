@@ -30,6 +30,16 @@ struct gs_pool {
 	int32_t fds[GS_POOL];
 };
 
+/* One ingress pair, only as far as saying a bind matches none (issue 11: what no rule matches
+ * costs next to nothing): any bind a pair might take is handed back to the engine. */
+struct gs_in {
+	uint8_t version;  /* 4 or 6 */
+	uint8_t any;      /* the pair's address is 0.0.0.0 / :: */
+	uint16_t lo, hi;  /* its port range */
+	uint16_t pad;
+	uint8_t addr[16]; /* its address (IPv4 in the first 4 bytes) */
+};
+
 struct gs_table {
 	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
 	uint64_t version;           /* gs_loop: the state database's version it was compiled at
@@ -39,6 +49,9 @@ struct gs_table {
 	uint32_t mark;              /* SO_MARK of every host socket made (the container's; 0: none) */
 	const struct gs_row *rows;
 	struct gs_pool *pools;      /* one per row, or NULL: no pools */
+	uint32_t ningress;
+	uint32_t pad;
+	const struct gs_in *ingress; /* the policy's ingress pairs (Policy.ingress_table) */
 };
 
 enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3, GS_HUP = 4, GS_ERROR = 5 };
@@ -73,7 +86,8 @@ struct gs_out {
 	/* nanoseconds since the RECV returned, at the end of each step (0: not reached); see GS_STEPS */
 	uint32_t ns[8];
 	int32_t kind;     /* gs_serve_batch: what gs_serve returned for this record */
-	uint32_t pooled;  /* GS_DONE_GRANT with a pooled socket: the application's connect ran (CONTINUE) */
+	uint32_t pooled;  /* the application's connect ran (CONTINUE): GS_DONE_GRANT with a pooled socket,
+			   * or GS_DONE_LOCAL where the kernel guards the container's host sockets */
 	int32_t slot;     /* gs_loop: the listener's slot (gs_loop_add) */
 	int32_t stale;    /* gs_loop: handed back because the slot's table was missing or of an old version */
 };
@@ -82,6 +96,7 @@ int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
 /* gs_serve again while the listener has a notification ready and the last was served here (at
  * most `max`): one record per notification received; returns how many (or -errno of a RECV). */
 int gs_serve_batch(int listener, const struct gs_table *t, struct gs_out *outs, int max);
+int gs_bind_local(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen);
 int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
 	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_abi(void);

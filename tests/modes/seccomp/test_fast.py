@@ -22,7 +22,7 @@ import pytest
 
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.engine import Op, Policy
-from sockgraft.core.rules import parse_egress
+from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.host import netns
 from sockgraft.host.store import Store
 from sockgraft.modes.seccomp import fast as F
@@ -110,6 +110,47 @@ def test_c_lookup_never_takes_an_address_the_socket_cannot_use(lib):
     assert _c_lookup(lib, table, op) == ("ask",)
 
 
+def _pair(rng: random.Random) -> str:
+    addr = rng.choice(["0.0.0.0", "127.0.0.1", "10.1.2.3", "[::]", "[::1]", "[fd00::5]"])
+    lo = rng.choice([1, 80, 443, 8080, 65535, rng.randrange(1, 65536)])
+    ports = str(lo) if rng.random() < 0.6 else f"{lo}-{min(65535, lo + rng.randrange(100))}"
+    return f"{addr}:{ports}={rng.choice(NAMES)}"
+
+
+def test_c_bind_local_only_where_the_engine_says_local(lib):
+    """gs_bind_local (what the C loop answers without the engine) is 1 only where Policy.decide
+    answers "local" for a bind on a fresh socket, whatever V6ONLY, type, protocol or netns; and it
+    takes most of those (it is not simply always 0)."""
+    rng = random.Random(20261201)
+    eps = {e.name: e for e in map(parse_endpoint, ENDPOINTS)}
+    lib.gs_bind_local.restype = ctypes.c_int
+    seen = {"c-local": 0, "engine-local": 0}
+    for _ in range(2000):
+        pairs = [_pair(rng) for _ in range(rng.randrange(5))]
+        policy = Policy(eps, [parse_ingress(p) for p in pairs], [])
+        table, _keep = F.make_table(policy)
+        for _ in range(8):
+            port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
+            addr = rng.choice(["0.0.0.0", "127.0.0.1", "10.1.2.3", "10.1.2.4", "::", "::1", "fd00::5",
+                               "::ffff:127.0.0.1", "::ffff:0.0.0.0"])
+            v6addr = ipaddress.ip_address(addr).version == 6
+            family = V6 if v6addr or rng.random() < 0.3 else V4
+            if family == V6 and not v6addr:
+                addr = f"::ffff:{addr}"  # what an IPv6 socket is given for an IPv4 address
+            raw = K.encode_sockaddr(family, addr, port)
+            c_local = lib.gs_bind_local(ctypes.byref(table), family, raw, len(raw))
+            for typ, proto in ((S, socket.IPPROTO_TCP), (D, socket.IPPROTO_UDP)):
+                for v6only in (False, True):
+                    for foreign in (False, True):
+                        d = policy.decide(Op("bind", family, addr, port, typ, proto, v6only=v6only, foreign=foreign))
+                        if c_local:
+                            assert d.verdict == "local", (pairs, family, addr, port, typ, v6only, foreign, d)
+            engine_local = policy.decide(Op("bind", family, addr, port, S, socket.IPPROTO_TCP)).verdict == "local"
+            seen["c-local"] += c_local
+            seen["engine-local"] += engine_local
+    assert seen["c-local"] > 0.8 * seen["engine-local"] > 1000, seen
+
+
 CHILD = r"""
 import errno, json, os, select, socket, sys
 from sockgraft.modes.seccomp.attach import install_in_child
@@ -147,6 +188,14 @@ attempt("local blocking", socket.AF_INET, socket.SOCK_STREAM, ("192.0.2.1", 9))
 attempt("local udp", socket.AF_INET, socket.SOCK_DGRAM, ("192.0.2.1", 9))
 attempt("denied", socket.AF_INET, socket.SOCK_STREAM, ("10.1.2.3", 80))
 attempt("bound first", socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", port), bind=("127.0.0.1", 0))
+b = socket.socket(socket.AF_INET6)  # what no ingress pair takes: bound in the container
+b.bind(("::1", 0))
+out["local bind"], out["local bind has a port"] = b.getsockname()[0], b.getsockname()[1] > 0
+try:
+    b.bind(("::1", 0))
+except OSError as e:
+    out["local bind again"] = name(e.errno)
+b.close()
 print(json.dumps(out, sort_keys=True), flush=True)
 """
 
@@ -230,6 +279,14 @@ def test_fast_path_serves_connects_as_python_does(state_dir, ns, tmp_path, monke
     # the C served the grants and the non-blocking locals; Python the rest
     assert fast_stats.get("fast_grant", 0) + fast_stats.get("fast_park", 0) >= 4, fast_stats
     assert fast_stats.get("fast_local", 0) >= 2 and fast_stats.get("fast_handback", 0) >= 3, fast_stats
+    assert fast["local bind"] == "::1" and fast["local bind has a port"] and fast["local bind again"] == "EINVAL"
+    # what no rule matches: getsockname of a container socket answered CONTINUE by the C; binds
+    # decided there too; where the kernel guards host sockets the app's own call runs (CONTINUE)
+    assert fast_stats.get("fast_continue", 0) >= 2 and pooled_stats.get("fast_continue", 0) >= 2, fast_stats
+    assert fast_stats.get("fast_local", 0) >= 4, fast_stats  # 2 connects, 2 binds
+    if os.geteuid() == 0:  # the blocking local connect and the binds: CONTINUE
+        assert pooled_stats.get("fast_local_continue", 0) >= 3, pooled_stats
+    assert "fast_local_continue" not in fast_stats, fast_stats
     assert not any(k.startswith("fast_") for k in slow_stats), slow_stats
     assert slow_stats["grafted_connect"] == fast_stats["grafted_connect"], (fast_stats, slow_stats)
 

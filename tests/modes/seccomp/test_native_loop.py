@@ -329,7 +329,7 @@ def test_sendto_on_a_connected_tcp_socket_is_continued_in_c(native, state_dir, n
         assert child.ask(f"sendto {server.port} 100") == 1000
         _wait(lambda: server.received == 1000, "the bytes arrived")
         handbacks = sup.stats["fast_handback"]
-        _wait(lambda: sup.stats["fast_sendto_continue"] >= 100, "counted")
+        _wait(lambda: sup.stats["fast_continue"] >= 100, "counted")
         assert sup.stats["fast_handback"] == handbacks
     finally:
         if child is not None:

@@ -69,10 +69,16 @@ class Pool(ctypes.Structure):
                 ("fds", ctypes.c_int32 * POOL)]
 
 
+class In(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint8), ("any", ctypes.c_uint8), ("lo", ctypes.c_uint16), ("hi", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
+
+
 class Table(ctypes.Structure):
     _fields_ = [("host_cookie", ctypes.c_uint64), ("version", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
                 ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row)),
-                ("pools", ctypes.POINTER(Pool))]
+                ("pools", ctypes.POINTER(Pool)), ("ningress", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("ingress", ctypes.POINTER(In))]
 
 
 class Out(ctypes.Structure):
@@ -173,21 +179,35 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
     return rows, len(table.rows)
 
 
-def make_table(egress_table, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
-    """(Table, the arrays it points to: keep them alive together)."""
-    rows, n = compile_rows(egress_table)
-    t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None)
-    return t, rows
+def compile_ingress(table) -> tuple[ctypes.Array, int]:
+    """The C rows of an IngressTable: where each pair is, only to say that a bind matches none."""
+    rows = (In * max(1, len(table.rows)))()
+    for i, (version, addr, lo, hi, *_ep) in enumerate(table.rows):
+        ip = ipaddress.ip_address(addr)
+        rows[i].version, rows[i].any, rows[i].lo, rows[i].hi = version, int(ip.is_unspecified), lo, hi
+        rows[i].addr[:] = list(ip.packed.ljust(16, b"\0"))
+    return rows, len(table.rows)
+
+
+def make_table(policy, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
+    """(Table, the arrays it points to: keep them alive together) for a Policy (its egress and
+    ingress tables), or for an EgressTable alone (no ingress pairs)."""
+    egress = policy.egress_table() if hasattr(policy, "egress_table") else policy
+    rows, n = compile_rows(egress)
+    ins, ni = compile_ingress(policy.ingress_table()) if hasattr(policy, "ingress_table") else ((In * 1)(), 0)
+    t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None, ni, 0,
+              ctypes.cast(ins, ctypes.POINTER(In)))
+    return t, (rows, ins)
 
 
 class Compiled:
     """One target's table, compiled from one policy object, with its rows' pools of host sockets."""
 
-    __slots__ = ("policy", "table", "rows", "decisions", "pools", "pools_said", "checked", "lock")
+    __slots__ = ("policy", "table", "rows", "ingress", "decisions", "pools", "pools_said", "checked", "lock")
 
     def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None):
         self.policy = policy
-        self.table, self.rows = make_table(policy.egress_table(), host_cookie, netns_ino or 0, policy.mark, version)
+        self.table, (self.rows, self.ingress) = make_table(policy, host_cookie, netns_ino or 0, policy.mark, version)
         self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
         self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
         self.pools_said, self.checked = "", -1e9
@@ -363,10 +383,10 @@ class Fast:
 
     def refresh_counts(self) -> None:
         counts = self.loop.counts()
-        sendto = counts[0] - self.counted[0]
-        if sendto:
-            self.stats["fast_sendto_continue"] += sendto
-            self.stats["notifications"] += sendto
+        continued = counts[0] - self.counted[0]  # sendto on TCP, getsockname of a container socket
+        if continued:
+            self.stats["fast_continue"] += continued
+            self.stats["notifications"] += continued
         self.counted = counts
 
     def forget(self, t) -> None:
@@ -441,8 +461,10 @@ class Fast:
                 self.stats["fast_pooled"] += 1
         elif what == DONE_LOCAL:
             self.stats["fast_local"] += 1
+            if out.pooled:
+                self.stats["fast_local_continue"] += 1
         elif what == DONE_CONTINUE:
-            self.stats["fast_sendto_continue"] += 1
+            self.stats["fast_continue"] += 1
         elif what == DONE_GONE:
             self.stats["gone"] += 1
         else:
@@ -452,13 +474,14 @@ class Fast:
     def _audit(self, t, c: Compiled, out: Out, raw: bytes) -> None:
         """The decision the C carried out, as the engine states it (asked once per rule and kind)."""
         fam, addr, port = K.decode_sockaddr(raw)
-        key = (out.row if out.decided == GRANT else -1, out.family, out.type, out.proto)
+        verb = "bind" if out.nr == K.SYS["bind"] else "connect"
+        key = (verb, out.row if out.decided == GRANT else -1, out.family, out.type, out.proto)
         d = c.decisions.get(key)
         if d is None:
-            d = c.policy.decide(Op("connect", out.family, addr, port, out.type, out.proto))
+            d = c.policy.decide(Op(verb, out.family, addr, port, out.type, out.proto))
             expected = "grant" if out.decided == GRANT else "local"
             if d.verdict != expected:  # never: the property test holds C and engine equal
                 print(f"graft: seccomp fast path: C said {expected}, the engine {d.verdict} ({d.reason})",
                       file=sys.stderr)
             c.decisions[key] = d
-        self.audit.decision(t.key, MODE, "connect", d, pid=out.pid, addr=addr, port=port)
+        self.audit.decision(t.key, MODE, verb, d, pid=out.pid, addr=addr, port=port)
