@@ -14,7 +14,10 @@ import pytest
 from tests.helpers import graft_cmd
 from tests.modes.seccomp.util import client_egress, fd_targets, run, run_args, wait_for
 
-NO_POOLS = dict(os.environ, GRAFT_POOLS="0")  # the connect path that does not hand over pooled sockets
+def no_pools() -> dict:
+    """The environment now (GRAFT_STATE_DIR of the state_dir fixture included) with pools off: the
+    connect path that does not hand over pooled sockets."""
+    return dict(os.environ, GRAFT_POOLS="0")
 
 
 class Counter:
@@ -92,7 +95,7 @@ def test_signal_storm(state_dir, ns, counter, cprog, restart):
                           endpoints=["eph type ipv4 addr 127.0.0.1 port dynamic", "out type ipv4 addr 127.0.0.1 port dynamic"],
                           ingress=["0.0.0.0:7000=eph"], egress=["127.0.0.1/32=out"])],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=NO_POOLS)  # the supervisor's fds are counted: no pooled sockets among them
+                         env=no_pools())  # the supervisor's fds are counted: no pooled sockets among them
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.5)  # let graft run finish starting (Popen's own pipes)
@@ -197,7 +200,7 @@ def test_targets_killed_mid_notification(state_dir, ns, counter):
                           endpoints=["eph type ipv4 addr 127.0.0.1 port dynamic", "out type ipv4 addr 127.0.0.1 port dynamic"],
                           ingress=["0.0.0.0:7000=eph"], egress=["127.0.0.1/32=out"])],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         env=NO_POOLS)  # blocking connects parked by the supervisor, not the kernel's own
+                         env=no_pools())  # blocking connects parked by the supervisor, not the kernel's own
     try:
         assert p.stdout.readline().strip() == "ready"
         time.sleep(0.5)
