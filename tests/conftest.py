@@ -49,6 +49,24 @@ def pytest_sessionstart(session):
         except OSError:
             pass  # in use after all, or gone meanwhile: the next session tries again
     egress.sweep(keep=_live_state_dir)  # nftables tables a killed or earlier run left
+    _forget_system_rows(lambda pid: not pid_alive(pid))
+
+
+def _forget_system_rows(whose) -> list[str]:
+    """Containers of test runs (keys sgt<PID>-N) in the system state dir, where no test should
+    write (each has its own GRAFT_STATE_DIR): forget those whose PID `whose(pid)` picks."""
+    from sockgraft.host.paths import SYSTEM_STATE_DIR
+    from sockgraft.host.store import Store
+
+    if not os.path.exists(os.path.join(SYSTEM_STATE_DIR, "tables.db")) or os.geteuid() != 0:
+        return []
+    gone = []
+    with Store(SYSTEM_STATE_DIR) as store:
+        for row in store.containers():
+            if (m := _OURS.match(row.key)) and whose(int(m[1])):
+                store.forget(row.key)
+                gone.append(row.key)
+    return gone
 
 
 _SESSION = re.compile(r"^(.*/pytest-of-[^/]+)/pytest-(\d+)/")
@@ -76,6 +94,10 @@ def pytest_sessionfinish(session):
     except (AttributeError, OSError, ValueError):
         return
     egress.sweep(keep=lambda d: not d.startswith(base + os.sep))
+    left = _forget_system_rows(lambda pid: pid == os.getpid())
+    if left:  # a test ran graft without its state dir: the user's own tables would have changed
+        print(f"\nFAILED: tests left containers in the system state dir (removed now): {left}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)
