@@ -88,7 +88,7 @@ def test_c_lookup_equals_the_engine_table(lib):
         rules = [f"{_net(rng, rng.choice([4, 6]))}={rng.choice(NAMES)}" for _ in range(rng.randrange(6))]
         policy = Policy(eps, [], [parse_egress(r) for r in rules])
         et = policy.egress_table()
-        table, _rows = F.make_table(et)
+        table, _rows = F.make_table(policy)
         nets = [r.split("=")[0] for r in rules]
         for _ in range(8):
             addr = _addr(rng, nets)
@@ -105,7 +105,7 @@ def test_c_lookup_equals_the_engine_table(lib):
 
 def test_c_lookup_never_takes_an_address_the_socket_cannot_use(lib):
     eps = {e.name: e for e in map(parse_endpoint, ENDPOINTS)}
-    table, _rows = F.make_table(Policy(eps, [], [parse_egress("::/0=a6")]).egress_table())
+    table, _rows = F.make_table(Policy(eps, [], [parse_egress("::/0=a6")]))
     op = Op("connect", V4, "::1", 80, S)  # an IPv4 socket given a sockaddr_in6: the kernel's answer
     assert _c_lookup(lib, table, op) == ("ask",)
 

@@ -185,16 +185,15 @@ def compile_ingress(table) -> tuple[ctypes.Array, int]:
     for i, (version, addr, lo, hi, *_ep) in enumerate(table.rows):
         ip = ipaddress.ip_address(addr)
         rows[i].version, rows[i].any, rows[i].lo, rows[i].hi = version, int(ip.is_unspecified), lo, hi
-        rows[i].addr[:] = list(ip.packed.ljust(16, b"\0"))
+        rows[i].addr[:] = list(_bytes16(addr))
     return rows, len(table.rows)
 
 
 def make_table(policy, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
-    """(Table, the arrays it points to: keep them alive together) for a Policy (its egress and
-    ingress tables), or for an EgressTable alone (no ingress pairs)."""
-    egress = policy.egress_table() if hasattr(policy, "egress_table") else policy
-    rows, n = compile_rows(egress)
-    ins, ni = compile_ingress(policy.ingress_table()) if hasattr(policy, "ingress_table") else ((In * 1)(), 0)
+    """(Table, the arrays it points to: keep them alive together) for a Policy: its egress and
+    ingress tables."""
+    rows, n = compile_rows(policy.egress_table())
+    ins, ni = compile_ingress(policy.ingress_table())
     t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None, ni, 0,
               ctypes.cast(ins, ctypes.POINTER(In)))
     return t, (rows, ins)
@@ -208,7 +207,7 @@ class Compiled:
     def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None):
         self.policy = policy
         self.table, (self.rows, self.ingress) = make_table(policy, host_cookie, netns_ino or 0, policy.mark, version)
-        self.decisions: dict = {}  # (row, family, type, proto) -> the engine's Decision
+        self.decisions: dict = {}  # (verb, row, family, type, proto) -> the engine's Decision
         self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
         self.pools_said, self.checked = "", -1e9
         self.lock = lock or N.NoLock()  # the C loop's mutex while the C may use this table
