@@ -1,5 +1,6 @@
-/* The fd service's `connect` requests at native speed (issue 11, lever 5): one call per readable
- * connection, made by sockgraft/modes/api/fast.py (ctypes) in place of Python's recvmsg.
+/* The fd service's `connect`, `pool`, `bind` and `named` requests at native speed (issue 11, lever 5):
+ * one call per readable connection, made by sockgraft/modes/api/fast.py (ctypes) in place of
+ * Python's recvmsg.
  *
  * It decides nothing of its own. It parses a request exactly as core/protocol.parse_request does
  * (the same words, numbers and addresses: ipaddress's rules, ported below), looks it up in a table
@@ -31,6 +32,13 @@
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
+
+/* `named NAME FAMILY TYPE PROTO FLAGS` (the graft API's bind by endpoint name): a verb and a table
+ * kind beside those of fdservice_fast.h. A named table is one endpoint of the container's table:
+ * `tail` is its name, in_rows[0] the host address the engine grants it (kind, ep_addr, ep_port;
+ * kind 0: a unix endpoint, "ask"); fast.py compiles them from Policy.decide. */
+#define FS_NAMED 3
+#define FS_FOR_NAMED 4
 
 static const uint8_t V4MAPPED[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
 
@@ -215,6 +223,60 @@ static int parse_flags(struct word w, int32_t *out)
 	return 0;
 }
 
+/* Split `n` words off data[i..len) at single spaces; the offset after the last one. -1: fewer. */
+static long split_words(const char *data, size_t len, size_t i, struct word *w, int n)
+{
+	for (int k = 0; k < n; k++) {
+		size_t start = i;
+		while (i < len && data[i] != ' ')
+			i++;
+		w[k] = (struct word){ data + start, i - start };
+		if (k < n - 1) {
+			if (i == len)
+				return -1; /* fewer arguments than the verb takes */
+			i++;
+		}
+	}
+	return (long)i;
+}
+
+/* `named NAME FAMILY TYPE PROTO FLAGS`, as parse_request reads it (a destination after it: -1, Python
+ * answers); NAME must be the tail of a named table (an endpoint of the container: a valid name). */
+static int parse_named(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req)
+{
+	struct word w[5];
+	long end = split_words(data, len, sizeof("named ") - 1, w, 5);
+	if (end < 0 || (size_t)end != len)
+		return -1;
+	for (size_t j = 0; j < len; j++)
+		if ((unsigned char)data[j] >= 0x80)
+			return -1; /* not ASCII */
+	req->table = -1;
+	for (int t = 0; t < ntables; t++) {
+		if ((tables[t].verbs & FS_FOR_NAMED) && tables[t].tail_len == w[0].n &&
+		    memcmp(tables[t].tail, w[0].p, w[0].n) == 0) {
+			req->table = t;
+			break;
+		}
+	}
+	if (req->table < 0)
+		return -1; /* no such endpoint: Python says so */
+	long family, type, proto;
+	if (to_int(w[1], 0, 65535, &family) < 0 ||
+	    (family != 0 && family != AF_UNIX && family != AF_INET && family != AF_INET6))
+		return -1;
+	if (to_int(w[2], 0, 15, &type) < 0 || to_int(w[3], 0, 65535, &proto) < 0 || parse_flags(w[4], &req->flags) < 0)
+		return -1;
+	req->verb = FS_NAMED;
+	req->family = (int32_t)family;
+	req->type = (int32_t)type;
+	req->proto = (int32_t)proto;
+	req->port = 0;
+	req->count = 0;
+	memset(req->addr, 0, sizeof(req->addr));
+	return 0;
+}
+
 /* -- the request: `connect FAMILY ADDR PORT TYPE PROTO[ RULES]`, `pool ... PROTO N[ RULES]`,
  *    `bind FAMILY ADDR PORT TYPE PROTO FLAGS[ RULES]` ---------------------------------------------- */
 EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req)
@@ -225,6 +287,8 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 	int nargs;
 	if (len > FS_MAX_MESSAGE)
 		return -1;
+	if (len >= sizeof("named ") - 1 && memcmp(data, "named ", sizeof("named ") - 1) == 0)
+		return parse_named(data, len, tables, ntables, req);
 	if (len >= sizeof(connect_verb) - 1 && memcmp(data, connect_verb, sizeof(connect_verb) - 1) == 0) {
 		req->verb = FS_CONNECT;
 		i = sizeof(connect_verb) - 1;
@@ -240,19 +304,10 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 	} else {
 		return -1;
 	}
-	size_t tail;
-	for (int k = 0; k < nargs; k++) {
-		size_t start = i;
-		while (i < len && data[i] != ' ')
-			i++;
-		w[k] = (struct word){ data + start, i - start };
-		if (k < nargs - 1) {
-			if (i == len)
-				return -1; /* fewer arguments than the verb takes */
-			i++;
-		}
-	}
-	tail = i; /* at the end, or at the space before the caller's rules */
+	long end = split_words(data, len, i, w, nargs);
+	if (end < 0)
+		return -1;
+	size_t tail = (size_t)end; /* at the end, or at the space before the caller's rules */
 	for (size_t j = 0; j < tail; j++)
 		if ((unsigned char)data[j] >= 0x80)
 			return -1; /* not ASCII */
@@ -396,6 +451,20 @@ EXPORT int fs_lookup_bind(const struct fs_table *t, const struct fs_req *req, in
 		return grant_host(req, r->kind, r->ep_addr, r->ep_port, family, host, host_port);
 	}
 	return FS_LK_LOCAL;
+}
+
+/* -- engine.Policy._by_name, for the endpoint of a named table -------------------------------- */
+EXPORT int fs_lookup_named(const struct fs_table *t, const struct fs_req *req, int *row, int *family,
+			   uint8_t host[16], int *host_port)
+{
+	if (t->nin != 1 || !ip_type(req))
+		return FS_LK_ASK; /* engine._check_type denies these (or a unix endpoint's): Python */
+	const struct fs_in_row *r = &t->in_rows[0];
+	struct fs_req as = *req;
+	if (as.family == 0) /* the endpoint's own family */
+		as.family = r->kind == 4 ? AF_INET : AF_INET6;
+	*row = 0;
+	return grant_host(&as, r->kind, r->ep_addr, r->ep_port, family, host, host_port);
 }
 
 /* -- carrying it out ------------------------------------------------------------------------- */
@@ -584,8 +653,9 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 		return handback(out, buf, (size_t)n);
 	int row = -1, family = 0, host_port = 0, dual = 0;
 	uint8_t host[16];
-	int lk = req.verb == FS_BIND ? fs_lookup_bind(&tables[req.table], &req, &row, &family, host, &host_port, &dual)
-				     : fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
+	int lk = req.verb == FS_BIND	? fs_lookup_bind(&tables[req.table], &req, &row, &family, host, &host_port, &dual)
+		 : req.verb == FS_NAMED ? fs_lookup_named(&tables[req.table], &req, &row, &family, host, &host_port)
+					: fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
 	if (lk == FS_LK_ASK)
 		return handback(out, buf, (size_t)n);
 	/* a pool is handed over unconnected only where the kernel guards it (egress.pools_off, passed
@@ -629,8 +699,8 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 		return FS_GRANT;
 	}
 	int code = 0;
-	int s = req.verb == FS_BIND ? open_bound(family, host, host_port, &req, mark)
-				    : open_connecting(family, host, host_port, &req, mark, &code);
+	int s = req.verb == FS_BIND || req.verb == FS_NAMED ? open_bound(family, host, host_port, &req, mark)
+							    : open_connecting(family, host, host_port, &req, mark, &code);
 	if (s < 0) {
 		out->err = errno ? errno : EIO;
 		out->result = FS_FAIL; /* the Python side replies `err` and audits the failure */

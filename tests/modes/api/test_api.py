@@ -347,3 +347,69 @@ def test_connect_from_hands_over_a_connected_socket(tmp_path, state_dir, ns):
     assert dict(line.rsplit(" ", 1) for line in out.splitlines()) == {
         "peer": "True", "rebind": "EINVAL", "reaim": native, "still": "True", "refused": "ECONNREFUSED",
         "nonblocking": "EINPROGRESS", "unknown": "EADDRNOTAVAIL", "v6 from v4": "EAFNOSUPPORT"}
+
+
+NAMED_BINDS = """
+    import errno, json, socket, sys, sockgraft
+    OPTS = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1), (socket.SOL_SOCKET, socket.SO_RCVBUF, 65536),
+            (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1), (socket.IPPROTO_IP, socket.IP_TOS, 0x10),
+            (socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)]
+    def opts(s):
+        return [s.getsockopt(level, name) if level != socket.IPPROTO_TCP or s.type == socket.SOCK_STREAM else None
+                for level, name, _ in OPTS]
+    out = {}
+    for label, family, sotype, name in (("v4", sockgraft.AF_GRAFT, socket.SOCK_STREAM, "ep-dyn"),
+                                        ("v6", socket.AF_INET6, socket.SOCK_STREAM, "ep-dyn"),
+                                        ("udp", sockgraft.AF_GRAFT, socket.SOCK_DGRAM, "ep-dyn"),
+                                        ("fixed", sockgraft.AF_GRAFT, socket.SOCK_STREAM, "ep-fixed")):
+        s = sockgraft.socket(family, sotype)
+        if sotype == socket.SOCK_STREAM:
+            for level, opt, value in OPTS:
+                s.setsockopt(level, opt, value)
+        s.settimeout(2.5)
+        s.bind(name)
+        out[label] = {"addr": list(s.getsockname()[:2]), "family": s.family, "type": s.type,
+                      "timeout": s.gettimeout(), "opts": opts(s)}
+        with socket.socket(s.family, sotype) as native:  # the values the same calls give natively
+            if sotype == socket.SOCK_STREAM:
+                for level, opt, value in OPTS:
+                    native.setsockopt(level, opt, value)
+            out[label]["native"] = opts(native)
+        out[label]["rebind"] = "escape"
+        try:
+            s.bind(("127.0.0.1" if s.family == socket.AF_INET else "::", 0))
+        except OSError as e:
+            out[label]["rebind"] = errno.errorcode[e.errno]
+        s.close()
+    try:
+        sockgraft.socket().bind("not-mine")
+    except OSError as e:
+        out["unknown"] = errno.errorcode[e.errno]
+    print(json.dumps(out), flush=True)
+"""
+
+
+def test_named_binds(tmp_path, state_dir, ns):
+    """bind(NAME) (served in C by the fd service, fdservice_fast.c `named`): the endpoint's address
+    (a dynamic endpoint: a real port), v4-mapped for an AF_INET6 socket, UDP, a fixed port; the
+    options the program set before the bind carried over with the values it gets natively, its
+    timeout kept; the socket cannot be bound again; a name not in the table is EADDRNOTAVAIL. The
+    audit names each grant."""
+    port = free_port()
+    p = graft("run", "-n", ns, "--endpoint", "ep-dyn type ipv4 addr 127.0.0.1 port dynamic",
+              "--endpoint", f"ep-fixed type ipv4 addr 127.0.0.1 port {port}",
+              "--", sys.executable, script(tmp_path, "named.py", NAMED_BINDS))
+    out = json.loads(p.stdout)
+    assert out.pop("unknown") == "EADDRNOTAVAIL"
+    for label, r in out.items():
+        assert r["rebind"] == "EINVAL" and r["timeout"] == 2.5, (label, r)
+        assert r["opts"] == r["native"], (label, r)
+    assert out["v4"]["addr"][0] == "127.0.0.1" and out["v4"]["addr"][1] > 0 and out["v4"]["family"] == socket.AF_INET
+    assert out["v4"]["opts"][1] == 2 * 65536 and out["v4"]["opts"][3] == 0x10  # set, not left at the defaults
+    assert out["v6"]["addr"][0] == "::ffff:127.0.0.1" and out["v6"]["family"] == socket.AF_INET6
+    assert out["udp"]["type"] == socket.SOCK_DGRAM and out["udp"]["addr"][1] > 0
+    assert out["fixed"]["addr"] == ["127.0.0.1", port]
+    audit = [json.loads(line) for line in open(os.path.join(state_dir, "audit.log"))]
+    grants = {(r["endpoint"], r.get("count")) for r in audit if r["event"] == "grant" and r["op"] == "named"}
+    assert {"ep-dyn", "ep-fixed"} <= {e for e, _ in grants}
+    assert any(r["event"] == "deny" and r["op"] == "named" and r["errno"] == 99 for r in audit)

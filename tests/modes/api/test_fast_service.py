@@ -95,6 +95,19 @@ def requests(port: int, closed: int) -> list[str]:
         "bind 2 127.0.0.1 7005 1 0 - in:127.0.0.1:7005=ep-out2",      # compiled
         "bind 2 127.0.0.1 7001 1 0 reuseaddr,",                       # malformed flags
         "bind 2 127.0.0.1 7001 1 0 - out:127.0.0.0/8=ep-out2",        # a connect's rules on a bind: malformed
+        "named ep-out 0 1 0 -",                                       # named (graft API): the endpoint's family
+        "named ep-out 10 1 0 v6only",                                 # an IPv6 socket: v4-mapped, V6ONLY not set
+        "named ep-out 2 2 17 reuseaddr,reuseport",                    # datagram
+        "named ep-fixed 2 1 6 reuseaddr",                             # a fixed port
+        "named ep-gone 0 1 0 -",                                      # fail: the endpoint's address is not here
+        "named nope 0 1 0 -",                                         # ask: no such endpoint (Python denies)
+        "named ep-unix 2 1 0 -",                                      # ask: a unix endpoint (Python denies)
+        "named ep-out 0 3 0 -",                                       # ask: raw socket
+        "named ep-out 1 1 0 -",                                       # ask: AF_UNIX socket on an ipv4 endpoint
+        f"named ep-out 0 1 0 - 127.0.0.1 {port}",                     # with a destination: Python connects
+        "named ep-out 0 1 0 reuse",                                   # malformed flags
+        "named ep-out 0 1 0",                                         # malformed: an argument short
+        "named ep-out 0 1 0 - in:127.0.0.1:1=ep-out",                 # malformed: no rules on named
         f"sendto 2 127.0.0.1 {closed} 2 0",                           # another verb
         "show",
         "x" * 5000,                                                   # too long
@@ -185,12 +198,21 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     assert by_req[binds[5]]["reply"] == "local" and by_req[binds[6]]["reply"].startswith("err 99 ep-gone: ")
     assert by_req[binds[10]]["sock"]["addr"] == "127.0.0.2" and by_req[binds[11]]["reply"].startswith("err 22 ")
     assert by_req[binds[12]]["reply"].startswith("err 22 ")
+    named = [r for r in reqs if r.startswith("named ")]
+    assert by_req[named[0]]["reply"].startswith("ok 2 127.0.0.1 ") and by_req[named[0]]["sock"]["mark"] != 0
+    assert by_req[named[1]]["reply"].startswith("ok 10 ::ffff:127.0.0.1 ") and by_req[named[2]]["sock"]["type"] == 2
+    assert by_req[named[3]]["reply"] == "ok 2 127.0.0.1 1" and by_req[named[4]]["reply"].startswith("err 99 ep-gone: ")
+    assert [by_req[r]["reply"].split(" ")[:2] for r in named[5:9]] == [["err", "99"], ["err", "97"], ["err", "13"],
+                                                                     ["err", "97"]]
+    assert by_req[named[9]]["sock"]["peer"] == ["127.0.0.1", listener]
+    assert {by_req[r]["reply"].split(" ")[1] for r in named[10:]} == {"22"}
     # the fast path answered what its tables decide: 4 container-rule grants + the refused one, the
     # second request with caller rules, the local one and the failure; for pool, 2 container-rule
     # grants + both with the caller rules the connect taught it, the local one and the failure;
-    # for bind, 4 grants + the second with caller pairs, 2 local ones and the failure; Python the rest
+    # for bind, 4 grants + the second with caller pairs, 2 local ones and the failure; for named, 4
+    # grants and the failure; Python the rest
     stats.pop("back_to_back")
-    assert stats == {"grant": 15, "pool": 4, "bind": 5, "local": 4, "fail": 3, "handback": 16}
+    assert stats == {"grant": 19, "pool": 4, "bind": 5, "named": 4, "local": 4, "fail": 4, "handback": 24}
 
 
 def test_back_to_back_requests_answered_alike(tmp_path, ns, listener, monkeypatch):
@@ -232,7 +254,7 @@ def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monke
     replies, records, stats = serve_and_ask(state, ns, str(tmp_path / "svc.sock"), other,
                                             [f"connect 2 127.0.0.1 {listener} 1 0"])
     assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
-    assert stats == {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 1, "back_to_back": 0}
+    assert stats == {"grant": 0, "pool": 0, "bind": 0, "named": 0, "local": 0, "fail": 0, "handback": 1, "back_to_back": 0}
     assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
 
 

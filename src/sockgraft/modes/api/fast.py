@@ -1,5 +1,5 @@
-"""The fd service's native fast path for `connect` and `pool` requests (csrc/fdservice_fast.c,
-libgraft-fdfast.so).
+"""The fd service's native fast path for `connect`, `pool`, `bind` and `named` requests
+(csrc/fdservice_fast.c, libgraft-fdfast.so).
 
 The service's loop calls `FastPath.serve` for a readable connection instead of recvmsg: C reads the
 request and the caller's netns, and answers a `connect` or `pool` whose outcome the engine's compiled
@@ -7,10 +7,12 @@ table (`Policy.egress_table()`) states - a grant (the host socket connected as
 hostsock.open_connecting does, or for `pool` N sockets made as hostsock.pooled does, sent with the
 reply) or `local`. A `pool` is served in C only while egress.pools_off says pools are on for the
 container (asked again at most once a second: `pools_on`) and only for a marked socket of a dynamic
-endpoint; everything else comes back with its bytes and the Python service answers it as before. The policy stays in Python: tables are compiled here from the
-container's cached policy (again whenever that object changes) and, for requests that carry the
-caller's own rules (the preload library's GRAFT_EGRESS), from those rules once Python has parsed
-them (keyed by their exact bytes).
+endpoint. A `bind` is judged from `Policy.ingress_table()`, a `named` bind (the graft API's, no
+destination) from what `Policy.decide` grants each endpoint of the container (`compile_named`);
+everything else comes back with its bytes and the Python service answers it as before. The policy
+stays in Python: tables are compiled here from the container's cached policy (again whenever that
+object changes) and, for requests that carry the caller's own rules (the preload library's
+GRAFT_EGRESS), from those rules once Python has parsed them (keyed by their exact bytes).
 
 `GRAFT_FDSERVICE_FAST=0` turns it off; a library that is missing or cannot be loaded is said once
 and the Python path serves."""
@@ -31,8 +33,8 @@ LIB_NAME = "libgraft-fdfast.so"
 ENV = "GRAFT_FDSERVICE_FAST"
 ABI = 3  # csrc/fdservice_fast.h FS_ABI
 POOLS = 1  # fs_serve flags: FS_POOLS
-CONNECT, POOL, BIND = 0, 1, 2  # FS_CONNECT, FS_POOL, FS_BIND
-VERBS = ("connect", "pool", "bind")
+CONNECT, POOL, BIND, NAMED = 0, 1, 2, 3  # FS_CONNECT, FS_POOL, FS_BIND; FS_NAMED (fdservice_fast.c)
+VERBS = ("connect", "pool", "bind", "named")
 POOLS_RECHECK = 1.0  # seconds between two egress.pools_off answers for one container
 SPIN_ENV = "GRAFT_FDSERVICE_SPIN"  # µs the C loop waits, awake, for a back-to-back caller's next request (0: never)
 SPIN_US = 50
@@ -58,7 +60,7 @@ class InRow(ctypes.Structure):
                 ("addr", ctypes.c_uint8 * 16), ("ep_addr", ctypes.c_uint8 * 16)]
 
 
-FOR_EGRESS, FOR_BIND = 1, 2  # fs_table.verbs
+FOR_EGRESS, FOR_BIND, FOR_NAMED = 1, 2, 4  # fs_table.verbs (FS_FOR_NAMED: fdservice_fast.c)
 
 
 class Table(ctypes.Structure):
@@ -172,6 +174,23 @@ def compile_in_rows(policy: Policy) -> tuple[ctypes.Array, list[tuple[str, str]]
     return arr, meta
 
 
+def compile_named(policy: Policy) -> list[tuple[bytes, ctypes.Array, tuple[str, str]]]:
+    """Per endpoint, the table of a `named` request (fdservice_fast.c FS_FOR_NAMED): its name, one
+    InRow holding the host address the engine grants a socket of the endpoint's own family (kind 0:
+    none, the engine decides: a unix endpoint) and what the audit names (endpoint, reason). C
+    carries the family over (v4-mapped for an IPv6 socket on an ipv4 endpoint) as for `bind`."""
+    out = []
+    for name in policy.endpoints:
+        d = policy.decide(Op("named", 0, name=name))
+        row = (InRow * 1)()
+        if d.granted and d.family in (socket.AF_INET, socket.AF_INET6):
+            row[0].kind = 4 if d.family == socket.AF_INET else 6
+            row[0].ep_port = d.host[1]
+            ctypes.memmove(row[0].ep_addr, _packed(d.host[0]), 4 if d.family == socket.AF_INET else 16)
+        out.append((name.encode(), row, (name, d.reason)))
+    return out
+
+
 @dataclass
 class _Compiled:
     policy: Policy
@@ -186,9 +205,10 @@ class _Compiled:
 
     def build(self) -> None:
         sets = [(b"", self.policy), *self.tails.items()]
-        self.tables = (Table * len(sets))()
+        named = compile_named(self.policy)
+        self.tables = (Table * (len(sets) + len(named)))()
         self.meta, self.in_meta, self.keep = [], [], []
-        for t, (tail, pol) in zip(self.tables, sets):
+        for t, (tail, pol) in zip(self.tables[:len(sets)], sets):
             rows, meta = compile_rows(pol)
             in_rows, in_meta = compile_in_rows(pol)
             t.tail, t.tail_len, t.nrows = tail, len(tail), len(meta)
@@ -198,6 +218,12 @@ class _Compiled:
             self.meta.append(meta)
             self.in_meta.append(in_meta)
             self.keep += [tail, rows, in_rows]
+        for t, (name, row, meta) in zip(self.tables[len(sets):], named):
+            t.tail, t.tail_len, t.verbs, t.nin = name, len(name), FOR_NAMED, 1
+            t.in_rows = ctypes.cast(row, ctypes.POINTER(InRow))
+            self.meta.append([])
+            self.in_meta.append([meta])
+            self.keep += [name, row]
         self.local = self.policy.decide(Op("connect", socket.AF_UNIX))  # no rule can match: local
 
 
@@ -240,7 +266,7 @@ class FastPath:
         except ValueError:
             self.spin_us = SPIN_US
         self._by_key: dict[str, _Compiled] = {}
-        self.stats = {"grant": 0, "pool": 0, "bind": 0, "local": 0, "fail": 0, "handback": 0}  # grant counts all
+        self.stats = {"grant": 0, "pool": 0, "bind": 0, "named": 0, "local": 0, "fail": 0, "handback": 0}  # grant: all
         self.back_to_back = 0  # answers given in C after the first of a call (fs_serve_batch)
 
     def compiled(self, key: str, policy: Policy) -> _Compiled:

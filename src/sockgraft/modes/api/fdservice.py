@@ -210,8 +210,8 @@ class FdService:
                 s.close()
 
     def _serve_fast(self, conn: socket.socket, c: _Conn) -> None:
-        """Requests through csrc/fdservice_fast.c: it answers the `connect`, `pool` and `bind` requests
-        the compiled tables decide, and hands back every other one, which `handle` answers. A caller
+        """Requests through csrc/fdservice_fast.c: it answers the `connect`, `pool`, `bind` and `named`
+        requests the compiled tables decide, and hands back every other one, which `handle` answers. A caller
         that asked again soon after its last answer (within fast.SPIN_GAP: a loop of binds, say) is
         served back to back in C while its requests keep coming (fast.FastPath.serve)."""
         t0 = time.perf_counter()
@@ -249,13 +249,13 @@ class FdService:
             if self.on_request is not None:
                 self.on_request((time.perf_counter() - t0) / n)
             return self._reply(conn, reply, sock)
-        where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port}
         op = fast.VERBS[out.verb]
+        where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port} if op != "named" else {}
         if result == fast.LOCAL:
             stats["local"] += 1
             self.audit.decision(c.key, self.mode, op, compiled.local, **where)
         else:
-            if op == "bind":
+            if op in ("bind", "named"):
                 endpoint, reason = compiled.in_meta[out.table][out.row]
                 reason += " (dual-stack [::] bind)" if out.dual else ""
             else:
@@ -266,8 +266,8 @@ class FdService:
                 if op == "pool":
                     stats["pool"] += 1
                     extra["count"] = out.count
-                elif op == "bind":
-                    stats["bind"] += 1
+                elif op in ("bind", "named"):
+                    stats[op] += 1
                 self.audit.record(GRANT, container=c.key, mode=self.mode, op=op, endpoint=endpoint,
                                   errno=None, reason=reason, host=[out.host.decode(), out.host_port], **extra, **where)
             else:

@@ -6,8 +6,8 @@
 
 Before bind() the object holds a placeholder socket inside the container; bind(NAME) replaces its
 file descriptor, in place, with the host socket the fd service hands over, carrying over the socket
-options set on the placeholder (core.tables.COPIED_OPTIONS). A socket made as AF_INET/AF_INET6
-asks for its own family: AF_INET6 on an ipv4 endpoint is bound to the v4-mapped address. Binds and
+options the program set on the placeholder (its setsockopt calls through this object, replayed). A
+socket made as AF_INET/AF_INET6 asks for its own family: AF_INET6 on an ipv4 endpoint is bound to the v4-mapped address. Binds and
 connects to addresses (tuples) are the plain socket calls: the api mode has no transparent path.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import errno
 import os
 import socket as _socket
 
-from sockgraft.host.hostsock import copy_options, socket_flags
+from sockgraft.host.hostsock import socket_flags
 from sockgraft.modes.api import pool
 from sockgraft.modes.api.client import ask
 from sockgraft.core.endpoint import Endpoint, parse_endpoint
@@ -38,7 +38,7 @@ class GraftSocket(_socket.socket):
             family = _socket.AF_INET  # placeholder until bind(NAME)
         super().__init__(family, type, proto, fileno)
         self.endpoint: str | None = None
-        self._setopts: list[tuple] = []  # setsockopt calls on the placeholder: replayed on a pooled socket
+        self._setopts: list[tuple] = []  # setsockopt calls on the placeholder: replayed on the host socket
 
     def setsockopt(self, level, optname, value, optlen=None) -> None:
         if optlen is None:
@@ -55,9 +55,12 @@ class GraftSocket(_socket.socket):
         s.endpoint = source
         return s
 
-    def _adopt_pooled(self, fd: int, family: int, name: str) -> None:
-        """Like _adopt for a pooled socket, cheaper: only the options the program set are set again
-        (its own setsockopt calls, replayed: the values it gets natively), instead of reading them all."""
+    def _adopt(self, fd: int, family: int, name: str) -> None:
+        """The host socket `fd` (of `family`, this socket's type and protocol) takes this socket's fd
+        number. The options the program set on the placeholder are set again - its own setsockopt
+        calls replayed, so it gets the values it gets natively - instead of reading every option of
+        core.tables.COPIED_OPTIONS back (IP-level ones only onto a host socket of the placeholder's
+        family, none onto a unix one, as host.hostsock.copy_options)."""
         timeout, sotype, proto, placeholder = self.gettimeout(), self.type, self.proto, self.family
         number = self.detach()
         try:
@@ -66,9 +69,9 @@ class GraftSocket(_socket.socket):
             os.close(fd)
         _socket.socket.__init__(self, family, sotype, proto, number)
         self.settimeout(timeout)
-        for level, optname, value, optlen in self._setopts:
+        for level, optname, value, optlen in self._setopts if family != _socket.AF_UNIX else ():
             if level in (_socket.IPPROTO_IP, _socket.IPPROTO_IPV6) and placeholder != family:
-                continue  # as copy_options: IP-level options of another family do not apply
+                continue
             try:
                 if optlen is None:
                     _socket.socket.setsockopt(self, level, optname, value)
@@ -78,28 +81,11 @@ class GraftSocket(_socket.socket):
                 continue
         self.endpoint = name
 
-    def _adopt(self, fd: int, name: str) -> None:
-        """The host socket `fd` takes this socket's fd number, with the options set on it so far."""
-        timeout = self.gettimeout()
-        try:
-            with _socket.socket(fileno=os.dup(fd)) as host:
-                copy_options(self, host)
-        except OSError:
-            pass
-        number = self.detach()
-        try:
-            os.dup2(fd, number, inheritable=False)
-        finally:
-            os.close(fd)
-        _socket.socket.__init__(self, fileno=number)
-        self.settimeout(timeout)
-        self.endpoint = name
-
     def bind(self, address) -> None:
         if isinstance(address, str) and self.family != _socket.AF_UNIX:
-            _reply, fd = ask(Request("named", name=address, family=self._named_family, type=self.type,
-                                     proto=self.proto, flags=socket_flags(self)))
-            self._adopt(fd, address)
+            reply, fd = ask(Request("named", name=address, family=self._named_family, type=self.type,
+                                    proto=self.proto, flags=socket_flags(self)))
+            self._adopt(fd, reply.family, address)
         else:
             super().bind(address)
 
@@ -112,8 +98,8 @@ class GraftSocket(_socket.socket):
             super().connect(address)
 
     def _dial(self, name: str) -> None:
-        _reply, fd = ask(Request("dial", name=name, type=self.type, proto=self.proto))
-        self._adopt(fd, name)
+        reply, fd = ask(Request("dial", name=name, type=self.type, proto=self.proto))
+        self._adopt(fd, reply.family, name)
 
     def connect_from(self, source: str, address: tuple) -> None:
         """Connect to `address` (an IP and port) leaving by endpoint `source`. Where the kernel guards
@@ -127,13 +113,13 @@ class GraftSocket(_socket.socket):
         if got is None:
             return self._connect_from_service(source, address)
         fd, family = got
-        self._adopt_pooled(fd, family, source)
+        self._adopt(fd, family, source)
         _socket.socket.connect(self, _host_destination(address, family))
 
     def _connect_from_service(self, source: str, address: tuple) -> None:
-        _reply, fd = ask(Request("named", name=source, family=self._named_family, type=self.type, proto=self.proto,
-                                 flags=socket_flags(self), addr=address[0], port=address[1]))
-        self._adopt(fd, source)
+        reply, fd = ask(Request("named", name=source, family=self._named_family, type=self.type, proto=self.proto,
+                                flags=socket_flags(self), addr=address[0], port=address[1]))
+        self._adopt(fd, reply.family, source)
         if self.gettimeout() != 0.0:
             _wait_connected(self)
             # a connect done in the background leaves the kernel's socket "connecting", where a later
