@@ -472,9 +472,25 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	return done(out, GS_DONE_GRANT, err);
 }
 
+/* The sockaddr of a bind or connect (args[1], args[2]) copied once into out->addr (out->addrlen:
+ * its length, 0 until read). 0, or GS_HANDBACK. */
+static int read_addr(struct gs_out *out)
+{
+	if (out->addrlen)
+		return 0;
+	uint64_t len = out->args[2] & 0xFFFFFFFFu;
+	if (len < 2 || len > MAX_SOCKADDR || !out->args[1])
+		return GS_HANDBACK;
+	struct iovec local = {out->addr, len}, remote = {(void *)(uintptr_t)out->args[1], len};
+	if (syscall(SYS_process_vm_readv, (pid_t)out->pid, &local, 1UL, &remote, 1UL, 0UL) != (long)len)
+		return GS_HANDBACK;
+	out->addrlen = (uint32_t)len;
+	stamp(out, GS_T_READ);
+	return 0;
+}
+
 /* The socket (an IP one of the container's netns: a host socket, grafted already, is the
- * engine's own rule) and the sockaddr of a bind or connect (args[1], args[2]), copied once into
- * out->addr. 0, or GS_HANDBACK. */
+ * engine's own rule) and the sockaddr of a bind or connect (read_addr). 0, or GS_HANDBACK. */
 static int read_call(const struct gs_table *t, struct gs_out *out, int dup)
 {
 	int fam = 0, type = 0, proto = 0;
@@ -487,19 +503,31 @@ static int read_call(const struct gs_table *t, struct gs_out *out, int dup)
 	if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0 || cookie == t->host_cookie)
 		return GS_HANDBACK;
 	out->family = fam, out->type = type, out->proto = proto;
-	uint64_t len = out->args[2] & 0xFFFFFFFFu;
-	if (len < 2 || len > MAX_SOCKADDR || !out->args[1])
-		return GS_HANDBACK;
-	struct iovec local = {out->addr, len}, remote = {(void *)(uintptr_t)out->args[1], len};
-	if (syscall(SYS_process_vm_readv, (pid_t)out->pid, &local, 1UL, &remote, 1UL, 0UL) != (long)len)
-		return GS_HANDBACK;
-	out->addrlen = (uint32_t)len;
-	stamp(out, GS_T_READ);
-	return 0;
+	return read_addr(out);
 }
 
 static int serve_connect(int listener, const struct gs_table *t, struct gs_out *out, int dup)
 {
+	if (t->pools) {
+		/* Where the kernel guards the container's host sockets: a socket of the container's netns
+		 * (one getsockopt: no family, type or protocol read) connecting where no rule leads, for
+		 * any socket (gs_connect_local), runs its own connect (CONTINUE; see the local branch
+		 * below for what a changed fd or address meets). */
+		uint64_t cookie = 0;
+		socklen_t cl = sizeof(cookie);
+		if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) == 0 && cookie != t->host_cookie &&
+		    read_addr(out) == 0 && gs_connect_local(t, out->addr, out->addrlen)) {
+			uint16_t safam;
+			memcpy(&safam, out->addr, 2); /* AF_INET or AF_INET6: gs_connect_local said so */
+			out->family = safam, out->type = 0, out->proto = 0; /* the record: type unknown */
+			out->decided = GS_LOCAL;
+			out->pooled = 1;
+			stamp(out, GS_T_JUDGE);
+			if (send_continue(listener, out->id) == ENOENT)
+				return done(out, GS_DONE_GONE, 0);
+			return done(out, GS_DONE_LOCAL, 0);
+		}
+	}
 	if (read_call(t, out, dup))
 		return GS_HANDBACK;
 	int fam = out->family, type = out->type, proto = out->proto;
@@ -572,6 +600,22 @@ static int serve_sendto(int listener, struct gs_out *out, int dup)
 	return done(out, GS_DONE_CONTINUE, 0);
 }
 
+/* The first ingress row of `t` a bind of `ip` (version 4 or 6) port `port` matches, as
+ * IngressTable.lookup matches them (`dual`: a dual-stack [::] bind, matched by IPv4 rows too); -1:
+ * none. */
+static int in_match(const struct gs_table *t, int version, const uint8_t *ip, uint16_t port, int dual)
+{
+	for (uint32_t i = 0; i < t->ningress; i++) {
+		const struct fs_in_row *r = &t->ingress[i];
+		if (port < r->port_lo || port > r->port_hi)
+			continue;
+		if ((r->version == version && (r->wildcard || memcmp(r->addr, ip, version == 4 ? 4 : 16) == 0)) ||
+		    (dual && r->version == 4))
+			return (int)i;
+	}
+	return -1;
+}
+
 /* Whether no ingress pair of `t` can take a bind of this sockaddr on a socket of `family` (1), or
  * the engine must judge it (0). Pure; tests/modes/seccomp/test_fast.py holds it against
  * Policy.decide: 1 only where the engine answers "local". */
@@ -588,34 +632,219 @@ EXPORT int gs_bind_local(const struct gs_table *t, int family, const uint8_t *sa
 		return 0;
 	uint16_t port = (uint16_t)(sa[2] << 8 | sa[3]);
 	int dual = family == AF_INET6 && version == 6 && memcmp(ip, zero, 16) == 0;
-	for (uint32_t i = 0; i < t->ningress; i++) {
-		const struct gs_in *r = &t->ingress[i];
-		if (port < r->lo || port > r->hi)
-			continue;
-		if ((r->version == version && (r->any || memcmp(r->addr, ip, version == 4 ? 4 : 16) == 0)) ||
-		    (dual && r->version == 4))
+	return in_match(t, version, ip, port, dual) < 0;
+}
+
+/* Whether no egress rule of `t` can take a connect to this sockaddr, whatever socket of the
+ * container's netns makes it (1), or the engine must judge it (0): an AF_INET or AF_INET6 sockaddr
+ * whose destination no row's prefix holds (a v4-mapped IPv6 address counting as IPv4, as the
+ * engine's _ip does). The engine answers "local" there for any family that can use the sockaddr,
+ * any socket type, protocol, bound or not, in any netns; a grafted (host) socket it refuses (EPERM):
+ * serve_connect asks this only for a socket of the container's netns. Pure; test_fast.py holds it
+ * against Policy.decide. */
+EXPORT int gs_connect_local(const struct gs_table *t, const uint8_t *sa, uint32_t salen)
+{
+	uint8_t ip[16];
+	int version = dest_of(AF_INET6, sa, salen, ip); /* AF_INET6: the family that takes both sockaddrs */
+	if (!version)
+		return 0;
+	for (uint32_t i = 0; i < t->nrows; i++)
+		if (t->rows[i].version == version && in_prefix(ip, t->rows[i].net, t->rows[i].plen))
 			return 0;
-	}
 	return 1;
 }
 
-/* A bind of an IP socket of the container (not a host socket) that no ingress pair can take: the
- * engine's "local" (what IngressTable.lookup answers where no row matches), decided without
- * Python. Conservative where the engine needs more than the table: `::` on an IPv6 socket counts
- * as dual-stack (IPv4 pairs may take it) whatever V6ONLY is. Where the kernel guards the
+/* A bind that no ingress pair can take, decided from the sockaddr alone, without touching the
+ * socket (no pidfd_getfd, getsockopt, close: issue 11, "what no rule matches costs next to
+ * nothing"). Only where the kernel guards this container's host sockets (t->pools: Python fills
+ * pools only while egress.pools_off says so). The sockaddr's family is the socket's for IP: the
+ * kernel refuses any other pairing (inet_bind: EAFNOSUPPORT; inet6_bind: EINVAL or EAFNOSUPPORT),
+ * and a non-IP socket refuses an IP sockaddr (the Python handler lets those run anyway). `::`
+ * counts as dual-stack (V6ONLY unknown), any type and protocol as possible: the answer is CONTINUE
+ * only where no pair could match any socket (gs_bind_local; the engine answers "local" for every
+ * one: test_fast.py); -1 otherwise (the socket is looked at: the slow path). What it lets run:
+ * - the application changing the sockaddr (or the fd) after our read gets its own call as made:
+ *   on a socket of its own netns, a native bind there, which is what "local" means (an address
+ *   bound in the container's netns is not the host's); on a host socket, the kernel's guards;
+ * - a host socket the application holds (grafted): the Python handler answers EINVAL without
+ *   asking the engine; here the kernel does: a socket with a port refuses (EINVAL), one without
+ *   (a failed connect's) is marked and the bind guard (host/bindguard.py) refuses it (EPERM).
+ * A connect is not decided this way: the engine refuses a grafted socket any destination no rule
+ * names (EPERM, audited), and only the socket says whether it is one (serve_connect).
+ * A notification no longer valid (the task gone, the tid reused while we read) makes the CONTINUE
+ * fail with ENOENT: nothing runs. The record says the sockaddr's family and type/protocol 0
+ * (unknown): the audit's "local" holds for every one. */
+static int serve_unopened(int listener, const struct gs_table *t, struct gs_out *out)
+{
+	if (read_addr(out))
+		return -1;
+	uint16_t safam;
+	memcpy(&safam, out->addr, 2);
+	if (safam != AF_INET && safam != AF_INET6)
+		return -1;
+	if (!gs_bind_local(t, safam, out->addr, out->addrlen))
+		return -1;
+	out->family = safam, out->type = 0, out->proto = 0;
+	out->decided = GS_LOCAL;
+	out->pooled = 1;
+	stamp(out, GS_T_JUDGE);
+	if (send_continue(listener, out->id) == ENOENT)
+		return done(out, GS_DONE_GONE, 0);
+	return done(out, GS_DONE_LOCAL, 0);
+}
+
+/* IngressTable.lookup for a bind of a fresh IP socket: GS_LOCAL (no pair matches), GS_GRANT (*row,
+ * the host family, address and port the engine grants), or GS_ASK (the engine must say: another
+ * socket kind, a row C cannot serve, a family the endpoint cannot take, a sockaddr the kernel
+ * rejects, a task outside the container's netns). */
+static int lookup_bind(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
+		       int v6only, int *row, int *hfam, uint8_t haddr[16], uint16_t *hport, int *dual)
+{
+	static const uint8_t zero[16];
+	uint8_t ip[16];
+	uint16_t safam;
+	if (family != AF_INET && family != AF_INET6)
+		return GS_ASK;
+	if (!((type == SOCK_STREAM && (proto == 0 || proto == IPPROTO_TCP)) ||
+	      (type == SOCK_DGRAM && (proto == 0 || proto == IPPROTO_UDP))))
+		return GS_ASK;
+	if (salen < 2)
+		return GS_ASK;
+	memcpy(&safam, sa, 2);
+	int version = safam == family ? dest_of(family, sa, salen, ip) : 0;
+	if (!version)
+		return GS_ASK;
+	uint16_t port = (uint16_t)(sa[2] << 8 | sa[3]);
+	*dual = family == AF_INET6 && !v6only && version == 6 && memcmp(ip, zero, 16) == 0;
+	int i = in_match(t, version, ip, port, *dual);
+	if (i < 0)
+		return GS_LOCAL;
+	const struct fs_in_row *r = &t->ingress[i];
+	*row = i;
+	*dual = *dual && r->version == 4;
+	*hport = r->ep_port;
+	memset(haddr, 0, 16);
+	if (r->kind == 4 && family == AF_INET) {
+		*hfam = AF_INET;
+		memcpy(haddr, r->ep_addr, 4);
+	} else if (r->kind == 6 && family == AF_INET6) {
+		*hfam = AF_INET6;
+		memcpy(haddr, r->ep_addr, 16);
+	} else if (r->kind == 4 && family == AF_INET6) {
+		*hfam = AF_INET6;
+		haddr[10] = haddr[11] = 0xFF;
+		memcpy(haddr + 12, r->ep_addr, 4);
+	} else {
+		return GS_ASK;
+	}
+	return GS_GRANT;
+}
+
+EXPORT int gs_lookup_bind(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
+			  int v6only, int foreign, int *row, int *host_family, uint8_t host_addr[16], uint16_t *host_port)
+{
+	int dual = 0;
+	if (foreign) /* (serve_bind asks only for a grant: the engine's "local" holds in any netns) */
+		return GS_ASK;
+	return lookup_bind(t, family, sa, salen, type, proto, v6only, row, host_family, host_addr, host_port, &dual);
+}
+
+/* The granted bind (handlers.on_bind, hostsock.open_bound): a host socket of the endpoint's
+ * family, the app's SO_REUSEADDR/SO_REUSEPORT and V6ONLY (off for a v4-mapped address), bound to
+ * the endpoint (a port always allocated: it can never be bound again), marked, the app's options
+ * and O_NONBLOCK copied; a TCP one listens at once (it can never be connect()ed anywhere, not
+ * even swapped in under a call answered CONTINUE); installed over the app's fd with its
+ * close-on-exec; answered 0. Its inode and address go back in the record for the view. */
+static int grant_bind(int listener, const struct gs_table *t, struct gs_out *out, int dup, int hfam,
+		      const uint8_t *haddr, uint16_t hport)
+{
+	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
+	out->cloexec = fd_cloexec(out->pid, out->appfd, out_pc);
+	int h = socket(hfam, out->type | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), out->proto);
+	if (h < 0)
+		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
+	int one = 1, v = 0, err = 0;
+	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEADDR, &v) == 0 && v)
+		setsockopt(h, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (sockopt_int(dup, SOL_SOCKET, SO_REUSEPORT, &v) == 0 && v)
+		setsockopt(h, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
+	if (hfam == AF_INET6) {
+		static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF};
+		int v6only = out->v6only && memcmp(haddr, mapped, 12) != 0;
+		if (setsockopt(h, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0)
+			err = errno;
+	}
+	struct sockaddr_storage ss;
+	socklen_t sl = ip_sockaddr(hfam, haddr, hport, &ss);
+	if (!err && bind(h, (struct sockaddr *)&ss, sl) != 0)
+		err = errno;
+	if (!err && t->mark && setsockopt(h, SOL_SOCKET, SO_MARK, &t->mark, sizeof(t->mark)) != 0)
+		err = errno;
+	if (!err) {
+		copy_options(dup, h, out->family, out->type, hfam);
+		if (out->type == SOCK_STREAM && listen(h, SOMAXCONN) != 0)
+			err = errno;
+	}
+	struct stat st;
+	socklen_t hl = sizeof(out->host);
+	if (!err && (getsockname(h, (struct sockaddr *)out->host, &hl) != 0 || fstat(h, &st) != 0))
+		err = errno;
+	if (err) {
+		close(h);
+		return failed(listener, out, err);
+	}
+	out->hostlen = hl;
+	out->host_ino = (uint64_t)st.st_ino;
+	stamp(out, GS_T_SOCKET);
+	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
+					  .newfd = (uint32_t)out->appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
+	int e = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0 ? errno : 0;
+	close(h);
+	if (e)
+		return e == ENOENT ? done(out, GS_DONE_GONE, 0) : failed(listener, out, e);
+	stamp(out, GS_T_ADDFD);
+	int sent = send_resp(listener, out->id, 0);
+	stamp(out, GS_T_SEND);
+	return sent == ENOENT ? done(out, GS_DONE_GONE, 0) : done(out, GS_DONE_GRANT, 0);
+}
+
+/* A bind of an IP socket of the container (not a host socket: read_call), TCP or UDP, judged with
+ * its V6ONLY as the engine's Op("bind") is (lookup_bind). Local: where the kernel guards the
  * container's host sockets (t->pools: egress.pools_off), answered CONTINUE: the application's own
  * bind runs with its own credentials, and whatever the fd is by then, a host socket it holds is
  * bound already (EINVAL) or refused by the bind guard; else performed on our duplicate with the
- * copied address, as the Python handler does. Anything else: handed back. */
+ * copied address, as the Python handler does. Grant (the task in the container's netns, the
+ * socket not bound yet): grant_bind, on the copied address. Anything else: handed back. */
 static int serve_bind(int listener, const struct gs_table *t, struct gs_out *out, int dup)
 {
 	if (read_call(t, out, dup))
 		return GS_HANDBACK;
-	int fam = out->family, type = out->type, proto = out->proto;
-	if (!((type == SOCK_STREAM && proto == IPPROTO_TCP) || (type == SOCK_DGRAM && proto == IPPROTO_UDP)))
+	int fam = out->family, v6only = 0, row = -1, hfam = 0, dual = 0;
+	uint8_t haddr[16];
+	uint16_t hport = 0;
+	if (fam == AF_INET6 && sockopt_int(dup, IPPROTO_IPV6, IPV6_V6ONLY, &v6only) != 0)
 		return GS_HANDBACK;
-	if (!gs_bind_local(t, fam, out->addr, out->addrlen))
+	int verdict = lookup_bind(t, fam, out->addr, out->addrlen, out->type, out->proto, v6only, &row, &hfam, haddr,
+				  &hport, &dual);
+	if (verdict == GS_ASK)
 		return GS_HANDBACK;
+	out->v6only = v6only;
+	if (verdict == GS_GRANT) {
+		char path[64];
+		struct stat st;
+		snprintf(path, sizeof(path), "/proc/%u/ns/net", out->pid);
+		if (stat(path, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
+			return GS_HANDBACK;
+		struct sockaddr_storage me;
+		socklen_t ml = sizeof(me);
+		if (getsockname(dup, (struct sockaddr *)&me, &ml) != 0 || ((struct sockaddr_in *)&me)->sin_port != 0)
+			return GS_HANDBACK; /* bound already: the kernel's EINVAL, from the Python handler */
+		if (!id_valid(listener, out->id)) /* the address read was this task's */
+			return done(out, GS_DONE_GONE, 0);
+		out->decided = GS_GRANT, out->row = row, out->dual = dual;
+		stamp(out, GS_T_JUDGE);
+		return grant_bind(listener, t, out, dup, hfam, haddr, hport);
+	}
 	out->decided = GS_LOCAL;
 	stamp(out, GS_T_JUDGE);
 	if (t->pools) { /* (a notification no longer valid: the CONTINUE fails, nothing runs) */
@@ -670,6 +899,11 @@ static int serve(int listener, const struct gs_table *t, struct gs_out *out, str
 		return GS_HANDBACK;
 	}
 	out_pc = pc;
+	if (t && t->pools && n.data.nr == NR_BIND) {
+		int r = serve_unopened(listener, t, out);
+		if (r >= 0)
+			return r;
+	}
 	int dup = getfd(n.pid, out->appfd, pc);
 	stamp(out, GS_T_GETFD);
 	if (dup < 0)

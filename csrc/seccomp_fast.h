@@ -1,4 +1,4 @@
-/* libgraft-seccomp.so: the seccomp supervisor's native fast path for connect() (loaded with ctypes
+/* libgraft-seccomp.so: the seccomp supervisor's native fast path for connect() and bind() (loaded with ctypes
  * by src/sockgraft/modes/seccomp/fast.py). It decides only from a table the Python engine compiled
  * (core/engine.py EgressTable: `gs_lookup` mirrors EgressTable.lookup, a property test holds them
  * equal) and hands everything else back to the Python handlers. x86_64, Linux >= 6.9. */
@@ -6,6 +6,8 @@
 #define GRAFT_SECCOMP_FAST_H
 
 #include <stdint.h>
+
+#include "fdservice_fast.h" /* struct fs_in_row: the ingress rows both native paths read */
 
 /* One egress rule, in the engine's match order (longest prefix first). */
 struct gs_row {
@@ -30,16 +32,6 @@ struct gs_pool {
 	int32_t fds[GS_POOL];
 };
 
-/* One ingress pair, only as far as saying a bind matches none (issue 11: what no rule matches
- * costs next to nothing): any bind a pair might take is handed back to the engine. */
-struct gs_in {
-	uint8_t version;  /* 4 or 6 */
-	uint8_t any;      /* the pair's address is 0.0.0.0 / :: */
-	uint16_t lo, hi;  /* its port range */
-	uint16_t pad;
-	uint8_t addr[16]; /* its address (IPv4 in the first 4 bytes) */
-};
-
 struct gs_table {
 	uint64_t host_cookie;       /* SO_NETNS_COOKIE of the supervisor's (host) netns */
 	uint64_t version;           /* gs_loop: the state database's version it was compiled at
@@ -51,7 +43,7 @@ struct gs_table {
 	struct gs_pool *pools;      /* one per row, or NULL: no pools */
 	uint32_t ningress;
 	uint32_t pad;
-	const struct gs_in *ingress; /* the policy's ingress pairs (Policy.ingress_table) */
+	const struct fs_in_row *ingress; /* Policy.ingress_table's rows, compiled by modes/api/fast.compile_in_rows */
 };
 
 enum { GS_NOTHING = 0, GS_HANDBACK = 1, GS_DONE = 2, GS_PARK = 3, GS_HUP = 4, GS_ERROR = 5 };
@@ -90,6 +82,14 @@ struct gs_out {
 			   * or GS_DONE_LOCAL where the kernel guards the container's host sockets */
 	int32_t slot;     /* gs_loop: the listener's slot (gs_loop_add) */
 	int32_t stale;    /* gs_loop: handed back because the slot's table was missing or of an old version */
+	/* a bind (decided >= 0): the app socket's IPV6_V6ONLY as judged, and whether an IPv4 pair took a
+	 * dual-stack [::] bind; a granted one (GS_DONE_GRANT): the host socket's inode and address
+	 * (getsockname), for the view the Python getsockname shows (Target.views, Target.served) */
+	int32_t v6only;
+	int32_t dual;
+	uint64_t host_ino;
+	uint32_t hostlen;
+	uint8_t host[28];
 };
 
 int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
@@ -97,6 +97,11 @@ int gs_serve(int listener, const struct gs_table *t, struct gs_out *out);
  * most `max`): one record per notification received; returns how many (or -errno of a RECV). */
 int gs_serve_batch(int listener, const struct gs_table *t, struct gs_out *outs, int max);
 int gs_bind_local(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen);
+int gs_connect_local(const struct gs_table *t, const uint8_t *sa, uint32_t salen);
+/* IngressTable.lookup in C (the test entry point of the bind serve_bind grants): GS_LOCAL, GS_ASK,
+ * or GS_GRANT with the row, the host socket's family, address and port (0: dynamic) */
+int gs_lookup_bind(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
+		   int v6only, int foreign, int *row, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
 	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_abi(void);

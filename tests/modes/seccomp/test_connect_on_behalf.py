@@ -168,7 +168,10 @@ def test_connect_semantics_on_behalf(state_dir, ns, make_netns):
         assert lines[2] == "reaim EISCONN", lines
         assert lines[3] == "nonblocking EINPROGRESS 0", lines
         assert lines[4] == "refused ECONNREFUSED", lines
-        assert lines[5] == "refused-nonblocking ECONNREFUSED EINVAL", lines
+        # the re-bind is refused: EINVAL from the Python handler (a grafted socket), or EPERM from the
+        # kernel's bind guard where the C loop lets a bind no pair matches run without looking at
+        # the socket (pools on: seccomp_fast.c serve_unopened)
+        assert lines[5] in ("refused-nonblocking ECONNREFUSED EINVAL", "refused-nonblocking ECONNREFUSED EPERM"), lines
         word, err, seconds = lines[6].split()
         assert (word, err) == ("sndtimeo", "EINPROGRESS") and 0.4 <= float(seconds) <= 2.0, lines
         assert lines[7] == "unreachable EHOSTUNREACH", lines

@@ -151,6 +151,109 @@ def test_c_bind_local_only_where_the_engine_says_local(lib):
     assert seen["c-local"] > 0.8 * seen["engine-local"] > 1000, seen
 
 
+def _c_lookup_bind(lib, table, op: Op) -> tuple:
+    raw = K.encode_sockaddr(op.family, op.addr, op.port)
+    row, fam, port = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_uint16(0)
+    addr = (ctypes.c_uint8 * 16)()
+    r = lib.gs_lookup_bind(ctypes.byref(table), op.family, raw, len(raw), op.type, op.proto, int(op.v6only),
+                           int(op.foreign), ctypes.byref(row), ctypes.byref(fam), addr, ctypes.byref(port))
+    if r == F.LOCAL:
+        return ("local",)
+    if r == F.ASK:
+        return ("ask",)
+    host = socket.inet_ntop(fam.value, bytes(addr)[:4 if fam.value == V4 else 16])
+    return ("grant", fam.value, (host, port.value), row.value)
+
+
+def test_c_bind_lookup_equals_the_engine_table_and_decide(lib):
+    """gs_lookup_bind (what serve_bind grants with) answers IngressTable.lookup's answer, and every
+    grant is Policy.decide's: the same host family, address and port, by the same pair."""
+    rng = random.Random(20261203)
+    eps = {e.name: e for e in map(parse_endpoint, ENDPOINTS + ["f4 type ipv4 addr 127.0.0.1 port 8080"])}
+    names = NAMES + ["f4", "a4", "a6", "f4"]  # more pairs an endpoint can serve
+    checked = {"grant": 0, "local": 0, "ask": 0}
+    for _ in range(1500):
+        pairs = [_pair(rng).rsplit("=", 1)[0] + "=" + rng.choice(names) for _ in range(rng.randrange(5))]
+        policy = Policy(eps, [parse_ingress(p) for p in pairs], [])
+        it = policy.ingress_table()
+        table, _keep = F.make_table(policy)
+        for _ in range(8):
+            port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
+            if pairs and rng.random() < 0.5:  # at a pair's port
+                port = parse_ingress(rng.choice(pairs)).port_lo
+            addr = rng.choice(["0.0.0.0", "127.0.0.1", "10.1.2.3", "::", "::1", "fd00::5", "::ffff:127.0.0.1"])
+            v6addr = ipaddress.ip_address(addr).version == 6
+            family = V6 if v6addr or rng.random() < 0.3 else V4
+            if family == V6 and not v6addr:
+                addr = f"::ffff:{addr}"
+            op = Op("bind", family, addr, port, rng.choice([S, S, D, D, socket.SOCK_RAW]),
+                    rng.choice([0, 0, socket.IPPROTO_TCP, socket.IPPROTO_UDP, 132]), v6only=rng.random() < 0.3,
+                    foreign=rng.random() < 0.1)
+            want, got = it.lookup(op), _c_lookup_bind(lib, table, op)
+            assert got[:3] == want[:3], (pairs, op, want, got)
+            if got[0] == "grant":
+                assert got[3] == want[3], (pairs, op, want, got)
+                d = policy.decide(op)
+                assert d.verdict == "grant" and (d.family, d.host) == (got[1], got[2]), (pairs, op, d, got)
+            checked[want[0]] += 1
+    assert min(checked.values()) > 500, checked
+
+
+def test_c_decides_from_the_sockaddr_alone_only_where_every_socket_stays_local(lib):
+    """What the C loop answers CONTINUE (pools on) without reading the socket's kind: a bind by
+    gs_bind_local with the sockaddr's own family (serve_unopened: the socket not even duplicated), a
+    connect of a socket of the container's netns by gs_connect_local. Where either says 1, the engine
+    answers "local" for EVERY operation the kernel could run with that sockaddr: every IP family the
+    kernel pairs it with, any socket type and protocol, V6ONLY, bound or not, in any netns (a grafted
+    socket's bind: the kernel's guards, see seccomp_fast.c). And they take most of the engine's
+    locals."""
+    rng = random.Random(20261202)
+    eps = {e.name: e for e in map(parse_endpoint, ENDPOINTS)}
+    lib.gs_bind_local.restype = lib.gs_connect_local.restype = ctypes.c_int
+    kinds = [(S, 0), (S, socket.IPPROTO_TCP), (D, 0), (D, socket.IPPROTO_UDP), (socket.SOCK_RAW, 1),
+             (S, 132), (socket.SOCK_SEQPACKET, 132), (D, 136)]
+    seen = {"bind-c": 0, "bind-engine": 0, "connect-c": 0, "connect-engine": 0}
+    for _ in range(1500):
+        pairs = [_pair(rng) for _ in range(rng.randrange(5))]
+        rules = [f"{_net(rng, rng.choice([4, 6]))}={rng.choice(NAMES)}" for _ in range(rng.randrange(5))]
+        policy = Policy(eps, [parse_ingress(p) for p in pairs], [parse_egress(r) for r in rules])
+        table, _keep = F.make_table(policy)
+        nets = [r.split("=")[0] for r in rules]
+        for _ in range(8):
+            port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
+            addr = rng.choice([_addr(rng, nets), "0.0.0.0", "127.0.0.1", "10.1.2.3", "::", "::1", "fd00::5",
+                               "::ffff:127.0.0.1", "::ffff:0.0.0.0"])
+            v6addr = ipaddress.ip_address(addr).version == 6
+            safam = V6 if v6addr or rng.random() < 0.3 else V4
+            if safam == V6 and not v6addr:
+                addr = f"::ffff:{addr}"
+            raw = K.encode_sockaddr(safam, addr, port)
+            c_bind = lib.gs_bind_local(ctypes.byref(table), safam, raw, len(raw))
+            c_connect = lib.gs_connect_local(ctypes.byref(table), raw, len(raw))
+            # the socket families the kernel lets use this sockaddr: bind only its own; connect an
+            # IPv6 socket an AF_INET one too (judged as that IPv4 address)
+            for typ, proto in kinds:
+                for v6only in (False, True):
+                    for foreign in (False, True):
+                        for bound in (False, True):
+                            if c_bind:
+                                d = policy.decide(Op("bind", safam, addr, port, typ, proto, v6only=v6only,
+                                                     foreign=foreign, bound=bound))
+                                assert d.verdict == "local", (pairs, safam, addr, port, typ, proto, v6only, d)
+                            if c_connect:
+                                for fam in ((V4, V6) if safam == V4 else (V6,)):
+                                    d = policy.decide(Op("connect", fam, addr, port, typ, proto, foreign=foreign,
+                                                         bound=bound))
+                                    assert d.verdict == "local", (rules, fam, addr, port, typ, proto, d)
+            seen["bind-c"] += c_bind
+            seen["bind-engine"] += policy.decide(Op("bind", safam, addr, port, S, socket.IPPROTO_TCP,
+                                                    v6only=True)).verdict == "local"
+            seen["connect-c"] += c_connect
+            seen["connect-engine"] += policy.decide(Op("connect", safam, addr, port, S)).verdict == "local"
+    assert seen["bind-c"] > 0.8 * seen["bind-engine"] > 1000, seen
+    assert seen["connect-c"] >= seen["connect-engine"] > 1000, seen
+
+
 CHILD = r"""
 import errno, json, os, select, socket, sys
 from sockgraft.modes.seccomp.attach import install_in_child
@@ -201,10 +304,19 @@ print(json.dumps(out, sort_keys=True), flush=True)
 
 
 def _serve_child(state_dir: str, ns: str, tmp_path, port: int, closed: int) -> tuple[dict, dict]:
+    return _supervised(state_dir, ns, tmp_path, CHILD, [str(port), str(closed)],
+                       ["out type ipv4 addr 127.0.0.1 port dynamic"], [], ["127.0.0.0/8=out", "10.0.0.0/8=nope"])
+
+
+def _supervised(state_dir: str, ns: str, tmp_path, child: str, args: list[str], endpoints: list[str],
+                ingress: list[str], egress: list[str], drive=None) -> tuple[dict, dict]:
+    """Run `child` (which installs the filter and hands its listener over) in `ns` under a supervisor
+    of this process with this table; `drive(p)` talks to it (reading its stdout) before its last
+    line, the JSON it prints. Returns that and the supervisor's stats."""
     key = ns
     with Store(state_dir) as store:
-        store.install(key, netns.by_name(ns).ino, "seccomp", [parse_endpoint("out type ipv4 addr 127.0.0.1 port dynamic")],
-                      [], [parse_egress("127.0.0.0/8=out"), parse_egress("10.0.0.0/8=nope")], fresh=True)
+        store.install(key, netns.by_name(ns).ino, "seccomp", [parse_endpoint(e) for e in endpoints],
+                      [parse_ingress(i) for i in ingress], [parse_egress(e) for e in egress], fresh=True)
     sup = Supervisor(state_dir)
     sup.start_thread()
     path = str(tmp_path / f"fast{os.getpid()}-{id(sup)}.sock")
@@ -213,7 +325,7 @@ def _serve_child(state_dir: str, ns: str, tmp_path, port: int, closed: int) -> t
     srv.listen()
     p = None
     try:
-        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", CHILD, path, str(port), str(closed)],
+        p = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", child, path, *args],
                              stdout=subprocess.PIPE, text=True)
         srv.settimeout(30)
         conn, _ = srv.accept()
@@ -225,6 +337,8 @@ def _serve_child(state_dir: str, ns: str, tmp_path, port: int, closed: int) -> t
         sup.add_listener(fds[0], key, p.pid)
         conn.send(b"g")
         conn.close()
+        if drive is not None:
+            drive(p)
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 0
         return json.loads(out), dict(sup.stats)
@@ -322,3 +436,87 @@ def test_pools_are_filled_for_dynamic_endpoints_and_closed_with_their_table():
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+BIND_CHILD = CHILD.split("port = int(sys.argv[2])")[0] + r"""
+out = {}
+def name(e): return errno.errorcode.get(e, str(e)) if e else "ok"
+def denied(family, kind, addr):
+    x = socket.socket(family, kind)
+    try:
+        x.bind(addr)
+        return "ok"
+    except OSError as e:
+        return name(e.errno)
+    finally:
+        x.close()
+t = socket.socket(); t.bind(("0.0.0.0", 8080)); out["tcp"] = t.getsockname(); t.listen(8)
+out["tcp again"] = "ok"
+try:
+    t.bind(("0.0.0.0", 8080))
+except OSError as e:
+    out["tcp again"] = name(e.errno)
+out["tcp cloexec"], out["tcp blocking"] = not t.get_inheritable(), t.getblocking()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.setblocking(False); u.bind(("0.0.0.0", 5353))
+out["udp"], out["udp blocking"] = u.getsockname(), u.getblocking()
+d = socket.socket(); d.bind(("127.0.0.1", 0)); out["dynamic 0"] = [d.getsockname()[0], d.getsockname()[1] > 0]
+r = socket.socket(); r.bind(("127.0.0.1", 9001)); out["range"] = r.getsockname()
+s6 = socket.socket(socket.AF_INET6); s6.bind(("::1", 7000)); out["v6"] = s6.getsockname()[:2]
+ds = socket.socket(socket.AF_INET6); ds.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+ds.bind(("::", 7001)); out["dual"] = ds.getsockname()[:2]
+out["denied"] = denied(socket.AF_INET, socket.SOCK_STREAM, ("0.0.0.0", 6000))
+out["local"] = denied(socket.AF_INET, socket.SOCK_STREAM, ("127.0.0.1", 6001))
+print("ready", flush=True)
+c, _peer = t.accept(); out["accepted"] = c.getsockname(); out["got"] = c.recv(10).decode()
+select.select([u], [], [], 10); data, _src = u.recvfrom(100); out["udp got"] = data.decode()
+print(json.dumps(out, sort_keys=True), flush=True)
+"""
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_fast_path_serves_binds_as_python_does(state_dir, ns, tmp_path, monkeypatch):
+    """Binds an ingress pair takes, granted by the C (seccomp_fast.c grant_bind) where the pools are
+    on and where they are off, and by Python (GRAFT_SECCOMP_FAST=0): the program sees the same
+    outcomes: getsockname answers the container's view (the pair's port, or the host port for a
+    dynamic one asked with port 0), a second bind EINVAL, a TCP listener accepts on the host port
+    (and its accepted socket shows the view too), a UDP socket receives there, a dual-stack [::]
+    bind is taken by an IPv4 pair, a pair naming no endpoint refuses, what no pair takes stays local."""
+    tcp, udp = _free_ports(2)
+
+    def drive(p) -> None:
+        assert p.stdout.readline().strip() == "ready"
+        with socket.create_connection(("127.0.0.1", tcp), timeout=10) as c:
+            c.sendall(b"hi")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.sendto(b"yo", ("127.0.0.1", udp))
+
+    eps = [f"web type ipv4 addr 127.0.0.1 port {tcp}", f"dns type ipv4 addr 127.0.0.1 port {udp}",
+           "dyn type ipv4 addr 127.0.0.1 port dynamic", "dyn6 type ipv6 addr ::1 port dynamic"]
+    ingress = ["0.0.0.0:8080=web", "0.0.0.0:5353=dns", "127.0.0.1:0=dyn", "127.0.0.1:9000-9009=dyn",
+               "[::1]:7000=dyn6", "0.0.0.0:7001=dyn", "0.0.0.0:6000=missing"]
+    results = []
+    for env in ({F.ENV: "1"}, {F.ENV: "1", "GRAFT_POOLS": "0"}, {F.ENV: "0"}):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        results.append(_supervised(state_dir, ns, tmp_path, BIND_CHILD, [], eps, ingress, [], drive))
+    (pooled, pooled_stats), (fast, fast_stats), (slow, slow_stats) = results
+    assert pooled == fast == slow
+    assert fast["tcp"] == ["0.0.0.0", 8080] and fast["tcp again"] == "EINVAL"
+    assert fast["tcp cloexec"] and fast["tcp blocking"] and not fast["udp blocking"]
+    assert fast["udp"] == ["0.0.0.0", 5353] and fast["udp got"] == "yo"
+    assert fast["dynamic 0"] == ["127.0.0.1", True] and fast["range"] == ["127.0.0.1", 9001]
+    assert fast["v6"] == ["::1", 7000] and fast["dual"] == ["::", 7001]
+    assert fast["denied"] == "EADDRNOTAVAIL" and fast["local"] == "ok"
+    assert fast["accepted"] == ["127.0.0.1", 8080] and fast["got"] == "hi"
+    for stats in (pooled_stats, fast_stats):  # the C granted the six binds, Python none
+        assert stats.get("fast_bind", 0) == 6 and stats.get("grafted_bind", 0) == 6, stats
+    assert "fast_bind" not in slow_stats and slow_stats.get("grafted_bind", 0) == 6, slow_stats

@@ -38,6 +38,7 @@ import time
 
 from sockgraft.core.engine import Op
 from sockgraft.host import egress, hostsock
+from sockgraft.modes.api.fast import InRow, compile_in_rows
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp import native as N
 
@@ -69,16 +70,11 @@ class Pool(ctypes.Structure):
                 ("fds", ctypes.c_int32 * POOL)]
 
 
-class In(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint8), ("any", ctypes.c_uint8), ("lo", ctypes.c_uint16), ("hi", ctypes.c_uint16),
-                ("pad", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
-
-
 class Table(ctypes.Structure):
     _fields_ = [("host_cookie", ctypes.c_uint64), ("version", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
                 ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row)),
                 ("pools", ctypes.POINTER(Pool)), ("ningress", ctypes.c_uint32), ("pad", ctypes.c_uint32),
-                ("ingress", ctypes.POINTER(In))]
+                ("ingress", ctypes.POINTER(InRow))]
 
 
 class Out(ctypes.Structure):
@@ -90,7 +86,9 @@ class Out(ctypes.Structure):
                 ("proto", ctypes.c_int32), ("hostfd", ctypes.c_int32), ("appfd", ctypes.c_int32),
                 ("cloexec", ctypes.c_int32), ("sndtimeo_us", ctypes.c_int64), ("addrlen", ctypes.c_uint32),
                 ("addr", ctypes.c_uint8 * 128), ("ns", ctypes.c_uint32 * 8), ("kind", ctypes.c_int32),
-                ("pooled", ctypes.c_uint32), ("slot", ctypes.c_int32), ("stale", ctypes.c_int32)]
+                ("pooled", ctypes.c_uint32), ("slot", ctypes.c_int32), ("stale", ctypes.c_int32),
+                ("v6only", ctypes.c_int32), ("dual", ctypes.c_int32), ("host_ino", ctypes.c_uint64),
+                ("hostlen", ctypes.c_uint32), ("host", ctypes.c_uint8 * 28)]
 
 
 # the steps gs_serve times (gs_out.ns; seccomp_fast.h GS_T_*): cost.py prints them
@@ -120,6 +118,12 @@ def load(path: str | None = None) -> ctypes.CDLL:
                               ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
                               ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_uint16)]
     lib.gs_lookup.restype = ctypes.c_int
+    lib.gs_lookup_bind.argtypes = [ctypes.POINTER(Table), ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_int,
+                                   ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int),
+                                   ctypes.POINTER(ctypes.c_int), ctypes.c_uint8 * 16, ctypes.POINTER(ctypes.c_uint16)]
+    lib.gs_lookup_bind.restype = ctypes.c_int
+    for name in ("gs_bind_local", "gs_connect_local"):
+        getattr(lib, name).restype = ctypes.c_int
     P = ctypes.c_void_p
     for name, args, res in (("gs_loop_new", [ctypes.c_char_p], P), ("gs_loop_fd", [P], ctypes.c_int),
                             ("gs_loop_add", [P, ctypes.c_int, ctypes.POINTER(Table)], ctypes.c_int),
@@ -179,23 +183,14 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
     return rows, len(table.rows)
 
 
-def compile_ingress(table) -> tuple[ctypes.Array, int]:
-    """The C rows of an IngressTable: where each pair is, only to say that a bind matches none."""
-    rows = (In * max(1, len(table.rows)))()
-    for i, (version, addr, lo, hi, *_ep) in enumerate(table.rows):
-        ip = ipaddress.ip_address(addr)
-        rows[i].version, rows[i].any, rows[i].lo, rows[i].hi = version, int(ip.is_unspecified), lo, hi
-        rows[i].addr[:] = list(_bytes16(addr))
-    return rows, len(table.rows)
-
-
 def make_table(policy, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
     """(Table, the arrays it points to: keep them alive together) for a Policy: its egress and
     ingress tables."""
     rows, n = compile_rows(policy.egress_table())
-    ins, ni = compile_ingress(policy.ingress_table())
+    ins, in_meta = compile_in_rows(policy)  # the fd service's rows (fdservice_fast.h struct fs_in_row)
+    ni = len(in_meta)
     t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None, ni, 0,
-              ctypes.cast(ins, ctypes.POINTER(In)))
+              ctypes.cast(ins, ctypes.POINTER(InRow)))
     return t, (rows, ins)
 
 
@@ -207,7 +202,7 @@ class Compiled:
     def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None):
         self.policy = policy
         self.table, (self.rows, self.ingress) = make_table(policy, host_cookie, netns_ino or 0, policy.mark, version)
-        self.decisions: dict = {}  # (verb, row, family, type, proto) -> the engine's Decision
+        self.decisions: dict = {}  # (verb, row, family, type, proto, v6only) -> the engine's Decision
         self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
         self.pools_said, self.checked = "", -1e9
         self.lock = lock or N.NoLock()  # the C loop's mutex while the C may use this table
@@ -453,7 +448,9 @@ class Fast:
             self.stats["fast_park"] += 1
             return None
         what = out.what
-        if what == DONE_GRANT:
+        if what == DONE_GRANT and out.nr == K.SYS["bind"]:
+            self._bound(t, out, raw)
+        elif what == DONE_GRANT:
             self.stats["grafted_connect"] += 1
             self.stats["fast_grant"] += 1
             if out.pooled:
@@ -470,14 +467,27 @@ class Fast:
             self.stats["fast_failed"] += 1
         return None
 
+    def _bound(self, t, out: Out, raw: bytes) -> None:
+        """A bind C granted (seccomp_fast.c grant_bind): what handlers.on_bind records for the
+        getsockname of the host socket and of the sockets accepted from it: the app's sockaddr as
+        judged, with the host port where it asked for port 0. Taken before any later notification of
+        the target is handed back (the C loop's ring is in order, and so is a serve batch)."""
+        _fam, host_addr, host_port = K.decode_sockaddr(bytes(out.host[:out.hostlen]))
+        view = raw if K.decode_sockaddr(raw)[2] else K.with_port(raw, host_port)
+        t.views[out.host_ino] = view
+        t.served[(host_addr, host_port)] = view
+        self.stats["grafted_bind"] += 1
+        self.stats["fast_bind"] += 1
+
     def _audit(self, t, c: Compiled, out: Out, raw: bytes) -> None:
         """The decision the C carried out, as the engine states it (asked once per rule and kind)."""
         fam, addr, port = K.decode_sockaddr(raw)
         verb = "bind" if out.nr == K.SYS["bind"] else "connect"
-        key = (verb, out.row if out.decided == GRANT else -1, out.family, out.type, out.proto)
+        v6only = verb == "bind" and bool(out.v6only)
+        key = (verb, out.row if out.decided == GRANT else -1, out.family, out.type, out.proto, v6only)
         d = c.decisions.get(key)
         if d is None:
-            d = c.policy.decide(Op(verb, out.family, addr, port, out.type, out.proto))
+            d = c.policy.decide(Op(verb, out.family, addr, port, out.type, out.proto, v6only=v6only))
             expected = "grant" if out.decided == GRANT else "local"
             if d.verdict != expected:  # never: the property test holds C and engine equal
                 print(f"graft: seccomp fast path: C said {expected}, the engine {d.verdict} ({d.reason})",
