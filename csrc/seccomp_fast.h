@@ -115,7 +115,9 @@ int gs_abi(void);
  * reads with gs_loop_take when gs_loop_fd (an eventfd) is readable. Records other than GS_DONE
  * signal at once; GS_DONE ones at most every GS_SIGNAL_NS, or when the ring is half full (the
  * caller also reads the ring on a short timer while records come). A sendto answered CONTINUE
- * makes no record: gs_loop_counts says how many. The tables and their pools belong to the caller:
+ * makes no record: gs_loop_counts says how many; nor does a bind or connect answered CONTINUE as
+ * local (GS_DONE_LOCAL, pooled) within GS_QUIET_NS of the last such record of its listener and
+ * verb: gs_loop_quiet says how many (and forgets them). The tables and their pools belong to the caller:
  * it swaps them (gs_loop_set_table) and fills pools (gs_loop_lock/unlock around its writes) while
  * the loop runs; a table swapped out is no longer used once gs_loop_set_table returns. The loop
  * uses a table only if its `version` is the database's current one (the WAL index header in the
@@ -125,6 +127,7 @@ int gs_abi(void);
 #define GS_RING 1024
 #define GS_SLOTS 1024
 #define GS_SIGNAL_NS 20000000ull
+#define GS_QUIET_NS 1000000000ull
 struct gs_loop;
 struct gs_loop *gs_loop_new(const char *shm_path);
 int gs_loop_fd(struct gs_loop *l);
@@ -135,6 +138,7 @@ int gs_loop_run(struct gs_loop *l);
 void gs_loop_stop(struct gs_loop *l);
 int gs_loop_take(struct gs_loop *l, struct gs_out *outs, int max);
 void gs_loop_counts(struct gs_loop *l, uint64_t counts[4]);
+void gs_loop_quiet(struct gs_loop *l, int slot, uint64_t quiet[2]);
 void gs_loop_lock(struct gs_loop *l);
 void gs_loop_unlock(struct gs_loop *l);
 uint64_t gs_version(struct gs_loop *l);

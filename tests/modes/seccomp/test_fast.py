@@ -520,3 +520,28 @@ def test_fast_path_serves_binds_as_python_does(state_dir, ns, tmp_path, monkeypa
     for stats in (pooled_stats, fast_stats):  # the C granted the six binds, Python none
         assert stats.get("fast_bind", 0) == 6 and stats.get("grafted_bind", 0) == 6, stats
     assert "fast_bind" not in slow_stats and slow_stats.get("grafted_bind", 0) == 6, slow_stats
+
+
+LOCAL_CHILD = CHILD.split("port = int(sys.argv[2])")[0] + r"""
+for _ in range(int(sys.argv[2])):
+    s = socket.socket(socket.AF_INET6); s.bind(("::1", 0)); s.close()
+    u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u.connect(("::1", 9)); u.close()
+print("{}", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pools (the kernel's guards) need root")
+def test_locals_answered_without_a_record_are_counted_and_audited(state_dir, ns, tmp_path, monkeypatch):
+    """Where pools are on, the C loop records the first local bind and connect of each second with
+    their address and only counts the others (gs_loop_quiet): every one still reaches the stats and
+    the audit log (aggregated), none is lost at the supervisor's stop."""
+    monkeypatch.setenv(F.ENV, "1")
+    n = 300
+    _out, stats = _supervised(state_dir, ns, tmp_path, LOCAL_CHILD, [str(n)], ["out type ipv4 addr 127.0.0.1 port dynamic"],
+                              ["127.0.0.1:80=out"], ["127.0.0.0/8=out"])
+    assert stats.get("fast_local", 0) == 2 * n and stats.get("fast_local_continue", 0) == 2 * n, stats
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    for op in ("bind", "connect"):
+        lines = [a for a in audit if a["event"] == "local" and a["op"] == op and a["mode"] == "seccomp"]
+        assert sum(a["count"] for a in lines) == n, lines
+        assert any(a.get("addr") for a in lines), lines  # the first came with its address

@@ -130,7 +130,8 @@ def load(path: str | None = None) -> ctypes.CDLL:
                             ("gs_loop_set_table", [P, ctypes.c_int, ctypes.POINTER(Table)], P),
                             ("gs_loop_remove", [P, ctypes.c_int], ctypes.c_int), ("gs_loop_run", [P], ctypes.c_int),
                             ("gs_loop_stop", [P], None), ("gs_loop_take", [P, ctypes.POINTER(Out), ctypes.c_int], ctypes.c_int),
-                            ("gs_loop_counts", [P, ctypes.c_uint64 * 4], None), ("gs_loop_lock", [P], None),
+                            ("gs_loop_counts", [P, ctypes.c_uint64 * 4], None),
+                            ("gs_loop_quiet", [P, ctypes.c_int, ctypes.c_uint64 * 2], None), ("gs_loop_lock", [P], None),
                             ("gs_loop_unlock", [P], None), ("gs_version", [P], ctypes.c_uint64),
                             ("gs_loop_free", [P], None),
                             ("gs_pool_fill", [P, ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int, ctypes.c_uint8 * 16,
@@ -365,13 +366,15 @@ class Fast:
         return self.loop.take()
 
     def close(self) -> None:
-        """After stop_loop: every table's pools, then the loop's context (whose mutex they take)."""
+        """After stop_loop: the counts it left, every table's pools, then the loop's context (whose
+        mutex they take)."""
+        if self.loop is not None:
+            self.refresh_counts()
         for c in self.compiled.values():
             c.close()
         self.compiled.clear()
         self.slots.clear()
         if self.loop is not None:
-            self.refresh_counts()
             self.loop.free()
             self.loop = None
 
@@ -382,9 +385,32 @@ class Fast:
             self.stats["fast_continue"] += continued
             self.stats["notifications"] += continued
         self.counted = counts
+        for slot, t in self.slots.items():
+            self._quiet(slot, t)
+
+    def _quiet(self, slot: int, t) -> None:
+        """The locals the C loop answered CONTINUE without a record (gs_loop_quiet: all but the first
+        of each second, which came as a record with its address): their stats and audit lines (the
+        audit aggregates them per second as it does every local)."""
+        q = (ctypes.c_uint64 * 2)()
+        self.lib.gs_loop_quiet(self.loop.ctx, slot, q)
+        if not (q[0] or q[1]):
+            return
+        c = self.compiled.get(t.fd)
+        policy = c.policy if c is not None else self.store.cached_policy(t.key)
+        for verb, n in (("bind", q[0]), ("connect", q[1])):
+            if not n:
+                continue
+            self.stats["notifications"] += n
+            self.stats["fast_local"] += n
+            self.stats["fast_local_continue"] += n
+            d = policy.decide(Op(verb, socket.AF_UNIX))  # what no pair or rule matches: the engine's local
+            for _ in range(n):  # (the audit counts one decision a call)
+                self.audit.decision(t.key, MODE, verb, d)
 
     def forget(self, t) -> None:
         if self.loop is not None and getattr(t, "slot", -1) >= 0:
+            self._quiet(t.slot, t)
             self.lib.gs_loop_remove(self.loop.ctx, t.slot)  # the C no longer uses t.fd nor its table
             self.slots.pop(t.slot, None)
             t.slot = -1
