@@ -4,7 +4,9 @@
  * destination the compiled egress table decides ("grant", or "local" for a non-blocking/datagram
  * socket) is served here with the same steps as modes/seccomp/handlers.py graft_connect and
  * perform_connect; everything else is handed back (GS_HANDBACK) with the notification, untouched,
- * for the Python handlers. A blocking connect still in progress is handed over (GS_PARK) to the
+ * for the Python handlers. A bind an ingress pair takes is granted here too (grant_bind), and what
+ * no pair or rule takes answered without Python (serve_unopened, serve_bind, serve_connect: "What
+ * no rule matches" in docs/SECCOMP.md). A blocking connect still in progress is handed over (GS_PARK) to the
  * supervisor's parking. Every path closes what it opened. */
 #define _GNU_SOURCE
 #include "seccomp_fast.h"

@@ -4,7 +4,10 @@ The C loop step `gs_serve` (called through `gs_serve_batch`: again while notific
 at most BATCH) receives one notification and serves, by itself, the connect() of an
 unbound IP socket of the container whose destination the container's compiled egress table decides
 (`Policy.egress_table()`: a grant, or "local" for a non-blocking or datagram socket), with the same
-steps as handlers.graft_connect / perform_connect. Everything else comes back here untouched
+steps as handlers.graft_connect / perform_connect, and the bind() of such a socket that an ingress
+pair takes (`Policy.ingress_table()`, compiled by modes/api/fast.compile_in_rows: a grant with
+handlers.on_bind's steps, its view recorded here from the record) or none takes. Everything else
+comes back here untouched
 (HANDBACK: the Python handlers serve it, no second RECV), as does a blocking grafted connect still
 in progress (PARK: the supervisor's parking finishes it). The table is what the engine compiled;
 the C decides nothing the engine would not (tests/modes/seccomp/test_fast.py holds `gs_lookup`
