@@ -11,37 +11,19 @@ import ipaddress
 import random
 import socket
 
-import pytest
-
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.engine import GRANT, Op, Policy
 from sockgraft.core.protocol import ProtocolError, parse_request
 from sockgraft.modes.api import fast
+from tests.modes.api.test_fast_tables import lib, random_policy  # noqa: F401 (lib: the fixture, the installed library)
 
-V4 = ["127.0.0.1", "10.1.2.3", "0.0.0.0", "255.255.255.255"]
-V6 = ["::1", "fd00::1", "::", "::ffff:10.1.2.3", "fe80::1"]
-NAMES = ["ep0", "ep1", "a", "ep-http", "x" * 15, "ep0x", "EP0"]
-
-
-@pytest.fixture(scope="module")
-def lib():
-    try:
-        return fast.open_library()  # the installed library, whatever GRAFT_FDSERVICE_FAST says
-    except OSError as e:
-        pytest.fail(f"{fast.lib_path()} does not load ({e}): run scripts/setup")
+NAMES = ["ep0", "ep1", "ep2", "ep3", "a", "x" * 15, "ep0x", "EP0"]
 
 
-def random_policy(rng: random.Random) -> Policy:
-    eps = {}
-    for name in rng.sample(NAMES, rng.randint(0, 4)):
-        kind = rng.choice(["ipv4", "ipv4", "ipv6", "unix"])
-        if kind == "unix":
-            eps[name] = parse_endpoint(f"{name} type unix path /run/{name}.sock")
-        else:
-            addr = rng.choice(V4 if kind == "ipv4" else V6)
-            port = rng.choice(["dynamic", "dynamic", str(rng.randint(1, 65535))])
-            eps[name] = parse_endpoint(f"{name} type {kind} addr {addr} port {port}")
-    return Policy(eps, [], [], mark=rng.choice([0, 0x5ca10001]))
+def random_named_policy(rng: random.Random) -> Policy:
+    """test_fast_tables' random endpoint tables (ep0..ep3: ipv4, ipv6, unix; fixed and dynamic ports)
+    with a mark or none."""
+    return Policy(random_policy(rng).endpoints, [], [], mark=rng.choice([0, 0x5ca10001]))
 
 
 def random_request(rng: random.Random) -> bytes:
@@ -93,7 +75,7 @@ def test_named_random(lib):
     rng = random.Random(11)
     seen = set()
     for _ in range(3000):
-        policy = random_policy(rng)
+        policy = random_named_policy(rng)
         c = fast._Compiled(policy)
         c.build()
         for _ in range(8):
