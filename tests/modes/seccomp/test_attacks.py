@@ -297,3 +297,57 @@ def test_blocking_connect_does_not_stall_others(state_dir, ns, counter):
         for f in fillers:
             f.close()
         full.close()
+
+
+BIND_FLIP = r"""
+import ctypes, errno, json, socket, struct, sys, threading
+libc = ctypes.CDLL(None, use_errno=True)
+pair_port, n = int(sys.argv[1]), int(sys.argv[2])
+def sin(addr, port):
+    return struct.pack("=H", socket.AF_INET) + struct.pack("!H", port) + socket.inet_aton(addr) + bytes(8)
+local, pair = sin("127.0.0.5", 0), sin("127.0.0.1", pair_port)  # no pair takes 127.0.0.5: the C's CONTINUE
+buf = ctypes.create_string_buffer(local, 16)
+stop = False
+def flip():
+    while not stop:
+        ctypes.memmove(buf, pair, 16)
+        ctypes.memmove(buf, local, 16)
+threading.Thread(target=flip, daemon=True).start()
+with socket.socket() as probe:
+    mine = probe.getsockopt(socket.SOL_SOCKET, 71, 8)  # SO_NETNS_COOKIE of the container's netns
+out = {"host": 0, "native": 0, "native at the pair": 0, "failed": 0, "host elsewhere": 0}
+for _ in range(n):
+    s = socket.socket()
+    r = libc.bind(s.fileno(), buf, 16)
+    if r != 0:
+        out["failed"] += 1
+    elif s.getsockopt(socket.SOL_SOCKET, 71, 8) != mine:  # a host socket: granted onto the endpoint
+        out["host"] += 1
+        if s.getsockname() != ("127.0.0.1", pair_port):
+            out["host elsewhere"] += 1
+    else:
+        out["native"] += 1
+        out["native at the pair"] += s.getsockname()[1] == pair_port
+    s.close()
+stop = True
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_bind_flip_never_gets_a_host_socket_by_continue(state_dir, ns):
+    """A bind that no ingress pair takes is answered CONTINUE from the sockaddr alone (pools on:
+    seccomp_fast.c serve_unopened). A thread flipping that sockaddr to a pair's address after the
+    read gets the kernel's bind of its own socket, in its own netns: never a host socket. Host
+    sockets come only from grants (bound to the endpoint, showing the pair's address)."""
+    from tests.modes.seccomp.test_fast import _free_ports
+
+    host_port = _free_ports(1)[0]
+    r = run(ns, [sys.executable, "-c", BIND_FLIP, "8080", "3000"],
+            endpoints=[f"web type ipv4 addr 127.0.0.1 port {host_port}"], ingress=["127.0.0.1:8080=web"])
+    import json
+    out = json.loads(r.stdout)
+    assert out["host elsewhere"] == 0, out
+    # none failed: not even EADDRINUSE from a duplicate of the last host socket still open in the
+    # supervisor while the C grants the next bind (the getsockname handler closes its own first)
+    assert out["host"] + out["native"] == 3000 and out["failed"] == 0, out
+    assert out["host"] > 0 and out["native"] > 0, out  # both addresses were read: the flip was live

@@ -316,17 +316,18 @@ class Handlers(SideDoors):
     def on_getsockname(self, call: Call) -> None:
         """getsockname(fd, addr, lenp). Nothing is judged. A grafted IP socket: the app's view
         (see view) written into the target, answers 0. Anything else: CONTINUE, the kernel answers."""
-        s = call.sock(call.appfd)
-        with s:
-            if s.family not in IP or not call.kernel.is_host(s):
-                return call.send(cont=True)  # nothing judged: the kernel answers
-            view = self.view(call, s)
-            addr, lenp = call.args[1], call.args[2]
-            size = struct.unpack("=i", call.read(lenp, 4))[0]
-            if size < 0:
-                raise Errno(errno.EINVAL)
-            call.write_back([(addr, view[:size]), (lenp, struct.pack("=i", len(view)))])
-            call.send()
+        # our duplicate is closed before the answer: the application may close its socket and bind
+        # the same host port at once (the C loop serves that bind while this thread still runs)
+        with call.sock(call.appfd) as s:
+            view = self.view(call, s) if s.family in IP and call.kernel.is_host(s) else None
+        if view is None:
+            return call.send(cont=True)  # nothing judged: the kernel answers
+        addr, lenp = call.args[1], call.args[2]
+        size = struct.unpack("=i", call.read(lenp, 4))[0]
+        if size < 0:
+            raise Errno(errno.EINVAL)
+        call.write_back([(addr, view[:size]), (lenp, struct.pack("=i", len(view)))])
+        call.send()
 
     @staticmethod
     def view(call: Call, s: socket.socket) -> bytes:
