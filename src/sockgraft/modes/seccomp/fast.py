@@ -94,6 +94,14 @@ class Out(ctypes.Structure):
                 ("hostlen", ctypes.c_uint32), ("host", ctypes.c_uint8 * 28)]
 
 
+_ADDR, _HOST = Out.addr.offset, Out.host.offset
+
+
+def _notif(out: Out) -> K.Notif:
+    """The notification of a record, for the Python handlers or the parking."""
+    return K.Notif(out.id, out.pid, out.flags, out.nr, out.arch, out.ip, tuple(out.args))
+
+
 # the steps gs_serve times (gs_out.ns; seccomp_fast.h GS_T_*): cost.py prints them
 STEPS = ("pidfd_getfd", "sockopts+memory copy", "id_valid+lookup+netns+getsockname", "socket+bind+options",
          "connect (twice if in progress)", "fdinfo+addfd", "send")
@@ -455,24 +463,25 @@ class Fast:
         return self._served(t, c, out, park)
 
     def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
+        """(Every notification C served passes here: the fields read are few, the bytes copied with
+        string_at, the sockaddr decoded once.)"""
         r = out.kind
         self.stats["notifications"] += 1
-        n = K.Notif(out.id, out.pid, out.flags, out.nr, out.arch, out.ip, tuple(out.args))
         if r == HANDBACK:
             self.stats["fast_handback"] += 1
             if out.stale:
                 self.stats["fast_stale"] += 1
-            return n
-        raw = bytes(out.addr[:out.addrlen])
+            return _notif(out)
+        raw = ctypes.string_at(ctypes.addressof(out) + _ADDR, out.addrlen)
         if out.decided >= 0:
             try:
-                self._audit(t, c, out, raw)
+                self._audit(t, c, out, *K.decode_sockaddr(raw)[1:])
             except Exception as e:  # answered already: what C did must still reach its record
                 print(f"graft: seccomp fast path: audit: {type(e).__name__}: {e}", file=sys.stderr)
         if r == PARK:
             host = socket.socket(fileno=out.hostfd)
             us = out.sndtimeo_us
-            park(t, n, host, out.appfd, bool(out.cloexec), time.monotonic() + us / 1e6 if us else None, raw)
+            park(t, _notif(out), host, out.appfd, bool(out.cloexec), time.monotonic() + us / 1e6 if us else None, raw)
             self.stats["connect_pending"] += 1
             self.stats["fast_park"] += 1
             return None
@@ -501,16 +510,15 @@ class Fast:
         getsockname of the host socket and of the sockets accepted from it: the app's sockaddr as
         judged, with the host port where it asked for port 0. Taken before any later notification of
         the target is handed back (the C loop's ring is in order, and so is a serve batch)."""
-        _fam, host_addr, host_port = K.decode_sockaddr(bytes(out.host[:out.hostlen]))
-        view = raw if K.decode_sockaddr(raw)[2] else K.with_port(raw, host_port)
+        _fam, host_addr, host_port = K.decode_sockaddr(ctypes.string_at(ctypes.addressof(out) + _HOST, out.hostlen))
+        view = raw if raw[2:4] != b"\0\0" else K.with_port(raw, host_port)  # (the port, network order)
         t.views[out.host_ino] = view
         t.served[(host_addr, host_port)] = view
         self.stats["grafted_bind"] += 1
         self.stats["fast_bind"] += 1
 
-    def _audit(self, t, c: Compiled, out: Out, raw: bytes) -> None:
+    def _audit(self, t, c: Compiled, out: Out, addr: str, port: int) -> None:
         """The decision the C carried out, as the engine states it (asked once per rule and kind)."""
-        fam, addr, port = K.decode_sockaddr(raw)
         verb = "bind" if out.nr == K.SYS["bind"] else "connect"
         v6only = verb == "bind" and bool(out.v6only)
         key = (verb, out.row if out.decided == GRANT else -1, out.family, out.type, out.proto, v6only)
