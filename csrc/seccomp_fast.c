@@ -888,7 +888,7 @@ static int serve(int listener, const struct gs_table *t, struct gs_out *out, str
 		return errno == ENOENT || errno == EINTR ? GS_NOTHING : -errno;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	memset(out->ns, 0, sizeof(out->ns));
-	out->pooled = 0, out->stale = 0;
+	out->pooled = 0, out->stale = 0, out->v6only = 0, out->dual = 0, out->host_ino = 0, out->hostlen = 0;
 	out->id = n.id, out->pid = n.pid, out->flags = n.flags, out->nr = n.data.nr, out->arch = n.data.arch;
 	out->ip = n.data.instruction_pointer;
 	memcpy(out->args, n.data.args, sizeof(out->args));
