@@ -1,9 +1,11 @@
 """Facts that more than one part of sockgraft needs, in one place (pure data, Linux x86_64 values).
 
 - COPIED_OPTIONS: the socket options an application may have set on its socket before it was
-  grafted; every mode copies those that differ from a fresh socket's onto the host socket (the
-  Python side through `host.hostsock.copy_options`, the preload library through `csrc/options.h`,
-  which `python3 -m sockgraft.core.tables --c-options` writes and a test keeps equal).
+  grafted; the seccomp supervisor and the preload library copy those that differ from a fresh
+  socket's onto the host socket (the Python side through `host.hostsock.copy_options`, the C side
+  through `csrc/options.h`, which `python3 -m sockgraft.core.tables --c-options` writes and a test
+  keeps equal). The api mode replays the program's own setsockopt calls instead
+  (`modes.api.graftsocket`): it sees them.
 - SOCKET_FLAGS: the flags of a bind the fd-service protocol carries, read from the socket.
 - TRAPPED / REFUSED: the syscalls seccomp mode sends to its supervisor (with the argument
   conditions under which it does) and those it refuses outright. The seccomp mode's BPF filter
