@@ -34,13 +34,6 @@
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
-/* `named NAME FAMILY TYPE PROTO FLAGS` (the graft API's bind by endpoint name): a verb and a table
- * kind beside those of fdservice_fast.h. A named table is one endpoint of the container's table:
- * `tail` is its name, in_rows[0] the host address the engine grants it (kind, ep_addr, ep_port;
- * kind 0: a unix endpoint, "ask"); fast.py compiles them from Policy.decide. */
-#define FS_NAMED 3
-#define FS_FOR_NAMED 4
-
 static const uint8_t V4MAPPED[12] = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff };
 
 /* -- words and numbers, as protocol._int ---------------------------------------------------- */

@@ -40,8 +40,11 @@ struct fs_in_row {
 /* The table of one set of rules: the container's own (tail_len 0: requests without caller rules)
  * or those a caller sends, recognised by the exact bytes of the request after its fixed arguments
  * (" out:...=ep ...", " in:...=ep ..."): the Python side compiled that table from the same words it
- * parsed, for the verbs it names (a `connect` tail is no `bind` tail). */
-enum { FS_FOR_EGRESS = 1, FS_FOR_BIND = 2 };
+ * parsed, for the verbs it names (a `connect` tail is no `bind` tail). A `named` table is one
+ * endpoint of the container's table: `tail` is its name, in_rows[0] the host address the engine
+ * grants it (kind, ep_addr, ep_port; kind 0: a unix endpoint, "ask"); fast.py compiles them from
+ * Policy.decide. */
+enum { FS_FOR_EGRESS = 1, FS_FOR_BIND = 2, FS_FOR_NAMED = 4 };
 struct fs_table {
 	const char *tail;
 	uint32_t tail_len;
@@ -52,10 +55,11 @@ struct fs_table {
 	const struct fs_in_row *in_rows;
 };
 
-/* A parsed `connect` or `pool` request, as core/protocol.parse_request would parse it. */
-enum { FS_CONNECT = 0, FS_POOL = 1, FS_BIND = 2 };
+/* A parsed `connect`, `pool`, `bind` or `named` request (`named NAME FAMILY TYPE PROTO FLAGS`: the
+ * graft API's bind by endpoint name), as core/protocol.parse_request would parse it. */
+enum { FS_CONNECT = 0, FS_POOL = 1, FS_BIND = 2, FS_NAMED = 3 };
 struct fs_req {
-	int32_t verb;     /* FS_CONNECT, FS_POOL or FS_BIND */
+	int32_t verb;     /* FS_CONNECT, FS_POOL, FS_BIND or FS_NAMED */
 	int32_t count;    /* pool: how many sockets (1..FS_MAX_POOL) */
 	int32_t flags;    /* bind: FS_FL_* */
 	int32_t family;

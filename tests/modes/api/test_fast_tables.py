@@ -345,3 +345,21 @@ def test_bind_lookup_random(lib):
                 assert d.verdict == LOCAL, (policy, op)
             seen.add(want[0])
     assert seen == {"ask", "local", "grant"}
+
+
+def test_the_constants_are_the_headers():
+    """The numbers fast.py passes to and reads from the library are csrc/fdservice_fast.h's."""
+    import pathlib
+    import re
+
+    header = (pathlib.Path(__file__).resolve().parents[3] / "csrc" / "fdservice_fast.h").read_text()
+    names = {m[0]: int(m[1]) for m in re.findall(r"#define (FS_\w+) (\d+)", header)}
+    for body in re.findall(r"enum \{([^}]*)\}", header):
+        names.update({k: int(v) for k, v in re.findall(r"(FS_\w+) = (\d+)", body)})
+    assert (fast.ABI, fast.POOLS, fast.MAX_MESSAGE) == (names["FS_ABI"], names["FS_POOLS"], names["FS_MAX_MESSAGE"])
+    assert (fast.CONNECT, fast.POOL, fast.BIND, fast.NAMED) == \
+        (names["FS_CONNECT"], names["FS_POOL"], names["FS_BIND"], names["FS_NAMED"])
+    assert (fast.FOR_EGRESS, fast.FOR_BIND, fast.FOR_NAMED) == \
+        (names["FS_FOR_EGRESS"], names["FS_FOR_BIND"], names["FS_FOR_NAMED"])
+    assert (fast.DROP, fast.HANDBACK, fast.GRANT, fast.LOCAL, fast.FAIL) == \
+        (names["FS_DROP"], names["FS_HANDBACK"], names["FS_GRANT"], names["FS_LOCAL"], names["FS_FAIL"])

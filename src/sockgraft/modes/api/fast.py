@@ -33,7 +33,7 @@ LIB_NAME = "libgraft-fdfast.so"
 ENV = "GRAFT_FDSERVICE_FAST"
 ABI = 3  # csrc/fdservice_fast.h FS_ABI
 POOLS = 1  # fs_serve flags: FS_POOLS
-CONNECT, POOL, BIND, NAMED = 0, 1, 2, 3  # FS_CONNECT, FS_POOL, FS_BIND; FS_NAMED (fdservice_fast.c)
+CONNECT, POOL, BIND, NAMED = 0, 1, 2, 3  # FS_CONNECT, FS_POOL, FS_BIND, FS_NAMED
 VERBS = ("connect", "pool", "bind", "named")
 POOLS_RECHECK = 1.0  # seconds between two egress.pools_off answers for one container
 SPIN_ENV = "GRAFT_FDSERVICE_SPIN"  # µs the C loop waits, awake, for a back-to-back caller's next request (0: never)
@@ -60,7 +60,7 @@ class InRow(ctypes.Structure):
                 ("addr", ctypes.c_uint8 * 16), ("ep_addr", ctypes.c_uint8 * 16)]
 
 
-FOR_EGRESS, FOR_BIND, FOR_NAMED = 1, 2, 4  # fs_table.verbs (FS_FOR_NAMED: fdservice_fast.c)
+FOR_EGRESS, FOR_BIND, FOR_NAMED = 1, 2, 4  # fs_table.verbs (FS_FOR_*)
 
 
 class Table(ctypes.Structure):
@@ -175,7 +175,7 @@ def compile_in_rows(policy: Policy) -> tuple[ctypes.Array, list[tuple[str, str]]
 
 
 def compile_named(policy: Policy) -> list[tuple[bytes, ctypes.Array, tuple[str, str]]]:
-    """Per endpoint, the table of a `named` request (fdservice_fast.c FS_FOR_NAMED): its name, one
+    """Per endpoint, the table of a `named` request (fdservice_fast.h FS_FOR_NAMED): its name, one
     InRow holding the host address the engine grants a socket of the endpoint's own family (kind 0:
     none, the engine decides: a unix endpoint) and what the audit names (endpoint, reason). C
     carries the family over (v4-mapped for an IPv6 socket on an ipv4 endpoint) as for `bind`."""
