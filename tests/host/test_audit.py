@@ -40,6 +40,19 @@ def test_interval_over_writes_the_repeats(tmp_path):
     a.close()
 
 
+def test_a_count_of_alike_events_is_one_call(tmp_path):
+    """A caller that counted N alike decisions (the seccomp C loop's quiet locals) records them at
+    once: an aggregated kind counts N, another kind writes one line that says N."""
+    a = Audit(str(tmp_path), deferred=True, interval=3600)
+    a.record("local", 500, container="c", mode="seccomp", op="bind", endpoint=None)
+    a.record("local", 2, container="c", mode="seccomp", op="bind", endpoint=None)
+    a.record("deny", 3, container="c", mode="seccomp", op="connect", errno=1, reason="no")
+    a.close()
+    got = lines(a.path)
+    assert sum(r["count"] for r in got if r["event"] == "local") == 502
+    assert [r["count"] for r in got if r["event"] == "deny"] == [3]
+
+
 def test_rotation_bounds_the_files(tmp_path):
     a = Audit(str(tmp_path), max_bytes=4096, keep=2)
     for i in range(2000):

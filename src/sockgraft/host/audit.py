@@ -60,17 +60,23 @@ class Audit:
                 return None
         return self._fd
 
-    def record(self, event: str, **fields) -> None:
+    def record(self, event: str, count: int = 1, **fields) -> None:
+        """One event, or `count` alike (an aggregated kind: counted as that many; another kind: one
+        line that says the count)."""
         now = round(time.time(), 6)
         if event in AGGREGATED:
             key = (event, fields.get("container"), fields.get("mode"), fields.get("op"), fields.get("endpoint"))
             agg = self._counts.get(key)
             if agg is not None:  # seen in this interval: counted, written when the interval ends
-                agg["count"] += 1
+                agg["count"] += count
                 agg["until"] = now
                 return
-            self._counts[key] = {"ts": now, "event": event, **fields, "count": 0, "repeats": True}
+            self._counts[key] = {"ts": now, "event": event, **fields, "count": count - 1, "repeats": True}
+            if count > 1:
+                self._counts[key]["until"] = now
             fields["count"] = 1
+        elif count != 1:
+            fields["count"] = count
         self._pending.append({"ts": now, "event": event, **fields})
         if not self.deferred:
             self.flush()
@@ -119,9 +125,9 @@ class Audit:
         os.close(self._fd)
         self._fd = None
 
-    def decision(self, container: str, mode: str, op: str, decision, **fields) -> None:
+    def decision(self, container: str, mode: str, op: str, decision, count: int = 1, **fields) -> None:
         ep = decision.endpoint.name if decision.endpoint else None
-        self.record(decision.verdict, container=container, mode=mode, op=op, endpoint=ep,
+        self.record(decision.verdict, count, container=container, mode=mode, op=op, endpoint=ep,
                     errno=decision.errno or None, reason=decision.reason, **fields)
 
     def close(self) -> None:

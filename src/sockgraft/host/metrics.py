@@ -44,10 +44,10 @@ class Metrics:
         self.registry.register(_ContainersCollector(self))
         self._server = None
 
-    def decision(self, mode: str, op: str, verdict: str) -> None:
+    def decision(self, mode: str, op: str, verdict: str, count: int = 1) -> None:
         counter = {"grant": self.grants, "deny": self.denials, "local": self.local}.get(verdict)
         if counter is not None:
-            counter.labels(mode or "unknown", op or "unknown").inc()
+            counter.labels(mode or "unknown", op or "unknown").inc(count)
 
     def observe(self, mode: str, seconds: float) -> None:
         self.latency.labels(mode).observe(seconds)
@@ -122,17 +122,17 @@ class MetricsAudit(Audit):
         metrics.state_dir = os.path.dirname(self.path)
         self._lock = threading.RLock()
 
-    def record(self, event: str, **fields) -> None:
+    def record(self, event: str, count: int = 1, **fields) -> None:
         with self._lock:
-            super().record(event, **fields)
+            super().record(event, count, **fields)
 
     def flush(self, force: bool = False) -> None:
         with self._lock:
             super().flush(force)
 
-    def decision(self, container: str, mode: str, op: str, decision, **fields) -> None:
-        self.metrics.decision(mode, op, decision.verdict)
-        super().decision(container, mode, op, decision, **fields)
+    def decision(self, container: str, mode: str, op: str, decision, count: int = 1, **fields) -> None:
+        self.metrics.decision(mode, op, decision.verdict, count)
+        super().decision(container, mode, op, decision, count, **fields)
 
 
 def parse_listen(spec: str) -> tuple[str, int]:

@@ -416,8 +416,7 @@ class Fast:
             self.stats["fast_local"] += n
             self.stats["fast_local_continue"] += n
             d = policy.decide(Op(verb, socket.AF_UNIX))  # what no pair or rule matches: the engine's local
-            for _ in range(n):  # (the audit counts one decision a call)
-                self.audit.decision(t.key, MODE, verb, d)
+            self.audit.decision(t.key, MODE, verb, d, count=n)
 
     def forget(self, t) -> None:
         if self.loop is not None and getattr(t, "slot", -1) >= 0:
@@ -512,8 +511,7 @@ class Fast:
         the target is handed back (the C loop's ring is in order, and so is a serve batch)."""
         _fam, host_addr, host_port = K.decode_sockaddr(ctypes.string_at(ctypes.addressof(out) + _HOST, out.hostlen))
         view = raw if raw[2:4] != b"\0\0" else K.with_port(raw, host_port)  # (the port, network order)
-        t.views[out.host_ino] = view
-        t.served[(host_addr, host_port)] = view
+        t.bound(out.host_ino, (host_addr, host_port), view)
         self.stats["grafted_bind"] += 1
         self.stats["fast_bind"] += 1
 
