@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import struct
 
@@ -187,3 +188,21 @@ def test_ingress_traps_everything():
     t = trapped_for(endpoints=True, ingress=True)
     assert dict(t) == dict(TRAPPED)
     assert bpf.filter_program(t).assemble() == PROG
+
+
+def test_views_of_grafted_binds_stay_bounded():
+    """A target whose program binds and closes grafted sockets over and over keeps the views of the
+    live ones only (Target.bound prunes the closed ones whenever `views` doubles)."""
+    from sockgraft.modes.seccomp.targets import VIEWS_MIN, Target
+
+    t = Target(-1, "k", None)
+    keep = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    keep.bind(("127.0.0.1", 0))
+    with keep:
+        t.bound(os.fstat(keep.fileno()).st_ino, keep.getsockname(), b"kept")
+        for _ in range(3 * VIEWS_MIN):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.1", 0))
+                t.bound(os.fstat(s.fileno()).st_ino, s.getsockname(), b"v")
+            assert len(t.views) <= VIEWS_MIN + 1
+        assert t.views[os.fstat(keep.fileno()).st_ino] == b"kept"  # a live socket's view is kept

@@ -159,8 +159,7 @@ class Handlers(SideDoors):
                 view = raw if target[1] else K.with_port(raw, host_addr[1])
                 call.install(h, appfd, cloexec)
                 t = call.target
-                t.views[os.fstat(h.fileno()).st_ino] = view
-                t.served[host_addr[:2]] = view
+                t.bound(os.fstat(h.fileno()).st_ino, host_addr[:2], view)
                 self.stats["grafted_bind"] += 1
             call.send()
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sockgraft.modes.seccomp import kernel as K
 
 MAX_SOCKADDR = 128
+VIEWS_MIN = 1024  # grafted binds remembered before the first pruning (Target.bound)
 
 
 class Gone(Exception):
@@ -42,6 +43,20 @@ class Target:
     views: dict = field(default_factory=dict)  # host socket inode -> the sockaddr the app bound
     served: dict = field(default_factory=dict)  # (host addr, port) of a grafted bind -> app sockaddr
     slot: int = -1  # its slot in the native loop (fast.Loop), -1: the Python loop epolls it
+    views_limit: int = VIEWS_MIN  # `views` is pruned when it grows beyond this
+
+    def bound(self, ino: int, host: tuple, view: bytes) -> None:
+        """A grafted bind: host socket `ino`, bound to `host` (addr, port), shows `view`. `views`
+        forgets the sockets closed since (a grafted bind's socket listens at once, or is a bound UDP
+        one: alive, it is in the netns' socket tables) whenever it doubles, so that it stays
+        bounded by the live grafted sockets; `served` is keyed by host address and port (bounded)."""
+        self.views[ino] = view
+        self.served[host] = view
+        if len(self.views) > self.views_limit:
+            alive = K.live_socket_inodes()
+            alive.add(ino)
+            self.views = {i: v for i, v in self.views.items() if i in alive}
+            self.views_limit = max(VIEWS_MIN, 2 * len(self.views))
 
 
 class Kernel:
