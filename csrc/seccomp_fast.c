@@ -373,6 +373,23 @@ static int failed(int listener, struct gs_out *out, int err)
 	return done(out, GS_DONE_FAILED, err);
 }
 
+/* Install host socket `h` over the application's fd (ADDFD with its close-on-exec; `h` closed here)
+ * and answer: CONTINUE (`cont`: the application's own call runs on it) or `err` (0: success).
+ * Returns what gs_serve returns: a granted record, or gone / failed. */
+static int install(int listener, struct gs_out *out, int h, int cont, int err)
+{
+	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
+					  .newfd = (uint32_t)out->appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
+	int e = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0 ? errno : 0;
+	close(h);
+	if (e)
+		return e == ENOENT ? done(out, GS_DONE_GONE, 0) : failed(listener, out, e);
+	stamp(out, GS_T_ADDFD);
+	int sent = cont ? send_continue(listener, out->id) : send_resp(listener, out->id, err);
+	stamp(out, GS_T_SEND);
+	return sent == ENOENT ? done(out, GS_DONE_GONE, 0) : done(out, GS_DONE_GRANT, err);
+}
+
 /* A granted connect with a pooled host socket: it takes the application's options and blocking
  * mode, replaces its fd, and the application's own connect() then runs on it (CONTINUE). The
  * destination is read again by the kernel: a thread that changed it meanwhile meets the kernel's
@@ -385,17 +402,8 @@ static int handover(int listener, struct gs_out *out, int dup, int h)
 	copy_options(dup, h, out->family, out->type, out->family);
 	fcntl(h, F_SETFL, nonblock ? (fcntl(h, F_GETFL) | O_NONBLOCK) : (fcntl(h, F_GETFL) & ~O_NONBLOCK));
 	stamp(out, GS_T_SOCKET);
-	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
-					  .newfd = (uint32_t)out->appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
-	int e = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0 ? errno : 0;
-	close(h);
-	if (e)
-		return e == ENOENT ? done(out, GS_DONE_GONE, 0) : failed(listener, out, e);
-	stamp(out, GS_T_ADDFD);
-	out->pooled = 1;
-	int sent = send_continue(listener, out->id);
-	stamp(out, GS_T_SEND);
-	return sent == ENOENT ? done(out, GS_DONE_GONE, 0) : done(out, GS_DONE_GRANT, 0);
+	out->pooled = 1; /* (read for a granted record only) */
+	return install(listener, out, h, 1, 0);
 }
 
 /* The granted connect of a native socket `dup` (graft_connect): returns what gs_serve returns. */
@@ -456,22 +464,7 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 	}
 	if (!nonblock)
 		fcntl(h, F_SETFL, fcntl(h, F_GETFL) & ~O_NONBLOCK);
-	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
-					  .newfd = (uint32_t)appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
-	if (ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {
-		int e = errno;
-		close(h);
-		if (e == ENOENT)
-			return done(out, GS_DONE_GONE, 0);
-		return failed(listener, out, e);
-	}
-	close(h);
-	stamp(out, GS_T_ADDFD);
-	int sent = send_resp(listener, out->id, err);
-	stamp(out, GS_T_SEND);
-	if (sent == ENOENT)
-		return done(out, GS_DONE_GONE, 0);
-	return done(out, GS_DONE_GRANT, err);
+	return install(listener, out, h, 0, err);
 }
 
 /* The sockaddr of a bind or connect (args[1], args[2]) copied once into out->addr (out->addrlen:
@@ -798,16 +791,7 @@ static int grant_bind(int listener, const struct gs_table *t, struct gs_out *out
 	out->hostlen = hl;
 	out->host_ino = (uint64_t)st.st_ino;
 	stamp(out, GS_T_SOCKET);
-	struct seccomp_notif_addfd add = {.id = out->id, .flags = SECCOMP_ADDFD_FLAG_SETFD, .srcfd = (uint32_t)h,
-					  .newfd = (uint32_t)out->appfd, .newfd_flags = out->cloexec ? O_CLOEXEC : 0};
-	int e = ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0 ? errno : 0;
-	close(h);
-	if (e)
-		return e == ENOENT ? done(out, GS_DONE_GONE, 0) : failed(listener, out, e);
-	stamp(out, GS_T_ADDFD);
-	int sent = send_resp(listener, out->id, 0);
-	stamp(out, GS_T_SEND);
-	return sent == ENOENT ? done(out, GS_DONE_GONE, 0) : done(out, GS_DONE_GRANT, 0);
+	return install(listener, out, h, 0, 0);
 }
 
 /* A bind of an IP socket of the container (not a host socket: read_call), TCP or UDP, judged with
