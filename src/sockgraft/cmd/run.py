@@ -12,7 +12,7 @@ import tempfile
 
 from sockgraft.core.endpoint import SpecError
 from sockgraft.host import netns, paths, userns
-from sockgraft.host.children import become_subreaper, wait_container
+from sockgraft.host.children import STOPPING_SIGNALS, become_subreaper, holding_signals, wait_container
 from sockgraft.host.store import Store
 from sockgraft.modes.api.fdservice import FdService
 from sockgraft.modes.base import RunContext, RunSpec
@@ -78,6 +78,11 @@ def run(spec: RunSpec) -> int:
             paths.check_user_dirs(spec.state_dir)
         except OSError as e:
             raise SpecError(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}") from None
+    with holding_signals() as held:  # a stop while setting up: clean up, never die half set up
+        return _run(spec, rootless, held)
+
+
+def _run(spec: RunSpec, rootless: bool, held: list[int]) -> int:
     sweep_debris()
     undo: list = []  # cleanup steps, run in reverse
     store = Store(spec.state_dir)
@@ -128,11 +133,14 @@ def run(spec: RunSpec) -> int:
                 netns.enter(container.path)
             attach.preexec()
 
+        stopped = [sig for sig in held if sig in STOPPING_SIGNALS]
+        if stopped:  # stopped before the command started: it never does
+            return 128 + stopped[0]
         become_subreaper()  # a daemon that forks away stays ours: we serve it until it is gone
         proc = attach.spawn(preexec)
         thread = service.start_thread()
         undo.append(lambda: (service.stop(), thread.join(5)))
-        return wait_container(proc, lambda: container_pids(container.ino))
+        return wait_container(proc, lambda: container_pids(container.ino), held)
     finally:
         errors = []
         for step in reversed(undo):

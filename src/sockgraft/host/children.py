@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def exit_status(returncode: int) -> int:
@@ -32,6 +33,22 @@ def wait_forwarding(proc: subprocess.Popen) -> int:
         return exit_status(proc.wait())
 
 
+@contextlib.contextmanager
+def holding_signals():
+    """While inside, FORWARDED_SIGNALS sent to this process are held (the list yielded, in order of
+    arrival) instead of killing it before it has cleaned up: for wait_container to pass on to the
+    command, or for the caller to give up before starting it."""
+    held: list[int] = []
+    old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda s, _f: held.append(s))
+    try:
+        yield held
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -42,32 +59,44 @@ def become_subreaper() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
-def wait_container(proc: subprocess.Popen, others) -> int:
+def wait_container(proc: subprocess.Popen, others, held: list[int] | tuple = ()) -> int:
     """Wait for `proc` (the foreground command) AND every descendant left after it (a daemon that
     forked away: this process must be a subreaper), passing signals on: to `proc` while it runs,
-    then to `others()` (the container's remaining pids). Returns `proc`'s exit status the shell's
-    way. Reaps with waitpid(-1): call it only where no other thread waits for children of its own."""
+    then to `others()` (the container's remaining pids). A stop asked while `proc` ran (SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT) goes on to the remaining pids when `proc` exits, as a container's
+    processes go with its first one: `sh -c 'daemon; sleep 60'` stopped is stopped whole, not left
+    with its orphaned `sleep`. Returns `proc`'s exit status the shell's way. Reaps with
+    waitpid(-1): call it only where no other thread waits for children of its own."""
     import os
 
     status: int | None = None
+    stop: int | None = None  # a stopping signal received while `proc` ran
 
-    def forward(sig, _frame):
-        if status is None:
-            try:
-                proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-            return
+    def to_others(sig: int) -> None:
         for pid in others():
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
 
+    def forward(sig, _frame):
+        nonlocal stop
+        if status is None:
+            if sig in STOPPING_SIGNALS:
+                stop = sig
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            return
+        to_others(sig)
+
     old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
     try:
+        for sig in held:
+            forward(sig, None)
         while True:
             try:
                 pid, st = os.waitpid(-1, 0)  # EINTR is retried by Python (PEP 475)
@@ -76,6 +105,8 @@ def wait_container(proc: subprocess.Popen, others) -> int:
             if pid == proc.pid:
                 proc.returncode = os.waitstatus_to_exitcode(st)
                 status = exit_status(proc.returncode)
+                if stop is not None:
+                    to_others(stop)
         if status is None:  # someone else reaped it (cannot happen here): ask Popen
             status = exit_status(proc.wait())
         return status

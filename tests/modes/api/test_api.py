@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.helpers import children, free_port, graft, graft_cmd, stop, wait_port
+from tests.helpers import children, free_port, graft, graft_cmd, stop, wait_for, wait_port
 
 
 def script(tmp_path, name: str, body: str) -> str:
@@ -259,6 +259,18 @@ def test_run_cleans_up_after_sigterm(tmp_path, state_dir, make_netns):
 
     with Store(state_dir) as s:
         assert s.container(name) is None
+
+
+def test_run_stopped_stops_what_its_command_left(state_dir, procs):
+    """SIGTERM to `graft run` stops the command and then the processes it leaves in the container
+    (here the shell dies of it and its two sleeps are orphaned to `graft run`, a subreaper)."""
+    p = graft_run("--", "sh", "-c", 'sleep 60 & echo "$!"; sleep 60')
+    procs.append(p)
+    orphan = int(p.stdout.readline())
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(5) == 128 + signal.SIGTERM
+    wait_for(lambda: not os.path.exists(f"/proc/{orphan}") or "Z" in open(f"/proc/{orphan}/stat").read().split()[2],
+             5, "the orphaned sleep to go")
 
 
 def test_bad_run_input(state_dir):
