@@ -13,11 +13,20 @@ import time
 
 
 def free_port(addr: str = "127.0.0.1", sotype: int = socket.SOCK_STREAM) -> int:
-    """A port that is free on the host right now (loopback only)."""
+    """A port that is free on the host right now for `addr` (loopback only), from outside the
+    ephemeral range as the bench's (bench.ports: no connect's TIME_WAIT can hold it)."""
+    from sockgraft.bench import ports
+
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(family, sotype) as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+    for _ in range(20):
+        port = ports.free_port(sotype)
+        try:
+            with socket.socket(family, sotype) as s:
+                s.bind((addr, port))
+            return port
+        except OSError:
+            continue
+    raise OSError(f"no free port for {addr}")
 
 
 def graft_cmd() -> list[str]:
