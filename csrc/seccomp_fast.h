@@ -1,5 +1,5 @@
 /* libgraft-seccomp.so: the seccomp supervisor's native fast path for connect() and bind() (loaded with ctypes
- * by src/sockgraft/modes/seccomp/fast.py). It decides only from a table the Python engine compiled
+ * by src/sockgraft/modes/seccomp/fastlib.py, used by fast.py). It decides only from a table the Python engine compiled
  * (core/engine.py EgressTable: `gs_lookup` mirrors EgressTable.lookup, a property test holds them
  * equal) and hands everything else back to the Python handlers. x86_64, Linux >= 6.9. */
 #ifndef GRAFT_SECCOMP_FAST_H

@@ -26,6 +26,7 @@ from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.host import netns
 from sockgraft.host.store import Store
 from sockgraft.modes.seccomp import fast as F
+from sockgraft.modes.seccomp import fastlib as FL
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp.supervisor import Supervisor
 
@@ -38,7 +39,7 @@ NAMES = ["a4", "b4", "a6", "b6", "u", "missing"]
 
 @pytest.fixture(scope="module")
 def lib():
-    return F.load()  # installed by scripts/setup: a missing library is a failure here
+    return FL.load()  # installed by scripts/setup: a missing library is a failure here
 
 
 def _net(rng: random.Random, version: int) -> str:
@@ -72,9 +73,9 @@ def _c_lookup(lib, table, op: Op) -> tuple:
     addr = (ctypes.c_uint8 * 16)()
     r = lib.gs_lookup(ctypes.byref(table), op.family, raw, len(raw), op.type, op.proto, int(op.bound),
                       int(op.foreign), ctypes.byref(fam), addr, ctypes.byref(port))
-    if r == F.LOCAL:
+    if r == FL.LOCAL:
         return ("local",)
-    if r == F.ASK:
+    if r == FL.ASK:
         return ("ask",)
     host = socket.inet_ntop(fam.value, bytes(addr)[:4 if fam.value == V4 else 16])
     return ("grant", fam.value, (host, port.value))
@@ -88,7 +89,7 @@ def test_c_lookup_equals_the_engine_table(lib):
         rules = [f"{_net(rng, rng.choice([4, 6]))}={rng.choice(NAMES)}" for _ in range(rng.randrange(6))]
         policy = Policy(eps, [], [parse_egress(r) for r in rules])
         et = policy.egress_table()
-        table, _rows = F.make_table(policy)
+        table, _rows = FL.make_table(policy)
         nets = [r.split("=")[0] for r in rules]
         for _ in range(8):
             addr = _addr(rng, nets)
@@ -105,7 +106,7 @@ def test_c_lookup_equals_the_engine_table(lib):
 
 def test_c_lookup_never_takes_an_address_the_socket_cannot_use(lib):
     eps = {e.name: e for e in map(parse_endpoint, ENDPOINTS)}
-    table, _rows = F.make_table(Policy(eps, [], [parse_egress("::/0=a6")]))
+    table, _rows = FL.make_table(Policy(eps, [], [parse_egress("::/0=a6")]))
     op = Op("connect", V4, "::1", 80, S)  # an IPv4 socket given a sockaddr_in6: the kernel's answer
     assert _c_lookup(lib, table, op) == ("ask",)
 
@@ -128,7 +129,7 @@ def test_c_bind_local_only_where_the_engine_says_local(lib):
     for _ in range(2000):
         pairs = [_pair(rng) for _ in range(rng.randrange(5))]
         policy = Policy(eps, [parse_ingress(p) for p in pairs], [])
-        table, _keep = F.make_table(policy)
+        table, _keep = FL.make_table(policy)
         for _ in range(8):
             port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
             addr = rng.choice(["0.0.0.0", "127.0.0.1", "10.1.2.3", "10.1.2.4", "::", "::1", "fd00::5",
@@ -157,9 +158,9 @@ def _c_lookup_bind(lib, table, op: Op) -> tuple:
     addr = (ctypes.c_uint8 * 16)()
     r = lib.gs_lookup_bind(ctypes.byref(table), op.family, raw, len(raw), op.type, op.proto, int(op.v6only),
                            int(op.foreign), ctypes.byref(row), ctypes.byref(fam), addr, ctypes.byref(port))
-    if r == F.LOCAL:
+    if r == FL.LOCAL:
         return ("local",)
-    if r == F.ASK:
+    if r == FL.ASK:
         return ("ask",)
     host = socket.inet_ntop(fam.value, bytes(addr)[:4 if fam.value == V4 else 16])
     return ("grant", fam.value, (host, port.value), row.value)
@@ -176,7 +177,7 @@ def test_c_bind_lookup_equals_the_engine_table_and_decide(lib):
         pairs = [_pair(rng).rsplit("=", 1)[0] + "=" + rng.choice(names) for _ in range(rng.randrange(5))]
         policy = Policy(eps, [parse_ingress(p) for p in pairs], [])
         it = policy.ingress_table()
-        table, _keep = F.make_table(policy)
+        table, _keep = FL.make_table(policy)
         for _ in range(8):
             port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
             if pairs and rng.random() < 0.5:  # at a pair's port
@@ -217,7 +218,7 @@ def test_c_decides_from_the_sockaddr_alone_only_where_every_socket_stays_local(l
         pairs = [_pair(rng) for _ in range(rng.randrange(5))]
         rules = [f"{_net(rng, rng.choice([4, 6]))}={rng.choice(NAMES)}" for _ in range(rng.randrange(5))]
         policy = Policy(eps, [parse_ingress(p) for p in pairs], [parse_egress(r) for r in rules])
-        table, _keep = F.make_table(policy)
+        table, _keep = FL.make_table(policy)
         nets = [r.split("=")[0] for r in rules]
         for _ in range(8):
             port = rng.choice([0, 80, 443, 8080, 65535, rng.randrange(65536)])
@@ -370,11 +371,11 @@ def test_fast_path_serves_connects_as_python_does(state_dir, ns, tmp_path, monke
     threading.Thread(target=accept, daemon=True).start()
     port, refused = host.getsockname()[1], closed.getsockname()[1]
     try:
-        monkeypatch.setenv(F.ENV, "1")
+        monkeypatch.setenv(FL.ENV, "1")
         pooled, pooled_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
         monkeypatch.setenv("GRAFT_POOLS", "0")
         fast, fast_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
-        monkeypatch.setenv(F.ENV, "0")
+        monkeypatch.setenv(FL.ENV, "0")
         slow, slow_stats = _serve_child(state_dir, ns, tmp_path, port, refused)
     finally:
         stop.set()
@@ -422,8 +423,8 @@ def test_pools_are_filled_for_dynamic_endpoints_and_closed_with_their_table():
     rows = [c.rows[i] for i in range(c.table.nrows)]
     pools = [c.pools[i] for i in range(c.table.nrows)]
     dyn = next(i for i, r in enumerate(rows) if r.epport == 0)
-    assert pools[dyn].n == F.POOL and all(p.n == 0 for i, p in enumerate(pools) if i != dyn)
-    fds = list(pools[dyn].fds[:F.POOL])
+    assert pools[dyn].n == FL.POOL and all(p.n == 0 for i, p in enumerate(pools) if i != dyn)
+    fds = list(pools[dyn].fds[:FL.POOL])
     for fd in fds:
         s = socket.socket(fileno=os.dup(fd))
         try:
@@ -504,7 +505,7 @@ def test_fast_path_serves_binds_as_python_does(state_dir, ns, tmp_path, monkeypa
     ingress = ["0.0.0.0:8080=web", "0.0.0.0:5353=dns", "127.0.0.1:0=dyn", "127.0.0.1:9000-9009=dyn",
                "[::1]:7000=dyn6", "0.0.0.0:7001=dyn", "0.0.0.0:6000=missing"]
     results = []
-    for env in ({F.ENV: "1"}, {F.ENV: "1", "GRAFT_POOLS": "0"}, {F.ENV: "0"}):
+    for env in ({FL.ENV: "1"}, {FL.ENV: "1", "GRAFT_POOLS": "0"}, {FL.ENV: "0"}):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         results.append(_supervised(state_dir, ns, tmp_path, BIND_CHILD, [], eps, ingress, [], drive))
@@ -535,7 +536,7 @@ def test_locals_answered_without_a_record_are_counted_and_audited(state_dir, ns,
     """Where pools are on, the C loop records the first local bind and connect of each second and
     only counts the others (gs_loop_quiet): every one still reaches the stats and the audit log
     (aggregated), none is lost at the supervisor's stop."""
-    monkeypatch.setenv(F.ENV, "1")
+    monkeypatch.setenv(FL.ENV, "1")
     n = 300
     _out, stats = _supervised(state_dir, ns, tmp_path, LOCAL_CHILD, [str(n)], ["out type ipv4 addr 127.0.0.1 port dynamic"],
                               ["127.0.0.1:80=out"], ["127.0.0.0/8=out"])

@@ -22,7 +22,7 @@ from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.rules import parse_egress
 from sockgraft.host import netns
 from sockgraft.host.store import Store
-from sockgraft.modes.seccomp import fast as F
+from sockgraft.modes.seccomp import fastlib as FL
 from sockgraft.modes.seccomp import native as N
 from sockgraft.modes.seccomp.supervisor import Supervisor
 
@@ -176,9 +176,9 @@ def _fds() -> dict[str, str]:
 
 @pytest.fixture
 def native(monkeypatch):
-    monkeypatch.setenv(F.ENV, "1")
+    monkeypatch.setenv(FL.ENV, "1")
     monkeypatch.setenv(N.LOOP_ENV, "1")
-    F.load()  # installed by scripts/setup: a missing library is a failure here
+    FL.load()  # installed by scripts/setup: a missing library is a failure here
 
 
 @pytest.fixture
@@ -272,13 +272,13 @@ def test_pools_are_refilled_while_the_c_loop_takes_from_them(native, state_dir, 
     try:
         child = Child(sup, ns, ns, tmp_path)
         _wait(lambda: any(c.pools is not None for c in sup.fast.compiled.values()), "pools made")
-        n = 20 * F.POOL
+        n = 20 * FL.POOL
         assert child.ask(f"burst {server.port} {n} plain") == {"ok": n}
         _wait(lambda: sup.stats["fast_grant"] >= n, "the records taken")
         # many more pooled connects than one pool holds: filled again while the C took from them
-        assert sup.stats["fast_pooled"] > 4 * F.POOL, sup.stats
+        assert sup.stats["fast_pooled"] > 4 * FL.POOL, sup.stats
         c = next(iter(sup.fast.compiled.values()))
-        _wait(lambda: max(p.n for p in c.pools) >= F.POOL_LOW, "the pool topped up")
+        _wait(lambda: max(p.n for p in c.pools) >= FL.POOL_LOW, "the pool topped up")
     finally:
         if child is not None:
             child.exit()

@@ -93,13 +93,13 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
 
 def _c_steps(out, times) -> None:
     """The steps gs_serve stamped in a record of a grant it served (pooled or not)."""
-    from sockgraft.modes.seccomp import fast as F
+    from sockgraft.modes.seccomp import fastlib as FL
 
     ns = out.ns
-    if out.kind != F.DONE or out.what != F.DONE_GRANT:
+    if out.kind != FL.DONE or out.what != FL.DONE_GRANT:
         return
     prev = 0
-    for i, name in enumerate(F.STEPS):
+    for i, name in enumerate(FL.STEPS):
         if ns[i]:
             times["  C " + name].append((ns[i] - prev) / 1e3)
             prev = ns[i]

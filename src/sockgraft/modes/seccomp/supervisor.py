@@ -31,6 +31,7 @@ from sockgraft.host import netns
 from sockgraft.host.audit import Audit
 from sockgraft.host.store import Store
 from sockgraft.modes.seccomp import fast as F
+from sockgraft.modes.seccomp import fastlib as FL
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp.handlers import TCP_ESTABLISHED, Handlers
 from sockgraft.modes.seccomp.jobs import Jobs
@@ -63,7 +64,7 @@ class Supervisor:
         self.jobs = Jobs(workers, self._hold, self._release, self.stats)
         self.handlers = Handlers(self.store, self.audit, self.jobs, self._park, self.stats)
         # the native connect path (fast.py): only with the real kernel calls, GRAFT_SECCOMP_FAST != 0
-        lib = F.try_load() if kernel is None else None
+        lib = FL.try_load() if kernel is None else None
         self.fast = F.Fast(lib, self.kernel, self.store, self.audit, self.stats) if lib is not None else None
         # the C wait-and-serve loop (fast.Loop): made here (its fds are the supervisor's from the
         # start), its thread started by run(); None: the listeners are epolled here
@@ -211,10 +212,10 @@ class Supervisor:
             self._finish_connect(self.pending.pop(fd))
 
     def _serve_one(self, t: Target) -> None:
-        n = self.fast.serve(t, self._park_native) if self.fast is not None else F.FALLBACK
+        n = self.fast.serve(t, self._park_native) if self.fast is not None else FL.FALLBACK
         if n is None:
             return  # served in C (or nothing was there)
-        if n is F.FALLBACK:  # no fast path, or no table for this target: Python receives it
+        if n is FL.FALLBACK:  # no fast path, or no table for this target: Python receives it
             try:
                 n = self.kernel.recv(t.fd)
             except OSError as e:
@@ -235,8 +236,8 @@ class Supervisor:
             if t is None:
                 continue
             try:
-                if out.kind in (F.HUP, F.ERROR):
-                    if out.kind == F.ERROR:
+                if out.kind in (FL.HUP, FL.ERROR):
+                    if out.kind == FL.ERROR:
                         print(f"graft: seccomp supervisor: listener of {t.key}: {os.strerror(out.err)}",
                               file=sys.stderr)
                     self._drop(t)
@@ -268,9 +269,9 @@ class Supervisor:
         left = self.fast.stop_loop()  # [] once stopped
         for out in left:
             t = self.fast.target_of(out)
-            if out.kind == F.PARK:
+            if out.kind == FL.PARK:
                 os.close(out.hostfd)
-            elif out.kind == F.DONE and t is not None:
+            elif out.kind == FL.DONE and t is not None:
                 try:
                     self.fast.record(t, out, None)
                 except Exception as e:
