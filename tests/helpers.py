@@ -19,7 +19,7 @@ def free_port(addr: str = "127.0.0.1", sotype: int = socket.SOCK_STREAM) -> int:
 
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
     for _ in range(20):
-        port = ports.free_port(sotype)
+        port = ports.free_port()
         try:
             with socket.socket(family, sotype) as s:
                 s.bind((addr, port))

@@ -27,7 +27,7 @@ def candidates(low: int, high: int, rng: random.Random) -> list[int]:
     return rng.sample(side, min(len(side), 200)) if len(side) else []
 
 
-def free_port(sotype: int = socket.SOCK_STREAM) -> int:
+def free_port() -> int:
     """A port outside the ephemeral range, free for TCP and UDP on the host right now."""
     for port in candidates(*ephemeral_range(), random.Random()):
         try:

@@ -15,16 +15,23 @@ def exit_status(returncode: int) -> int:
 
 
 @contextlib.contextmanager
-def forwarding_signals(proc: subprocess.Popen):
-    """While inside, FORWARDED_SIGNALS sent to this process go to `proc`; the old handlers come back."""
+def _handling(handler):
+    """While inside, `handler` takes FORWARDED_SIGNALS; the old handlers come back."""
     old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
     for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda s, _f: proc.send_signal(s))
+        signal.signal(sig, handler)
     try:
         yield
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+@contextlib.contextmanager
+def forwarding_signals(proc: subprocess.Popen):
+    """While inside, FORWARDED_SIGNALS sent to this process go to `proc`."""
+    with _handling(lambda s, _f: proc.send_signal(s)):
+        yield
 
 
 def wait_forwarding(proc: subprocess.Popen) -> int:
@@ -39,14 +46,8 @@ def holding_signals():
     arrival) instead of killing it before it has cleaned up: for wait_container to pass on to the
     command, or for the caller to give up before starting it."""
     held: list[int] = []
-    old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda s, _f: held.append(s))
-    try:
+    with _handling(lambda s, _f: held.append(s)):
         yield held
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -91,10 +92,7 @@ def wait_container(proc: subprocess.Popen, others, held: list[int] | tuple = ())
             return
         to_others(sig)
 
-    old = {sig: signal.getsignal(sig) for sig in FORWARDED_SIGNALS}
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, forward)
-    try:
+    with _handling(forward):
         for sig in held:
             forward(sig, None)
         while True:
@@ -110,6 +108,3 @@ def wait_container(proc: subprocess.Popen, others, held: list[int] | tuple = ())
         if status is None:  # someone else reaped it (cannot happen here): ask Popen
             status = exit_status(proc.wait())
         return status
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
