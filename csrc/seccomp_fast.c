@@ -937,8 +937,9 @@ struct gs_slot {
 	uint32_t gen;      /* bumped at every add: an event of an earlier listener in this slot is ignored */
 	int hup;           /* no longer polled: hung up */
 	struct gs_table *table;
-	uint64_t quiet[2]; /* locals answered CONTINUE and not recorded (bind, connect): gs_loop_quiet */
-	uint64_t said[2];  /* when the last such local was recorded (ns) */
+	struct gs_quiet q; /* what was answered and not recorded (gs_loop_quiet) */
+	uint64_t said[2];  /* when the last local answered CONTINUE was recorded (ns): bind, connect */
+	uint64_t gsaid[GS_QROWS]; /* when the last pooled grant of each row was recorded (ns; 0: none on this table) */
 };
 
 struct gs_loop {
@@ -1034,7 +1035,9 @@ EXPORT int gs_loop_add(struct gs_loop *l, int listener, struct gs_table *t)
 			continue;
 		s->gen++;
 		s->fd = listener, s->hup = 0, s->table = t;
-		s->quiet[0] = s->quiet[1] = s->said[0] = s->said[1] = 0;
+		memset(&s->q, 0, sizeof(s->q));
+		memset(s->said, 0, sizeof(s->said));
+		memset(s->gsaid, 0, sizeof(s->gsaid));
 		l->dirty = 1;
 		r = i;
 		break;
@@ -1044,13 +1047,29 @@ EXPORT int gs_loop_add(struct gs_loop *l, int listener, struct gs_table *t)
 	return r;
 }
 
-EXPORT struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t)
+/* Takes the counts of what was answered without a record (into `q`, zeroed; the kinds and
+ * destinations stay); the caller holds l->mu. */
+static void take_quiet(struct gs_slot *s, struct gs_quiet *q)
 {
+	*q = s->q;
+	memset(s->q.locals, 0, sizeof(s->q.locals));
+	memset(s->q.grants, 0, sizeof(s->q.grants));
+}
+
+/* The slot's table swapped for `t` (the old one returned); `q` gets the counts of what the old one
+ * answered without a record, and the next grant of each row is recorded (the new table's rows are
+ * other rules). */
+EXPORT struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t, struct gs_quiet *q)
+{
+	memset(q, 0, sizeof(*q));
 	if (slot < 0 || slot >= GS_SLOTS)
 		return NULL;
 	pthread_mutex_lock(&l->mu);
-	struct gs_table *old = l->slots[slot].table;
-	l->slots[slot].table = t;
+	struct gs_slot *s = &l->slots[slot];
+	struct gs_table *old = s->table;
+	s->table = t;
+	take_quiet(s, q);
+	memset(s->gsaid, 0, sizeof(s->gsaid));
 	pthread_mutex_unlock(&l->mu);
 	return old;
 }
@@ -1117,16 +1136,19 @@ EXPORT int gs_loop_take(struct gs_loop *l, struct gs_out *outs, int max)
 	return n;
 }
 
-EXPORT void gs_loop_quiet(struct gs_loop *l, int slot, uint64_t quiet[2])
+EXPORT void gs_loop_quiet(struct gs_loop *l, int slot, struct gs_quiet *q)
 {
-	quiet[0] = quiet[1] = 0;
+	memset(q, 0, sizeof(*q));
 	if (slot < 0 || slot >= GS_SLOTS)
 		return;
 	pthread_mutex_lock(&l->mu);
-	struct gs_slot *s = &l->slots[slot];
-	quiet[0] = s->quiet[0], quiet[1] = s->quiet[1];
-	s->quiet[0] = s->quiet[1] = 0;
+	take_quiet(&l->slots[slot], q);
 	pthread_mutex_unlock(&l->mu);
+}
+
+EXPORT int gs_quiet_size(void)
+{
+	return (int)sizeof(struct gs_quiet);
 }
 
 EXPORT void gs_loop_counts(struct gs_loop *l, uint64_t counts[4])
@@ -1178,11 +1200,33 @@ static void serve_slot(struct gs_loop *l, uint32_t i, uint32_t gen, uint32_t eve
 		int v = rec.nr == NR_BIND ? 0 : 1;
 		uint64_t now = now_ns();
 		if (s->said[v] && now - s->said[v] < GS_QUIET_NS) {
-			s->quiet[v]++;
+			s->q.locals[v]++;
 			pthread_mutex_unlock(&l->mu);
 			return;
 		}
 		s->said[v] = now;
+	}
+	if (r == GS_DONE && rec.what == GS_DONE_GRANT && rec.pooled && rec.nr == NR_CONNECT && rec.err == 0 &&
+	    rec.row >= 0 && rec.row < GS_QROWS && rec.addrlen <= sizeof(s->q.addr[0])) {
+		/* a connect granted with a pooled socket: the first of a row and socket kind per
+		 * GS_QUIET_NS is recorded, the others counted (the audit aggregates them anyway) */
+		int k = rec.row;
+		struct gs_quiet *q = &s->q;
+		int kind = q->family[k] == rec.family && q->type[k] == rec.type && q->proto[k] == rec.proto;
+		uint64_t now = now_ns();
+		if (s->gsaid[k] && kind && now - s->gsaid[k] < GS_QUIET_NS) {
+			q->grants[k]++;
+			pthread_mutex_unlock(&l->mu);
+			if (low)
+				signal_caller(l);
+			return;
+		}
+		if (kind || !q->grants[k]) { /* (another kind while some are counted: recorded, the row's kind stays) */
+			s->gsaid[k] = now;
+			q->family[k] = rec.family, q->type[k] = rec.type, q->proto[k] = rec.proto;
+			q->addrlen[k] = rec.addrlen;
+			memcpy(q->addr[k], rec.addr, rec.addrlen);
+		}
 	}
 	pthread_mutex_unlock(&l->mu);
 	if (r == GS_NOTHING)

@@ -105,6 +105,7 @@ int gs_lookup_bind(const struct gs_table *t, int family, const uint8_t *sa, uint
 int gs_lookup(const struct gs_table *t, int family, const uint8_t *sa, uint32_t salen, int type, int proto,
 	      int bound, int foreign, int *host_family, uint8_t host_addr[16], uint16_t *host_port);
 int gs_abi(void);
+int gs_quiet_size(void);
 
 /* -- gs_loop: the wait-and-serve loop in its own thread (issue 11, lever 5) ----------------------
  * gs_loop_run (called from a thread of its own: ctypes releases the GIL) epolls the listeners it
@@ -117,7 +118,12 @@ int gs_abi(void);
  * caller also reads the ring on a short timer while records come). A sendto answered CONTINUE
  * makes no record: gs_loop_counts says how many; nor does a bind or connect answered CONTINUE as
  * local (GS_DONE_LOCAL, pooled) within GS_QUIET_NS of the last such record of its listener and
- * verb: gs_loop_quiet says how many (and forgets them). The tables and their pools belong to the caller:
+ * verb, nor a connect granted with a pooled socket (GS_DONE_GRANT, pooled, answered 0) within
+ * GS_QUIET_NS of the last such record of its listener and rule (rows < GS_QROWS) and of the same
+ * socket kind: gs_loop_quiet says how many (and forgets them), with the kind and destination of each
+ * rule's last recorded grant (which the engine audits alike). gs_loop_set_table hands over the
+ * counts of the table it swaps out (they are that table's), and the first grant of each rule on
+ * the new one is recorded again. The tables and their pools belong to the caller:
  * it swaps them (gs_loop_set_table) and fills pools (gs_loop_lock/unlock around its writes) while
  * the loop runs; a table swapped out is no longer used once gs_loop_set_table returns. The loop
  * uses a table only if its `version` is the database's current one (the WAL index header in the
@@ -129,16 +135,24 @@ int gs_abi(void);
 #define GS_SIGNAL_NS 20000000ull
 #define GS_QUIET_NS 1000000000ull
 struct gs_loop;
+#define GS_QROWS 8
+struct gs_quiet {
+	uint64_t locals[2];             /* locals answered CONTINUE and not recorded: bind, connect */
+	uint64_t grants[GS_QROWS];      /* pooled grants not recorded, per row of the table */
+	int32_t family[GS_QROWS], type[GS_QROWS], proto[GS_QROWS]; /* the app socket of a row's counted grants */
+	uint32_t addrlen[GS_QROWS];
+	uint8_t addr[GS_QROWS][28];     /* the destination of the row's last recorded grant */
+};
 struct gs_loop *gs_loop_new(const char *shm_path);
 int gs_loop_fd(struct gs_loop *l);
 int gs_loop_add(struct gs_loop *l, int listener, struct gs_table *t);
-struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t);
+struct gs_table *gs_loop_set_table(struct gs_loop *l, int slot, struct gs_table *t, struct gs_quiet *q);
 int gs_loop_remove(struct gs_loop *l, int slot);
 int gs_loop_run(struct gs_loop *l);
 void gs_loop_stop(struct gs_loop *l);
 int gs_loop_take(struct gs_loop *l, struct gs_out *outs, int max);
 void gs_loop_counts(struct gs_loop *l, uint64_t counts[4]);
-void gs_loop_quiet(struct gs_loop *l, int slot, uint64_t quiet[2]);
+void gs_loop_quiet(struct gs_loop *l, int slot, struct gs_quiet *q);
 void gs_loop_lock(struct gs_loop *l);
 void gs_loop_unlock(struct gs_loop *l);
 uint64_t gs_version(struct gs_loop *l);

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -545,3 +546,63 @@ def test_locals_answered_without_a_record_are_counted_and_audited(state_dir, ns,
     for op in ("bind", "connect"):
         lines = [a for a in audit if a["event"] == "local" and a["op"] == op and a["mode"] == "seccomp"]
         assert sum(a["count"] for a in lines) == n, lines
+
+
+GRANT_CHILD = CHILD.split("port = int(sys.argv[2])")[0] + r"""
+import time
+port, n, go = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+def connects():
+    for _ in range(n):
+        s = socket.socket(); s.connect(("127.0.0.1", port)); s.close()
+connects()
+print("half", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.01)
+connects()
+print("{}", flush=True)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="pools (the kernel's guards) need root")
+def test_pooled_grants_answered_without_a_record_are_counted_and_audited(state_dir, ns, tmp_path, monkeypatch):
+    """Where pools are on, the C loop records the first pooled grant of each rule and socket kind per
+    second and only counts the others (gs_loop_quiet): every one still reaches the stats and the
+    audit log, with the engine's decision, also across a table swapped mid-run (gs_loop_set_table
+    hands over the old table's counts) and at the supervisor's stop."""
+    monkeypatch.setenv(FL.ENV, "1")
+    host = socket.socket()
+    host.bind(("127.0.0.1", 0))
+    host.listen(128)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                host.accept()[0].close()
+            except OSError:
+                return
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    n, go = 200, str(tmp_path / "go")
+
+    def drive(p) -> None:
+        assert p.stdout.readline().strip() == "half"
+        with Store(state_dir) as store:  # a new policy: the C loop's table is swapped
+            store.add(ns, parse_endpoint("more type ipv4 addr 127.0.0.2 port dynamic"))
+        time.sleep(0.3)
+        open(go, "w").close()
+
+    try:
+        _out, stats = _supervised(state_dir, ns, tmp_path, GRANT_CHILD, [str(host.getsockname()[1]), str(n), go],
+                                  ["out type ipv4 addr 127.0.0.1 port dynamic"], [], ["127.0.0.0/8=out"], drive)
+    finally:
+        stop.set()
+        host.close()
+    assert stats.get("grafted_connect", 0) == 2 * n, stats  # (a connect that met the old table: Python)
+    assert stats.get("fast_grant", 0) + stats.get("fast_stale", 0) == 2 * n, stats
+    assert stats.get("fast_quiet_grant", 0) > 0, stats
+    audit = [json.loads(x) for x in open(os.path.join(state_dir, "audit.log"))]
+    lines = [a for a in audit if a["event"] == "grant" and a["op"] == "connect" and a["mode"] == "seccomp"]
+    assert sum(a["count"] for a in lines) == 2 * n, lines
+    assert {a["endpoint"] for a in lines} == {"out"}, lines

@@ -44,8 +44,8 @@ from sockgraft.host import egress, hostsock
 from sockgraft.modes.seccomp import kernel as K
 from sockgraft.modes.seccomp import native as N
 from sockgraft.modes.seccomp.fastlib import (BATCH, DONE_CONTINUE, DONE_GONE, DONE_GRANT, DONE_LOCAL, FALLBACK, GRANT,
-                                             HANDBACK, MODE, PARK, POOL, POOL_LOW, Out, Pool, _ADDR, _HOST, _notif,
-                                             make_table)
+                                             HANDBACK, MODE, PARK, POOL, POOL_LOW, QROWS, Out, Pool, Quiet, _ADDR, _HOST,
+                                             _notif, make_table)
 class Compiled:
     """One target's table, compiled from one policy object, with its rows' pools of host sockets."""
 
@@ -122,6 +122,7 @@ class Fast:
         self.slots: dict[int, object] = {}  # the C loop's slot -> its Target
         self.version = None  # of the database, when the tables were last checked (C loop)
         self.counted = (0, 0, 0, 0)
+        self._quiet_buf = Quiet()  # gs_loop_quiet's answer (read at once)
 
     def compile(self, t) -> Compiled:
         policy = self.store.cached_policy(t.key)
@@ -194,8 +195,10 @@ class Fast:
                 else:
                     new = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock)
                     new.fill(lambda: egress.pools_off(self.store, t.key))
-                    self.lib.gs_loop_set_table(self.loop.ctx, t.slot, ctypes.byref(new.table))
+                    q = Quiet()
+                    self.lib.gs_loop_set_table(self.loop.ctx, t.slot, ctypes.byref(new.table), q)
                     self.compiled[t.fd] = new
+                    self._unrecorded(t, c, q)  # what the old table answered without a record
                     c.close()  # the C no longer uses it
                     self.stats["fast_tables"] += 1
                     continue
@@ -210,10 +213,12 @@ class Fast:
         return self.slots.get(out.slot)
 
     def stop_loop(self) -> list:
-        """Stop the C thread; returns the records it left (the caller does their bookkeeping)."""
+        """Stop the C thread; returns the records it left (the caller does their bookkeeping), once
+        what it answered without a record is counted."""
         if self.loop is None or self.loop.thread is None:
             return []
         self.loop.stop()
+        self.refresh_counts()
         return self.loop.take()
 
     def close(self) -> None:
@@ -240,28 +245,41 @@ class Fast:
             self._quiet(slot, t)
 
     def _quiet(self, slot: int, t) -> None:
-        """The locals the C loop answered CONTINUE without a record (gs_loop_quiet: all but the first
-        of each second, which came as a record with its address): their stats and audit lines (the
-        audit aggregates them per second as it does every local)."""
-        q = (ctypes.c_uint64 * 2)()
-        self.lib.gs_loop_quiet(self.loop.ctx, slot, q)
-        if not (q[0] or q[1]):
+        """What the C loop answered without a record (gs_loop_quiet: all but the first of each
+        second, which came as a record with its address): locals answered CONTINUE, and connects
+        granted with a pooled socket."""
+        self.lib.gs_loop_quiet(self.loop.ctx, slot, self._quiet_buf)
+        self._unrecorded(t, self.compiled.get(t.fd), self._quiet_buf)
+
+    def _unrecorded(self, t, c: Compiled | None, q: Quiet) -> None:
+        """The stats and audit lines of what `c`'s table answered without a record (the audit
+        aggregates them per second as it does every grant and local)."""
+        if not (any(q.locals) or any(q.grants)):
             return
-        c = self.compiled.get(t.fd)
-        policy = c.policy if c is not None else self.store.cached_policy(t.key)
-        for verb, n in (("bind", q[0]), ("connect", q[1])):
+        if c is None:  # forgotten meanwhile
+            c = self._bare(t)
+        for verb, n in zip(("bind", "connect"), q.locals):
             if not n:
                 continue
             self.stats["notifications"] += n
             self.stats["fast_local"] += n
             self.stats["fast_local_continue"] += n
-            d = policy.decide(Op(verb, socket.AF_UNIX))  # what no pair or rule matches: the engine's local
+            d = c.policy.decide(Op(verb, socket.AF_UNIX))  # what no pair or rule matches: the engine's local
             self.audit.decision(t.key, MODE, verb, d, count=n)
+        for row in range(QROWS):
+            n = q.grants[row]
+            if not n:
+                continue
+            for key in ("notifications", "grafted_connect", "fast_grant", "fast_pooled", "fast_quiet_grant"):
+                self.stats[key] += n
+            raw = bytes(q.addr[row][:q.addrlen[row]])
+            self.audit.decision(t.key, MODE, "connect", self._decision(c, "connect", row, q.family[row], q.type[row],
+                                                                       q.proto[row], False, raw), count=n)
 
     def forget(self, t) -> None:
         if self.loop is not None and getattr(t, "slot", -1) >= 0:
-            self._quiet(t.slot, t)
             self.lib.gs_loop_remove(self.loop.ctx, t.slot)  # the C no longer uses t.fd nor its table
+            self._quiet(t.slot, t)  # (the slot's last counts: it is reused only by attach)
             self.slots.pop(t.slot, None)
             t.slot = -1
         c = self.compiled.pop(t.fd, None)
@@ -297,9 +315,14 @@ class Fast:
         what gs_serve_batch returned; a hand-back is returned for the Python handlers."""
         c = self.compiled.get(t.fd)
         if c is None:  # forgotten meanwhile: a record without its table (nothing to audit from)
-            c = Compiled.__new__(Compiled)
-            c.policy, c.decisions = self.store.cached_policy(t.key), {}
+            c = self._bare(t)
         return self._served(t, c, out, park)
+
+    def _bare(self, t) -> Compiled:
+        """A stand-in for a target's forgotten table: its policy and decisions only."""
+        c = Compiled.__new__(Compiled)
+        c.policy, c.decisions = self.store.cached_policy(t.key), {}
+        return c
 
     def _served(self, t, c: Compiled, out: Out, park) -> K.Notif | None:
         """(Every notification C served passes here: the fields read are few, the bytes copied with
@@ -314,7 +337,7 @@ class Fast:
         raw = ctypes.string_at(ctypes.addressof(out) + _ADDR, out.addrlen)
         if out.decided >= 0:
             try:
-                self._audit(t, c, out, *K.decode_sockaddr(raw)[1:])
+                self._audit(t, c, out, raw)
             except Exception as e:  # answered already: what C did must still reach its record
                 print(f"graft: seccomp fast path: audit: {type(e).__name__}: {e}", file=sys.stderr)
         if r == PARK:
@@ -355,17 +378,27 @@ class Fast:
         self.stats["grafted_bind"] += 1
         self.stats["fast_bind"] += 1
 
-    def _audit(self, t, c: Compiled, out: Out, addr: str, port: int) -> None:
-        """The decision the C carried out, as the engine states it (asked once per rule and kind)."""
+    def _audit(self, t, c: Compiled, out: Out, raw: bytes) -> None:
+        """The decision the C carried out, as the engine states it."""
         verb = "bind" if out.nr == K.SYS["bind"] else "connect"
         v6only = verb == "bind" and bool(out.v6only)
-        key = (verb, out.row if out.decided == GRANT else -1, out.family, out.type, out.proto, v6only)
+        row = out.row if out.decided == GRANT else -1
+        _fam, addr, port = K.decode_sockaddr(raw)
+        d = self._decision(c, verb, row, out.family, out.type, out.proto, v6only, raw)
+        self.audit.decision(t.key, MODE, verb, d, pid=out.pid, addr=addr, port=port)
+
+    @staticmethod
+    def _decision(c: Compiled, verb: str, row: int, family: int, type_: int, proto: int, v6only: bool, raw: bytes):
+        """The engine's Decision of what C did with a `verb` of this socket kind to sockaddr `raw`
+        (row >= 0: granted by that rule; -1: local), asked once per rule and kind."""
+        key = (verb, row, family, type_, proto, v6only)
         d = c.decisions.get(key)
         if d is None:
-            d = c.policy.decide(Op(verb, out.family, addr, port, out.type, out.proto, v6only=v6only))
-            expected = "grant" if out.decided == GRANT else "local"
+            _fam, addr, port = K.decode_sockaddr(raw)
+            d = c.policy.decide(Op(verb, family, addr, port, type_, proto, v6only=v6only))
+            expected = "grant" if row >= 0 else "local"
             if d.verdict != expected:  # never: the property test holds C and engine equal
                 print(f"graft: seccomp fast path: C said {expected}, the engine {d.verdict} ({d.reason})",
                       file=sys.stderr)
             c.decisions[key] = d
-        self.audit.decision(t.key, MODE, verb, d, pid=out.pid, addr=addr, port=port)
+        return d

@@ -63,6 +63,16 @@ class Out(ctypes.Structure):
 
 
 _ADDR, _HOST = Out.addr.offset, Out.host.offset
+QROWS = 8  # csrc/seccomp_fast.h GS_QROWS (the layout check below holds it)
+
+
+class Quiet(ctypes.Structure):
+    """What the C loop answered without a record (gs_loop_quiet): locals per verb (bind, connect),
+    pooled grants per row, with the socket kind and destination of each row's last recorded grant."""
+    _fields_ = [("locals", ctypes.c_uint64 * 2), ("grants", ctypes.c_uint64 * QROWS),
+                ("family", ctypes.c_int32 * QROWS), ("type", ctypes.c_int32 * QROWS),
+                ("proto", ctypes.c_int32 * QROWS), ("addrlen", ctypes.c_uint32 * QROWS),
+                ("addr", (ctypes.c_uint8 * 28) * QROWS)]
 
 
 def _notif(out: Out) -> K.Notif:
@@ -89,6 +99,11 @@ def load(path: str | None = None) -> ctypes.CDLL:
     lib.gs_abi.restype = ctypes.c_int
     if lib.gs_abi() != ctypes.sizeof(Table) * 1000000 + ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
         raise OSError(f"{path or library_path()}: struct layout differs from fastlib.py (rebuild: scripts/setup)")
+    try:
+        if lib.gs_quiet_size() != ctypes.sizeof(Quiet):
+            raise OSError(f"{path or library_path()}: struct gs_quiet differs from fastlib.py (rebuild: scripts/setup)")
+    except AttributeError:
+        raise OSError(f"{path or library_path()}: no gs_quiet_size (rebuild: scripts/setup)") from None
     lib.gs_serve.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out)]
     lib.gs_serve.restype = ctypes.c_int
     lib.gs_serve_batch.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out), ctypes.c_int]
@@ -106,11 +121,11 @@ def load(path: str | None = None) -> ctypes.CDLL:
     P = ctypes.c_void_p
     for name, args, res in (("gs_loop_new", [ctypes.c_char_p], P), ("gs_loop_fd", [P], ctypes.c_int),
                             ("gs_loop_add", [P, ctypes.c_int, ctypes.POINTER(Table)], ctypes.c_int),
-                            ("gs_loop_set_table", [P, ctypes.c_int, ctypes.POINTER(Table)], P),
+                            ("gs_loop_set_table", [P, ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Quiet)], P),
                             ("gs_loop_remove", [P, ctypes.c_int], ctypes.c_int), ("gs_loop_run", [P], ctypes.c_int),
                             ("gs_loop_stop", [P], None), ("gs_loop_take", [P, ctypes.POINTER(Out), ctypes.c_int], ctypes.c_int),
                             ("gs_loop_counts", [P, ctypes.c_uint64 * 4], None),
-                            ("gs_loop_quiet", [P, ctypes.c_int, ctypes.c_uint64 * 2], None), ("gs_loop_lock", [P], None),
+                            ("gs_loop_quiet", [P, ctypes.c_int, ctypes.POINTER(Quiet)], None), ("gs_loop_lock", [P], None),
                             ("gs_loop_unlock", [P], None), ("gs_version", [P], ctypes.c_uint64),
                             ("gs_loop_free", [P], None),
                             ("gs_pool_fill", [P, ctypes.POINTER(Table), ctypes.c_int, ctypes.c_int, ctypes.c_uint8 * 16,
