@@ -333,7 +333,45 @@ def test_a_table_that_cannot_be_updated_in_place_is_replaced(state_dir, monkeypa
         old = egress.ruleset(state_dir, egress.plan(store), replace=True).replace("size 65536", "size 1024")
         egress._nft(old)
         assert "size 1024" in nft("list", "set", "inet", table, "peers4").stdout
-        store.set_rules("netns:113", [], [parse_egress("127.0.0.2/32=gone")])
+        store.add("netns:113", parse_endpoint("ep type ipv4 addr 127.0.0.1 port 5000"))  # a new plan: applied
         assert "size 65536" in nft("list", "set", "inet", table, "peers4").stdout
         store.forget("netns:113")
+    assert table_text(state_dir) is None
+
+
+def test_a_write_applies_only_a_changed_plan_in_one_transaction(state_dir, monkeypatch):
+    """The store notes what it applied: a write that leaves the kernel's view as it is (a unix
+    endpoint, the container's inode) runs no nft; one that changes it runs one transaction (its
+    chains known, not listed); another boot or netns (a reboot) applies again, as does a table
+    deleted behind the store's back once the plan changes, and graftd's start (force)."""
+    monkeypatch.delenv(egress.ENV, raising=False)
+    scripts: list[str] = []
+    real = egress._nft
+    monkeypatch.setattr(egress, "_nft", lambda script: scripts.append(script) or real(script))
+    with Store(state_dir) as store:
+        store.install("netns:114", 114, "api", [EP["ep-out"]], [], [parse_egress("127.0.0.3/32=ep-out")], fresh=True)
+        want = table_text(state_dir)
+        assert "127.0.0.3" in want
+        scripts.clear()
+        store.add("netns:114", EP["sock"])
+        store.register("netns:114", 1114)
+        assert scripts == [] and table_text(state_dir) == want
+        store.add("netns:114", EP["web"])  # a fixed-port IP endpoint: a new dial
+        assert len(scripts) == 1 and "delete chain" in scripts[0] and "list" not in scripts[0]
+        want = table_text(state_dir)
+        assert "127.0.0.1 . tcp . 8080" in want
+        scripts.clear()
+        monkeypatch.setattr(egress, "_where", lambda: "another boot")
+        store.register("netns:114", 114)
+        assert len(scripts) == 1 and table_text(state_dir) == want
+        egress.remove(state_dir)  # behind the store's back
+        store.register("netns:114", 1114)
+        assert table_text(state_dir) is None  # (pools_off reads the kernel: pools go off meanwhile)
+        assert egress.pools_off(store, "netns:114")
+        store.delete("netns:114", "web")  # a change: its chains are not there, so they are listed
+        assert "127.0.0.3" in table_text(state_dir) and "8080" not in table_text(state_dir)
+        egress.remove(state_dir)
+        store.sync_egress()  # graftd's start
+        assert "127.0.0.3" in table_text(state_dir)
+        store.forget("netns:114")
     assert table_text(state_dir) is None

@@ -23,8 +23,14 @@ path (connect, sendto, sendmsg, sendmmsg, a re-connect, io_uring):
 
 Packets of other marks (another store's containers, unmarked sockets) get no verdict here. The
 table's rules are rebuilt in one `nft` transaction from the store inside every write transaction
-(Store._write calls sync before COMMIT, so tables are applied in commit order; its peer sets keep
-their elements) and the table is removed when the store has no container left. Errors are
+that changes them (Store._write calls sync before COMMIT, so tables are applied in commit order;
+its peer sets keep their elements) and the table is removed when the store has no container left.
+What was applied is noted in the store (`meta` row APPLIED, in the same transaction: the script's
+digest with this boot and network namespace, and the chains it made), so a write that leaves the
+kernel's view as it is (a unix endpoint, a container's inode) costs no `nft` at all, and one that
+changes it costs one transaction (no listing of the chains first). A table changed behind the
+store's back is made whole again at the next change, at graftd's start (`sync(force=True)`), and
+after a reboot (another boot id); meanwhile pools_off, which reads the kernel, keeps pools off. Errors are
 EgressError (the store, which calls this module, turns them into its StoreError).
 GRAFT_EGRESS_ENFORCE: unset = enforce where possible (if nftables cannot be used, say so once on
 stderr and carry on unenforced); 1 = a write that cannot be enforced fails; 0 = off (this store's
@@ -35,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -317,23 +324,51 @@ def enforce_setting() -> str | None:
     return value if value in ("0", "1") else None
 
 
-def sync(store: Store) -> None:
+APPLIED = "egress_applied"  # the store's meta row: what its last write applied (json: digest, chains)
+
+
+def _where() -> str:
+    """This boot and network namespace (a table applied in another one is not there)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot} {os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        return ""
+
+
+def sync(store: Store, force: bool = False) -> None:
     """Make the kernel's table of `store` match its content. Called by Store._write inside each write
-    transaction (before COMMIT) and by graftd at start; outside a transaction it takes one."""
+    transaction (before COMMIT), where a plan the store says is applied already is left as it is,
+    and by graftd at start (`force`: applied whatever the store says); outside a transaction it
+    takes one."""
     if store.readonly:
         return
     if not store.db.in_transaction:
         store.db.execute("BEGIN IMMEDIATE")
         try:
-            sync(store)
+            sync(store, force)
         except BaseException:
             store.db.execute("ROLLBACK")
             raise
         store.db.execute("COMMIT")
         return
     setting = enforce_setting()
+    containers = [] if setting == "0" else plan(store)
+    digest = hashlib.blake2s(f"{_where()}\n{ruleset(store.dir, containers)}".encode(), digest_size=16).hexdigest()
+    row = store.db.execute("SELECT value FROM meta WHERE key = ?", (APPLIED,)).fetchone()
     try:
-        apply(store.dir, [] if setting == "0" else plan(store))
+        applied = json.loads(row[0]) if row else {}
+    except ValueError:
+        applied = {}
+    if not force and applied.get("digest") == digest:
+        return
+    store.db.execute("DELETE FROM meta WHERE key = ?", (APPLIED,))
+    known = applied.get("chains") if isinstance(applied.get("chains"), list) and not force else None
+    try:
+        apply(store.dir, containers, known)
+        chains_made = [chain_name(c.mark) for c in containers]
+        store.db.execute("INSERT INTO meta VALUES (?, ?)", (APPLIED, json.dumps({"digest": digest, "chains": chains_made})))
     except EgressError as e:
         if setting == "1":  # the store turns it into a StoreError (its write is rolled back)
             raise EgressError(f"egress cannot be enforced by the kernel ({ENV}=1): nftables: {e}") from None
@@ -341,12 +376,18 @@ def sync(store: Store) -> None:
             _warn_once(f"egress is not enforced by the kernel (nftables: {e}); set {ENV}=0 to silence this")
 
 
-def apply(state_dir: str, containers: list[ContainerEgress]) -> None:
-    """Make the kernel's table of `state_dir` enforce `containers`, keeping its UDP peers; a table
-    that cannot be updated in place (made by an older version) is replaced."""
+def apply(state_dir: str, containers: list[ContainerEgress], known: list[str] | None = None) -> None:
+    """Make the kernel's table of `state_dir` enforce `containers`, keeping its UDP peers; `known`:
+    its chains as the last apply left them (else, or if the kernel's differ, they are listed); a
+    table that cannot be updated in place (made by an older version) is replaced."""
     if not containers:
         _nft(ruleset(state_dir, []))
         return
+    if known is not None:
+        try:
+            return _nft(ruleset(state_dir, containers, tuple(known)))
+        except EgressError:
+            pass
     try:
         _nft(ruleset(state_dir, containers, chains(state_dir)))
     except EgressError:

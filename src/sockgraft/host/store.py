@@ -147,17 +147,32 @@ class Store:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+            try:
+                self.db.execute("COMMIT")
+            except sqlite3.Error:
+                self._resync_after_failed_commit()
+                raise
             self._policies.clear()  # our own commits do not change our data_version
         except sqlite3.Error as e:
             raise StoreError(f"state database {self.path}: {e}") from None
         except egress.EgressError as e:  # GRAFT_EGRESS_ENFORCE=1 and nftables unusable: rolled back
             raise StoreError(str(e)) from None
 
-    def sync_egress(self) -> None:
-        """Rebuild the kernel's egress table from the tables (graftd at start)."""
+    def _resync_after_failed_commit(self) -> None:
+        """The kernel's table was applied for a write that did not commit: made from the tables
+        again (best effort; what the store says was applied is rewritten with it)."""
         try:
-            egress.sync(self)
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            egress.sync(self, force=True)
+        except (sqlite3.Error, egress.EgressError):
+            pass
+
+    def sync_egress(self) -> None:
+        """Rebuild the kernel's egress table from the tables, whatever the store says was applied
+        (graftd at start)."""
+        try:
+            egress.sync(self, force=True)
         except sqlite3.Error as e:
             raise StoreError(f"state database {self.path}: {e}") from None
         except egress.EgressError as e:
