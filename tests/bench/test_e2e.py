@@ -75,19 +75,25 @@ def test_siege_and_new_connection_per_request():
         assert {(topo, "wrk", "close"), (topo, "siege", "keepalive")} <= got
 
 
-def test_churn_with_nat_reports_conntrack(tmp_path):
+def test_churn_with_nat_reports_conntrack_and_time_wait(tmp_path):
     """With the nat topology (conntrack on), the run's limit is the raised one, the entries the churn
-    left are counted, and the report has its conntrack section."""
+    left are counted, and the report has its conntrack section. Every run raises the TIME_WAIT
+    table's limit (no cell meets a full table: TCPTimeWaitOverflow does not move), says so in the
+    report, and puts the limit back."""
     from sockgraft.bench.report import markdown
-    from sockgraft.bench.sysctl import CONNTRACK_MAX
+    from sockgraft.bench.sysctl import CONNTRACK_MAX, TIME_WAIT, TIME_WAIT_MAX
 
+    limit = TIME_WAIT.read()
     prof = Profile("tiny-churn", runs=1, warmup=0, seconds=1, churn=3000, churn_warmup=0, directions=("c2h",))
     res = run_bench(prof, ["native", "nat"], ["churn"], progress=False)
     assert not res.errors, res.errors
     assert res.conntrack["max"] >= CONNTRACK_MAX
     assert res.conntrack["peak"] >= 3000  # TIME_WAIT entries of the churn (120 s each)
+    assert res.time_wait["max"] >= TIME_WAIT_MAX and res.time_wait["overflows"] == 0, res.time_wait
+    assert TIME_WAIT.read() == limit
     text = markdown(res)
     assert "## conntrack" in text and f"nf_conntrack_max {res.conntrack['max']:,} during the run" in text
+    assert f"tcp_max_tw_buckets {res.time_wait['max']:,} during the run" in text
 
 
 ROOTLESS = ["rootless-slirp4netns", "rootless-pasta", "rootless-graft"]

@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 
-from sockgraft.bench.sysctl import conntrack_update, forward_update, tun_update
+from sockgraft.bench.sysctl import conntrack_update, forward_update, time_wait_update, tun_update
 from sockgraft.bench.system import sh
 from sockgraft.bench.users import remove_user
 from sockgraft.host import netns as sg_netns
@@ -107,5 +107,6 @@ def sweep() -> dict[str, list]:
     egress.sweep()
     forward_update()  # drops dead owners, restores the original value if none is left
     conntrack_update()  # the same for nf_conntrack_max
+    time_wait_update()  # and tcp_max_tw_buckets
     tun_update()  # and /dev/net/tun's mode
     return found

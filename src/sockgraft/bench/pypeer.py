@@ -8,7 +8,7 @@ graft API (`sockgraft.create_server` / `create_connection`), the only way into g
     python3 -m sockgraft.bench.pypeer ctl-local --what bind|connect --seconds S
     python3 -m sockgraft.bench.pypeer churn --connect A --port P --count N [--max-seconds S] [--graft-source NAME]
 
-`serve` handles one connection at a time: header b"S" = sink (reads to EOF, answers the byte count),
+`serve` handles the connections in the order they come, one at a time: header b"S" = sink (reads to EOF, answers the byte count),
 b"P"+size = echo fixed-size messages, b"C" = answer (as a JSON line) how the connections closed
 since the last b"C" ("fin": the client closed first, normally; "rst": it reset) and start counting
 anew; a connection the client closes at once (ctl-connect, churn) is counted and closed after the
@@ -20,6 +20,7 @@ import argparse
 import errno
 import json
 import math
+import selectors
 import socket
 import statistics
 import struct
@@ -63,42 +64,102 @@ def _connect(args) -> socket.socket:
 
 
 def serve(args) -> dict:
+    """Accepts every connection that is ready at each wake-up, and handles each once its first byte
+    (or its EOF) is there, in order: a server of connections closed at once (ctl-connect, churn)
+    must not be what the cell measures (one wake-up per connection made it the bottleneck, and one
+    that ran at two speeds: on 2 vCPUs, whether it shared the client's CPU)."""
     s = _server(args)
     print("listening", flush=True)
+    s.setblocking(False)
     closed = {"fin": 0, "rst": 0}
+    sel = selectors.DefaultSelector()
+    sel.register(s, selectors.EVENT_READ)
     while True:
-        c, _ = s.accept()
-        with c:
+        for key, _ in sel.select():
+            if key.fileobj is s:
+                ready = []
+                while True:
+                    try:
+                        ready.append(s.accept()[0])
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError:  # (EMFILE, a connection reset before its accept, ...)
+                        break
+            else:
+                sel.unregister(key.fileobj)
+                ready = [key.fileobj]
+            for c in ready:
+                if _handle(c, closed, sel) == "quit":
+                    return {"stopped": True}
+
+
+def _handle(c: socket.socket, closed: dict, sel) -> str | None:
+    """One accepted connection: its first byte read without waiting (none yet: it waits in `sel`),
+    then served by it (see the module's docstring)."""
+    try:
+        c.setblocking(False)
+        head = c.recv(1)
+    except (BlockingIOError, InterruptedError):
+        sel.register(c, selectors.EVENT_READ)
+        return None
+    except ConnectionResetError:
+        closed["rst"] += 1
+        c.close()
+        return None
+    except OSError:
+        c.close()
+        return None
+    with c:
+        if head == b"":
+            closed["fin"] += 1
+            return None
+        try:
+            c.setblocking(True)
             c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if head == b"C":
+                _settle(closed, sel)
+                c.sendall(json.dumps(closed).encode() + b"\n")
+                closed.update(fin=0, rst=0)
+            elif head == b"S":
+                total = 0
+                buf = bytearray(CHUNK)
+                while n := c.recv_into(buf):
+                    total += n
+                c.sendall(struct.pack("!Q", total))
+            elif head == b"P":
+                size = struct.unpack("!I", _recv_exactly(c, 4))[0]
+                while True:
+                    try:
+                        c.sendall(_recv_exactly(c, size))
+                    except ConnectionError:
+                        break
+            elif head == b"Q":
+                return "quit"
+        except OSError:
+            pass
+    return None
+
+
+def _settle(closed: dict, sel) -> None:
+    """Before a b"C" answer: the connections accepted before it whose first byte was not there yet
+    (a client closes each before it asks), counted as they close (at most 5 s each; one that sends
+    a byte instead is not a closed one: closed uncounted)."""
+    for key in list(sel.get_map().values()):
+        c = key.fileobj
+        if c.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            continue  # the listener
+        sel.unregister(c)
+        with c:
+            c.settimeout(5)
             try:
-                try:
-                    head = c.recv(1)
-                except ConnectionResetError:
-                    closed["rst"] += 1
-                    continue
-                if head == b"":
-                    closed["fin"] += 1
-                elif head == b"C":
-                    c.sendall(json.dumps(closed).encode() + b"\n")
-                    closed = {"fin": 0, "rst": 0}
-                elif head == b"S":
-                    total = 0
-                    buf = bytearray(CHUNK)
-                    while n := c.recv_into(buf):
-                        total += n
-                    c.sendall(struct.pack("!Q", total))
-                elif head == b"P":
-                    size = struct.unpack("!I", _recv_exactly(c, 4))[0]
-                    while True:
-                        try:
-                            c.sendall(_recv_exactly(c, size))
-                        except ConnectionError:
-                            break
-                elif head == b"Q":
-                    break
+                head = c.recv(1)
+            except ConnectionResetError:
+                closed["rst"] += 1
+                continue
             except OSError:
                 continue
-    return {"stopped": True}
+            if head == b"":
+                closed["fin"] += 1
 
 
 def stream(args) -> dict:

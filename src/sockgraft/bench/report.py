@@ -214,12 +214,28 @@ def markdown(result, plots: list[str] = ()) -> str:
     for t, n in result.links.items():
         out.append(f"\n{t}: {n:,} bytes through its veths; {result.dnat.get(t, 0):,} packets through the DNAT publish.")
     out += conntrack_section(result.conntrack)
+    out += time_wait_section(result.time_wait)
     if result.errors:
         out += ["", "## Errors (cells not measured)", ""]
         for e in result.errors:
             where = " ".join(str(e.get(k, "")) for k in ("workload", "topology", "direction") if e.get(k))
             out.append(f"- {where or e.get('where')} {params_label(e.get('workload', ''), e.get('params', {})) if e.get('params') else ''}: {e['error']}")
     return "\n".join(out) + "\n"
+
+
+def time_wait_section(tw: dict) -> list[str]:
+    """The host's TIME_WAIT table during the run: its limit, and whether it overflowed (a socket
+    closed without TIME_WAIT costs less: cells that ran with a full table are not comparable)."""
+    out = ["", "## TIME_WAIT", ""]
+    if not tw:
+        return out + ["The TIME_WAIT table's limit could not be read."]
+    n = tw.get("overflows")
+    out.append(f"tcp_max_tw_buckets {tw['max']:,} during the run (raised from {tw.get('was') or tw['max']} while a bench "
+               "runs, so that every cell's client pays TIME_WAIT as clients do); sockets closed without TIME_WAIT "
+               f"because the table was full: {'unknown' if n is None else f'{n:,}'} (host-wide).")
+    if n:
+        out.append("The connection-setup cells of this run met a full table part of the time: their ratios are suspect.")
+    return out
 
 
 def conntrack_section(ct: dict) -> list[str]:

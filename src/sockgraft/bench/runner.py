@@ -13,7 +13,7 @@ from itertools import groupby
 
 from sockgraft.bench.debris import sweep, tag
 from sockgraft.bench.stats import record, schedule
-from sockgraft.bench.sysctl import conntrack_stats
+from sockgraft.bench.sysctl import TIME_WAIT, conntrack_stats, time_wait_overflows, time_wait_update
 from sockgraft.bench.topologies import Topology, TopologyError, all_topologies
 from sockgraft.bench.base import DIRECTIONS, Profile, Servers
 from sockgraft.bench.workloads import WORKLOADS
@@ -36,6 +36,9 @@ class Result:
     # host conntrack: {"max", "peak", "drop", "early_drop", "insert_failed", "cells": [...]}, the
     # counters' increase over the run and per cell group where they moved ("table full")
     conntrack: dict = field(default_factory=dict)
+    # TIME_WAIT: {"max": tcp_max_tw_buckets during the run, "was": before it, "overflows": the
+    # TCPTimeWaitOverflow increase over the run (sockets closed without TIME_WAIT: a full table)}
+    time_wait: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
 
 
@@ -121,7 +124,16 @@ def run_bench(profile: Profile, topologies: list[str] | None = None, workloads: 
                     continue
                 active.append(t)
                 result.topologies[t.name] = {"mtu": t.mtu, "describe": t.describe()}
-            _run_all(profile, [WORKLOADS[n] for n in names], active, result, progress, console)
+            time_wait_update(add=os.getpid())  # room for every cell's TIME_WAIT (bench/sysctl.py)
+            try:
+                before = time_wait_overflows()
+                _run_all(profile, [WORKLOADS[n] for n in names], active, result, progress, console)
+            finally:
+                after = time_wait_overflows()
+                with contextlib.suppress(OSError, ValueError):
+                    result.time_wait = {"max": int(TIME_WAIT.read()), "was": TIME_WAIT.original(),
+                                        "overflows": after - before if None not in (before, after) else None}
+                time_wait_update(remove=os.getpid())
         finally:
             errors = []
             for t in active:
