@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,6 +101,32 @@ def test_peer_server_tells_fin_from_rst():
         assert (r["ok"], r["errors"], r["server"]) == (500, 0, {"fin": 500, "rst": 0})
     finally:
         stop(srv)
+
+
+def test_peer_server_settles_waiting_connections_ready_in_the_same_batch():
+    """A b"C" that comes with the closes of connections the server was waiting on (their FINs ready
+    in the same wake-up): it counts them before it answers, and the wake-up's other events for
+    those connections do not stop it (they were settled and closed already)."""
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-m", "sockgraft.bench.pypeer", "serve", "--port", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_port("127.0.0.1", port)
+        _closes(port)
+        for _ in range(5):
+            ask = socket.create_connection(("127.0.0.1", port), timeout=10)
+            time.sleep(0.1)  # accepted, waiting for its first byte
+            waiting = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+            time.sleep(0.2)
+            ask.sendall(b"C")
+            for c in waiting:
+                c.close()
+            assert json.loads(ask.makefile().readline()) == {"fin": 20, "rst": 0}
+            ask.close()
+        assert _closes(port) == {"fin": 0, "rst": 0} and srv.poll() is None
+    finally:
+        stop(srv)
+    assert b"Traceback" not in srv.stderr.read()
 
 
 def test_local_operations_in_every_topology():

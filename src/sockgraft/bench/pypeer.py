@@ -86,6 +86,9 @@ def serve(args) -> dict:
                     except OSError:  # (EMFILE, a connection reset before its accept, ...)
                         break
             else:
+                key = sel.get_map().get(key.fd)
+                if key is None:
+                    continue  # settled (and closed) by a b"C" handled before it in this batch
                 sel.unregister(key.fileobj)
                 ready = [key.fileobj]
             for c in ready:
