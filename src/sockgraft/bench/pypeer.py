@@ -8,8 +8,8 @@ graft API (`sockgraft.create_server` / `create_connection`), the only way into g
     python3 -m sockgraft.bench.pypeer ctl-local --what bind|connect --seconds S
     python3 -m sockgraft.bench.pypeer churn --connect A --port P --count N [--max-seconds S] [--graft-source NAME]
 
-`serve` handles the connections in the order they come, one at a time: header b"S" = sink (reads to EOF, answers the byte count),
-b"P"+size = echo fixed-size messages, b"C" = answer (as a JSON line) how the connections closed
+`serve` handles the connections in the order they come, one at a time: header b"S" = sink (reads
+to EOF, answers the byte count), b"P"+size = echo fixed-size messages, b"C" = answer (as a JSON line) how the connections closed
 since the last b"C" ("fin": the client closed first, normally; "rst": it reset) and start counting
 anew; a connection the client closes at once (ctl-connect, churn) is counted and closed after the
 client's FIN, so TIME_WAIT stays on the client's side. Clients print one JSON object.
@@ -66,8 +66,8 @@ def _connect(args) -> socket.socket:
 def serve(args) -> dict:
     """Accepts every connection that is ready at each wake-up, and handles each once its first byte
     (or its EOF) is there, in order: a server of connections closed at once (ctl-connect, churn)
-    must not be what the cell measures (one wake-up per connection made it the bottleneck, and one
-    that ran at two speeds: on 2 vCPUs, whether it shared the client's CPU)."""
+    must not be what the cell measures (with one wake-up per connection it was the bottleneck of a
+    churn cell whose client did not pay TIME_WAIT)."""
     s = _server(args)
     print("listening", flush=True)
     s.setblocking(False)
@@ -101,20 +101,12 @@ def _handle(c: socket.socket, closed: dict, sel) -> str | None:
     then served by it (see the module's docstring)."""
     try:
         c.setblocking(False)
-        head = c.recv(1)
+        head = _first_byte(c, closed)
     except (BlockingIOError, InterruptedError):
         sel.register(c, selectors.EVENT_READ)
         return None
-    except ConnectionResetError:
-        closed["rst"] += 1
-        c.close()
-        return None
-    except OSError:
-        c.close()
-        return None
     with c:
-        if head == b"":
-            closed["fin"] += 1
+        if head is None:
             return None
         try:
             c.setblocking(True)
@@ -154,15 +146,25 @@ def _settle(closed: dict, sel) -> None:
         sel.unregister(c)
         with c:
             c.settimeout(5)
-            try:
-                head = c.recv(1)
-            except ConnectionResetError:
-                closed["rst"] += 1
-                continue
-            except OSError:
-                continue
-            if head == b"":
-                closed["fin"] += 1
+            _first_byte(c, closed)
+
+
+def _first_byte(c: socket.socket, closed: dict) -> bytes | None:
+    """The connection's first byte; None when it closed (counted in `closed`: "fin" or "rst") or
+    failed. A non-blocking socket with nothing yet raises BlockingIOError."""
+    try:
+        head = c.recv(1)
+    except (BlockingIOError, InterruptedError):
+        raise
+    except ConnectionResetError:
+        closed["rst"] += 1
+        return None
+    except OSError:
+        return None
+    if head == b"":
+        closed["fin"] += 1
+        return None
+    return head
 
 
 def stream(args) -> dict:
