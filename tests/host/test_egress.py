@@ -15,7 +15,7 @@ import pytest
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.engine import Op, Policy
 from sockgraft.core.rules import parse_egress, parse_ingress
-from sockgraft.core.tables import MARK_TAG
+from sockgraft.core.tables import MARK_TAG, UNBOUND_TAG
 from sockgraft.host import egress
 from sockgraft.host.store import Store, StoreError
 
@@ -60,6 +60,8 @@ def test_container_rules_mirror_the_engine_on_grafted_sockets():
         assert kernel == engine, addr
     # fixed-port IP endpoints are reachable (dial); a wildcard one at the loopback
     assert [(str(a), port) for a, port in c.dials] == [("127.0.0.1", 8080), ("127.0.0.1", 9000)]
+    # the bind guard's map: every IP endpoint as it is (a dynamic one's port 0), a unix one not
+    assert c.binds == tuple(sorted((ep.addr, 0 if ep.dynamic else ep.port) for ep in EP.values() if ep.type != "unix"))
 
 
 def test_ruleset_text():
@@ -87,6 +89,7 @@ delete chain inet {table} mark-5ca00003
 delete chain inet {table} mark-5ca00099
 table inet {table} {{
 \tchain output {{
+\t\tmeta mark & 0xffff0000 == 0x5ca10000 goto refuse
 \t\tmeta mark & 0xffff0000 != 0x5ca00000 return
 \t\tmeta mark vmap {{ 0x5ca00003 : jump mark-5ca00003, 0x5ca00012 : jump mark-5ca00012 }}
 \t}}
@@ -95,7 +98,9 @@ table inet {table} {{
 \t\tdrop
 \t}}
 \tchain input {{
+\t\ttcp flags & (syn | ack) == syn socket mark & 0xffff0000 == 0x5ca10000 goto refuse
 \t\tmeta l4proto != udp return
+\t\tsocket mark & 0xffff0000 == 0x5ca10000 drop
 \t\tsocket mark & 0xffff0000 != 0x5ca00000 return
 \t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout 30s }}
 \t\tmeta nfproto ipv6 update @peers6 {{ ip6 saddr . udp sport . socket mark timeout 30s }}
@@ -375,3 +380,79 @@ def test_a_write_applies_only_a_changed_plan_in_one_transaction(state_dir, monke
         assert "127.0.0.3" in table_text(state_dir)
         store.forget("netns:114")
     assert table_text(state_dir) is None
+
+
+# -- sockets handed over unbound (bindpool) ------------------------------------------------------
+def test_the_bind_guards_map_follows_the_store(state_dir, monkeypatch):
+    """Each container's IP endpoints are in the bind guard's map under the store's owner bytes from
+    the write that grants them; an endpoint deleted, a container forgotten: gone in the same write;
+    a map that lost them (a guard attached anew) is refilled by the pools check."""
+    from sockgraft.host import bindguard
+
+    monkeypatch.delenv(egress.ENV, raising=False)
+    bindguard.ensure()
+    eps = [parse_endpoint("web type ipv4 addr 127.0.0.1 port 18080"),
+           parse_endpoint("out type ipv4 addr 127.0.0.1 port dynamic"),
+           parse_endpoint("six type ipv6 addr ::1 port 18081"), parse_endpoint("u type unix path /tmp/u.sock")]
+    owner = egress.owner(egress.table_name(state_dir))
+    with Store(state_dir) as store:
+        undo = store.install("netns:120", 120, "api", eps, [], [], fresh=True)
+        mark = store.marks()["netns:120"]
+        keys = {bindguard.key(mark, "127.0.0.1", 18080), bindguard.key(mark, "127.0.0.1", 0),
+                bindguard.key(mark, "::1", 18081)}
+        assert bindguard.holds(owner, keys)
+        assert egress.pools_off(store, "netns:120", unbound=True) == ""
+        store.delete("netns:120", "web")
+        assert not bindguard.holds(owner, {bindguard.key(mark, "127.0.0.1", 18080)})
+        assert bindguard.holds(owner, keys - {bindguard.key(mark, "127.0.0.1", 18080)})
+        bindguard.sync(owner, set())  # lost behind the store's back
+        egress._checked.clear()
+        assert egress.pools_off(store, "netns:120", unbound=True) == ""  # put back
+        assert bindguard.holds(owner, keys - {bindguard.key(mark, "127.0.0.1", 18080)})
+        undo()
+        assert not any(bindguard.holds(owner, {k}) for k in keys)
+
+
+def test_an_unbound_socket_can_neither_send_nor_serve_before_its_bind(state_dir, monkeypatch):
+    """The attack: a socket handed over unbound (UNBOUND_TAG) used without a bind - a connect, a
+    sendto (both would pick a host port themselves), a listen (the kernel gives it a host port on
+    every address) - reaches nothing and serves nothing: the table refuses what it sends (a reset,
+    EPERM) and what is sent to it (a reset; a datagram dropped). Loopback only."""
+    monkeypatch.delenv(egress.ENV, raising=False)
+    ep = parse_endpoint("ep-out type ipv4 addr 127.0.0.1 port dynamic")
+    with Store(state_dir) as store:
+        undo = store.install("netns:121", 121, "api", [ep], [], [parse_egress("127.0.0.0/8=ep-out")], fresh=True)
+        tag = UNBOUND_TAG | (store.marks()["netns:121"] & 0xFFFF)
+        try:
+            with socket.socket() as srv:
+                srv.bind(("127.0.0.1", 0))
+                srv.listen()
+                with socket.socket() as s:  # a connect its rules would allow for a marked socket
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, tag)
+                    s.settimeout(5)
+                    with pytest.raises(ConnectionRefusedError):
+                        s.connect(srv.getsockname())
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as rx, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                rx.bind(("127.0.0.1", 0))
+                rx.settimeout(0.3)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, tag)
+                with pytest.raises(PermissionError):
+                    s.sendto(b"out", rx.getsockname())
+                with pytest.raises(socket.timeout):
+                    rx.recv(10)
+                port = s.getsockname()[1]  # the send gave it a port: nothing sent there arrives
+                s.settimeout(0.3)
+                rx.sendto(b"in", ("127.0.0.1", port))
+                with pytest.raises(socket.timeout):
+                    s.recv(10)
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, tag)
+                s.listen()
+                port = s.getsockname()[1]
+                with socket.socket() as c:
+                    c.settimeout(5)
+                    with pytest.raises(ConnectionRefusedError):
+                        c.connect(("127.0.0.1", port))
+        finally:
+            undo()

@@ -20,6 +20,13 @@ Requests::
                                              and marked, NOT connected: only where the kernel guards
                                              them (host/bindguard: no re-bind; host/egress: only the
                                              container's destinations); else `err EOPNOTSUPP`
+    bindpool NAME FAMILY TYPE PROTO N        judged as `named` without a destination; a grant is
+                                             answered with N host sockets NOT bound, marked
+                                             UNBOUND_TAG (core.tables), and the address to bind them
+                                             to (the endpoint's): only where the kernel guards them
+                                             (host/bindguard: a bind only to the container's
+                                             endpoints; host/egress: nothing sent or served
+                                             unbound); else `err EOPNOTSUPP`
     sendto FAMILY ADDR PORT TYPE PROTO       egress of an unconnected send: a socket bound to the
                                              source endpoint with a port of its own
     prefilter                                the caller's effective rules, flat (engine.Prefilter
@@ -61,9 +68,9 @@ from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_in
 MAX_MESSAGE = 4096
 FLAGS = frozenset({"reuseaddr", "reuseport", "v6only"})
 FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
-_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "prefilter": 0, "resolve": 1,
-          "show": 0}
-MAX_POOL = 16  # host sockets one `pool` request may ask for (csrc/pool.c POOL_BATCH)
+_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "bindpool": 5, "prefilter": 0,
+          "resolve": 1, "show": 0}
+MAX_POOL = 16  # host sockets one `pool` or `bindpool` request may ask for (csrc/pool.c POOL_BATCH)
 _RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"), "pool": ("out", "bbconn"),
                   "prefilter": ("in", "out", "bbconn")}
 
@@ -86,7 +93,7 @@ class Request:
     ingress: tuple[IngressPair, ...] = ()
     egress: tuple[EgressRule, ...] = ()
     bbconn: tuple[str, ...] = ()
-    count: int = 0  # pool: how many host sockets
+    count: int = 0  # pool, bindpool: how many host sockets
 
     @property
     def has_rules(self) -> bool:
@@ -102,6 +109,7 @@ class Request:
             "connect": [self.family, self.addr, self.port, self.type, self.proto],
             "sendto": [self.family, self.addr, self.port, self.type, self.proto],
             "pool": [self.family, self.addr, self.port, self.type, self.proto, self.count],
+            "bindpool": [self.name, self.family, self.type, self.proto, self.count],
             "prefilter": [],
             "resolve": [self.name],
             "show": [],
@@ -155,10 +163,13 @@ def parse_request(data: bytes) -> Request:
         return Request("prefilter", **_rules(verb, extra))
     if verb == "resolve":
         return Request("resolve", name=_name(args[0]))
-    if verb == "named":
+    if verb in ("named", "bindpool"):
         family = _int(args[1], 0, 65535, "family")
         if family not in FAMILIES:
             raise ProtocolError(f"bad family {family}")
+        if verb == "bindpool":
+            return Request("bindpool", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
+                           proto=_int(args[3], 0, 65535, "protocol"), count=_int(args[4], 1, MAX_POOL, "count"))
         req = Request("named", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
                       proto=_int(args[3], 0, 65535, "protocol"), flags=_flags(args[4]))
         if dest:

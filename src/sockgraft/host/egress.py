@@ -38,30 +38,23 @@ table is removed).
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import ipaddress
 import json
 import os
 import re
-import socket
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
 from sockgraft.core.engine import Policy
-from sockgraft.core.tables import MARK_MASK, MARK_TAG
+from sockgraft.core.tables import MARK_MASK, MARK_TAG, UNBOUND_TAG
 from sockgraft.host import bindguard
+from sockgraft.host.nft import EgressError, run as _nft
 
 TABLE_PREFIX = "sockgraft-"
 ENV = "GRAFT_EGRESS_ENFORCE"
 DB_NAME = "tables.db"  # host/store.py's; a table whose state dir has none is debris
-
-
-class EgressError(Exception):
-    """nftables could not be used (one line for the user)."""
 
 
 # -- the ruleset: pure code ------------------------------------------------------------------------
@@ -72,17 +65,19 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class ContainerEgress:
     """What the kernel lets one container's grafted sockets start: `groups` are egress prefixes in
     longest-first order, grouped by verdict (True: allowed; False: a longer rule naming nothing);
-    `dials` are (address, port) of its fixed-port IP endpoints."""
+    `dials` are (address, port) of its fixed-port IP endpoints; `binds` (address, port) of all its
+    IP endpoints (0: a dynamic one's), what the bind guard lets its unbound sockets bind to."""
 
     key: str
     mark: int
     groups: tuple[tuple[bool, tuple[Network, ...]], ...]
     dials: tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], ...]
+    binds: tuple[tuple[str, int], ...] = ()
 
     def digest(self) -> str:
         """Short digest of what the kernel enforces for this container (in its chain's comment)."""
-        text = repr((self.mark, [(ok, [str(n) for n in nets]) for ok, nets in self.groups],
-                     [(str(a), p) for a, p in self.dials]))
+        text = repr((RULESET_VERSION, self.mark, [(ok, [str(n) for n in nets]) for ok, nets in self.groups],
+                     [(str(a), p) for a, p in self.dials], list(self.binds)))
         return hashlib.blake2s(text.encode(), digest_size=6).hexdigest()
 
 
@@ -98,21 +93,33 @@ def container_egress(key: str, policy: Policy) -> ContainerEgress:
             groups.append((ok, [rule.network]))
     while groups and not groups[-1][0]:
         groups.pop()  # a trailing group naming nothing is the default anyway
-    dials = []
+    dials, binds = [], set()
     for ep in policy.endpoints.values():
+        if ep.type in ("ipv4", "ipv6"):
+            binds.add((str(ipaddress.ip_address(ep.addr)), 0 if ep.dynamic else int(ep.port)))
         if ep.type in ("ipv4", "ipv6") and ep.port not in (None, "dynamic"):
             addr = ipaddress.ip_address(ep.addr)
             if addr.is_unspecified:  # a connect to 0.0.0.0 / :: goes to the loopback
                 addr = ipaddress.ip_address("127.0.0.1" if addr.version == 4 else "::1")
             dials.append((addr, int(ep.port)))
     return ContainerEgress(key, policy.mark, tuple((ok, tuple(nets)) for ok, nets in groups),
-                           tuple(sorted(set(dials), key=lambda d: (d[0].version, int(d[0]), d[1]))))
+                           tuple(sorted(set(dials), key=lambda d: (d[0].version, int(d[0]), d[1]))), tuple(sorted(binds)))
 
 
 def table_name(state_dir: str) -> str:
     """The table of a state directory (its real path), so that state dirs never share one."""
     digest = hashlib.sha256(os.path.realpath(state_dir).encode()).hexdigest()[:12]
     return TABLE_PREFIX + digest
+
+
+def owner(table: str) -> bytes:
+    """A table's store as the bind guard's map names the owner of an entry (8 bytes)."""
+    return bytes.fromhex(table[len(TABLE_PREFIX):]).ljust(bindguard.VALUE_SIZE, b"\0")
+
+
+def bind_keys(containers: list[ContainerEgress]) -> set[bytes]:
+    """The bind guard's map entries of these containers: each of its IP endpoints."""
+    return {bindguard.key(c.mark, addr, port) for c in containers for addr, port in c.binds}
 
 
 def _comment(text: str) -> str:
@@ -135,6 +142,7 @@ def _prefix_rules(nets: tuple[Network, ...], verdict: str) -> list[str]:
     return out
 
 
+RULESET_VERSION = 2  # 2: sockets of UNBOUND_TAG refused (in the containers' digests: a table of 1 is redone)
 PEER_TIMEOUT = 30  # seconds a UDP peer may be answered after its last datagram (conntrack's UDP default)
 PEER_SET_SIZE = 65536  # UDP peers noted at most, per address family
 
@@ -172,6 +180,7 @@ def ruleset(state_dir: str, containers: list[ContainerEgress], existing: tuple[s
     lines += [
         f"table inet {table} {{",
         "\tchain output {",
+        f"\t\tmeta mark & 0x{MARK_MASK:08x} == 0x{UNBOUND_TAG:08x} goto refuse",
         f"\t\tmeta mark & 0x{MARK_MASK:08x} != 0x{MARK_TAG:08x} return",
         f"\t\tmeta mark vmap {{ {vmap} }}",
         "\t}",
@@ -180,7 +189,9 @@ def ruleset(state_dir: str, containers: list[ContainerEgress], existing: tuple[s
         "\t\tdrop",
         "\t}",
         "\tchain input {",
+        f"\t\ttcp flags & (syn | ack) == syn socket mark & 0x{MARK_MASK:08x} == 0x{UNBOUND_TAG:08x} goto refuse",
         f"\t\tmeta l4proto != udp return",
+        f"\t\tsocket mark & 0x{MARK_MASK:08x} == 0x{UNBOUND_TAG:08x} drop",
         f"\t\tsocket mark & 0x{MARK_MASK:08x} != 0x{MARK_TAG:08x} return",
         f"\t\tmeta nfproto ipv4 update @peers4 {{ ip saddr . udp sport . socket mark timeout {PEER_TIMEOUT}s }}",
         f"\t\tmeta nfproto ipv6 update @peers6 {{ ip6 saddr . udp sport . socket mark timeout {PEER_TIMEOUT}s }}",
@@ -218,103 +229,6 @@ def plan(store: Store) -> list[ContainerEgress]:
     """Every container of the store as the kernel will judge it, read in the caller's transaction."""
     policies = [(row.key, store._policy(row.key)) for row in store.containers()]
     return [container_egress(key, policy) for key, policy in policies if policy.mark]
-
-
-# -- nftables: libnftables through ctypes (one netlink socket per process), else `nft -f -` --------
-class _Lib:
-    """A libnftables context kept for the life of the process: a transaction costs ~0.3 ms, where
-    each `nft` process costs ~15 ms (closing its netlink socket waits for the kernel)."""
-
-    def __init__(self):
-        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 12):  # NETLINK_NETFILTER: libnftables exits without it
-            pass
-        lib = ctypes.CDLL("libnftables.so.1")
-        lib.nft_ctx_new.restype = ctypes.c_void_p
-        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
-        for name in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
-            getattr(lib, name).argtypes = [ctypes.c_void_p]
-        for name in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
-            getattr(lib, name).argtypes = [ctypes.c_void_p]
-            getattr(lib, name).restype = ctypes.c_char_p
-        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        before = _fds()
-        self.ctx = lib.nft_ctx_new(0)
-        if not self.ctx:
-            raise OSError("nft_ctx_new failed")
-        for fd in _fds() - before:  # its netlink socket: never inherited by what we exec
-            try:
-                os.set_inheritable(fd, False)
-            except OSError:
-                pass
-        lib.nft_ctx_buffer_output(self.ctx)
-        lib.nft_ctx_buffer_error(self.ctx)
-        self.lib = lib
-
-    def run(self, script: str) -> str:
-        rc = self.lib.nft_run_cmd_from_buffer(self.ctx, script.encode())
-        out = (self.lib.nft_ctx_get_output_buffer(self.ctx) or b"").decode(errors="replace")
-        err = (self.lib.nft_ctx_get_error_buffer(self.ctx) or b"").decode(errors="replace")
-        if rc != 0:
-            raise EgressError(_first_error(err) or f"nft failed ({rc})")
-        return out
-
-
-def _fds() -> set[int]:
-    try:
-        return {int(fd) for fd in os.listdir("/proc/self/fd")}
-    except OSError:
-        return set()
-
-
-def _first_error(text: str) -> str:
-    for line in text.splitlines():
-        if line.strip().startswith("Error:") or ": Error:" in line:
-            return line.split("Error:", 1)[1].strip()
-    return text.strip().splitlines()[0] if text.strip() else ""
-
-
-class _Cmd:
-    """The `nft` program (where libnftables cannot be loaded)."""
-
-    def run(self, script: str) -> str:
-        try:
-            p = subprocess.run(["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise EgressError(f"cannot run nft: {e}") from None
-        if p.returncode != 0:
-            raise EgressError(_first_error(p.stderr) or f"nft exited {p.returncode}")
-        return p.stdout
-
-
-_lock = threading.Lock()
-_backend: tuple[int, object] | None = None  # (pid, backend): a forked child makes its own
-_warned = False
-
-
-def _net_admin() -> bool:
-    """Whether this process has CAP_NET_ADMIN (libnftables prints to stderr when it has not)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> 12 & 1)
-    except (OSError, ValueError):
-        pass
-    return os.geteuid() == 0
-
-
-def _nft(script: str) -> str:
-    global _backend
-    if not _net_admin():
-        raise EgressError("Operation not permitted: nftables needs CAP_NET_ADMIN (root)")
-    with _lock:
-        if _backend is None or _backend[0] != os.getpid():
-            try:
-                backend: object = _Lib()
-            except (OSError, AttributeError):
-                backend = _Cmd()
-            _backend = (os.getpid(), backend)
-        return _backend[1].run(script)
 
 
 # -- keeping the table true ------------------------------------------------------------------------
@@ -367,6 +281,7 @@ def sync(store: Store, force: bool = False) -> None:
     known = applied.get("chains") if isinstance(applied.get("chains"), list) and not force else None
     try:
         apply(store.dir, containers, known)
+        _sync_binds(store.dir, containers)
         chains_made = [chain_name(c.mark) for c in containers]
         store.db.execute("INSERT INTO meta VALUES (?, ?)", (APPLIED, json.dumps({"digest": digest, "chains": chains_made})))
     except EgressError as e:
@@ -394,6 +309,17 @@ def apply(state_dir: str, containers: list[ContainerEgress], known: list[str] | 
         _nft(ruleset(state_dir, containers, replace=True))
 
 
+def _sync_binds(state_dir: str, containers: list[ContainerEgress]) -> None:
+    """The bind guard's map entries of this store: exactly its containers' endpoints (nothing to do
+    where the guard is not attached: no unbound socket is handed over there)."""
+    if not bindguard.map_id():
+        return
+    try:
+        bindguard.sync(owner(table_name(state_dir)), bind_keys(containers))
+    except OSError as e:
+        raise EgressError(f"the bind guard's map: {e.strerror or e}") from None
+
+
 def _warn_once(message: str) -> None:
     global _warned
     if not _warned:
@@ -401,14 +327,17 @@ def _warn_once(message: str) -> None:
         print(f"graft: {message}", file=sys.stderr)
 
 
+_warned = False
 _checked: dict[tuple[str, str], tuple[float, str]] = {}  # pools_off: (table, digest) -> (when, answer)
 
 
-def pools_off(store: Store, key: str) -> str:
+def pools_off(store: Store, key: str, unbound: bool = False) -> str:
     """Why the sockets of container `key` may not be handed over unconnected ("" when they may):
     pooled sockets (fd service `pool`, the seccomp fast path) need the bind guard attached and the
-    kernel judging them by exactly the container's current rules. The one check of both pool
-    users; asks the kernel at most once a second per container state."""
+    kernel judging them by exactly the container's current rules; `unbound` ones (`bindpool`) also
+    need the guard's map to hold the container's endpoints (put back from the store if it lost
+    them: a guard attached anew starts empty). The one check of every pool user; asks the kernel
+    at most once a second per container state."""
     if os.environ.get("GRAFT_POOLS", "1") == "0":
         return "pools off (GRAFT_POOLS=0)"
     if enforce_setting() == "0":
@@ -418,7 +347,7 @@ def pools_off(store: Store, key: str) -> str:
         return f"container {key} has no socket mark"
     want, mark = container_egress(key, policy), policy.mark
     table, now = table_name(store.dir), time.monotonic()
-    cached = _checked.get((table, want.digest()))
+    cached = _checked.get((table, want.digest(), unbound))
     if cached is not None and now - cached[0] < 1.0:
         return cached[1]
     try:
@@ -429,10 +358,23 @@ def pools_off(store: Store, key: str) -> str:
         answer = f"egress is not enforced by the kernel ({e})"
     if not answer and not bindguard.active():
         answer = "pools off: the bind guard is not attached (host/bindguard.py)"
+    if not answer and unbound:
+        answer = _binds_off(store, table, want)
     if len(_checked) > 4096:
         _checked.clear()
-    _checked[(table, want.digest())] = (now, answer)
+    _checked[(table, want.digest(), unbound)] = (now, answer)
     return answer
+
+
+def _binds_off(store: Store, table: str, want: ContainerEgress) -> str:
+    keys = bind_keys([want])
+    if bindguard.holds(owner(table), keys):
+        return ""
+    try:
+        bindguard.sync(owner(table), bind_keys(plan(store)))
+    except Exception as e:  # OSError, or the store's StoreError (host/store.py imports this module)
+        return f"the bind guard's map cannot be written ({e})"
+    return "" if bindguard.holds(owner(table), keys) else "the bind guard's map does not hold this container's endpoints"
 
 
 def remove(state_dir: str) -> None:

@@ -8,7 +8,7 @@ import socket
 import stat
 
 from sockgraft.core.engine import Decision
-from sockgraft.core.tables import COPIED_OPTIONS, IPPROTO_IP, IPPROTO_IPV6, IPPROTO_TCP, SockOpt
+from sockgraft.core.tables import COPIED_OPTIONS, IPPROTO_IP, IPPROTO_IPV6, IPPROTO_TCP, MARK_MAX, UNBOUND_TAG, SockOpt
 
 
 def _unlink_stale_unix(path: str) -> None:
@@ -94,6 +94,25 @@ def pooled(family: int, addr: str, sotype: int, proto: int, mark: int) -> socket
     without a port (host/bindguard.py) and the egress table lets it reach only the container's
     destinations (host/egress.py); the receiver's connect() picks the port per 4-tuple, as natively."""
     return _source_bound(family, (addr, 0), sotype, proto, mark)
+
+
+def open_unbound(d: Decision, sotype: int, proto: int) -> socket.socket:
+    """A host socket of a bind by name made ahead of it (fd service `bindpool`): NOT bound, marked
+    UNBOUND_TAG | the container's number, so that the bind guard lets its receiver bind it only to
+    one of the container's endpoints (and marks it as the container's then) and the egress table
+    refuses whatever it would send or serve before (host/bindguard.py, host/egress.py). An IPv6
+    socket for a v4-mapped address is dual-stack."""
+    if not d.mark or d.family not in (socket.AF_INET, socket.AF_INET6):
+        raise OSError(errno.EOPNOTSUPP, "only a marked socket of an IP endpoint is handed over unbound")
+    s = socket.socket(d.family, sotype | socket.SOCK_CLOEXEC, proto)
+    try:
+        if d.family == socket.AF_INET6 and d.host[0].startswith("::ffff:"):
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, UNBOUND_TAG | (d.mark & MARK_MAX))
+        return s
+    except BaseException:
+        s.close()
+        raise
 
 
 def _source_bound(family: int, host: tuple, sotype: int, proto: int, mark: int) -> socket.socket:

@@ -367,7 +367,7 @@ def _can_mark() -> bool:
     user namespace). A rootless fd service or supervisor cannot, and nftables is root's anyway: its
     containers' sockets go unmarked, which also tells egress.pools_off that the kernel does not guard
     them (no pooled sockets). egress.sync still says once that egress is not enforced."""
-    from sockgraft.host.egress import _net_admin
+    from sockgraft.host.nft import net_admin
     from sockgraft.host.paths import in_initial_userns
 
-    return in_initial_userns() and _net_admin()
+    return in_initial_userns() and net_admin()

@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from sockgraft.core.tables import MARK_MASK, MARK_TAG
+from sockgraft.core.tables import MARK_MASK, MARK_TAG, UNBOUND_TAG
 from tests.helpers import free_port, graft_cmd, stop
 from tests.modes.preload.test_connect import acceptor, blackhole  # noqa: F401  (fixtures)
 
@@ -189,6 +189,61 @@ elif case == "leaks":
     pool.clear()
     out = {"before": len(before), "during": during, "after": len(os.listdir("/proc/self/fd")),
            "same": sorted(os.listdir("/proc/self/fd")) == before}
+elif case == "bind-attack":
+    # the program takes unbound pooled sockets itself and aims them elsewhere
+    port, other = int(args[0]), int(args[1])
+    def taken():
+        got = pool.take_unbound("ep-web", 0, socket.SOCK_STREAM) or pool.take_unbound("ep-web", 0, socket.SOCK_STREAM)
+        return socket.socket(got[1], socket.SOCK_STREAM, 0, got[0]), got[2]  # (the first of a key is not pooled)
+    s, host = taken()
+    out["host"] = list(host)
+    out["unbound mark"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    out["other port"] = outcome(lambda: s.bind(("127.0.0.1", other)))
+    out["other address"] = outcome(lambda: s.bind(("127.0.0.2", port)))
+    out["wildcard"] = outcome(lambda: s.bind(("0.0.0.0", port)))
+    out["unbound connect"] = outcome(lambda: (s.settimeout(5), s.connect(("127.0.0.1", other))))
+    s.close()
+    s, _ = taken()
+    s.listen()
+    out["unbound listen port"] = s.getsockname()[1]
+    c = socket.socket()
+    c.settimeout(5)
+    out["served"] = outcome(lambda: c.connect(("127.0.0.1", out["unbound listen port"])))
+    c.close()
+    s.close()
+    s, _ = taken()
+    out["own endpoint"] = outcome(lambda: s.bind(tuple(host)))
+    out["bound mark"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    s.close()
+elif case == "bind":
+    # binds by name: pooled (no round trip), the program's options kept, a port in use refused
+    # as natively, the socket serving the host
+    port = int(args[0])
+    taken = pool.stats["taken"]
+    for _ in range(40):
+        s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+        s.bind("ep-web")
+        s.close()
+    out["pooled"] = pool.stats["taken"] - taken
+    s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind("ep-web")
+    out["name"] = list(s.getsockname())
+    out["reuseaddr"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
+    out["mark"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+    s.listen()
+    t = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+    out["second"] = outcome(lambda: t.bind("ep-web"))
+    out["second is a placeholder"] = t.endpoint is None and t.family == socket.AF_INET
+    t.close()
+    six = sockgraft.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    six.bind("ep-web")
+    out["v4-mapped"] = list(six.getsockname()[:2])
+    six.close()
+    print(json.dumps({"ready": True}), flush=True)
+    conn, _ = s.accept()
+    conn.sendall(conn.recv(10))
+    conn.close()
 elif case == "table":
     port = int(args[0])
     c = dial(port)
@@ -336,3 +391,45 @@ def test_pool_state_is_per_process_and_bounded():
     assert pool.take("ep-out", ("127.0.0.1", 1), socket.SOCK_SEQPACKET, path="/x") is None
     assert len(os.listdir("/proc/self/fd")) == before and pool.held() == 0
     assert pool.LOW + pool.MAX_POOL < pool.MAX_HELD
+
+
+WEB = ["--endpoint", "ep-web type ipv4 addr 127.0.0.1 port {port}"]
+
+
+def test_an_unbound_pooled_socket_binds_only_to_its_endpoint_and_does_nothing_before(state_dir, ns, cases):
+    """The attack: the program takes sockets of a `bindpool` itself. Bound to another port, another
+    address, the wildcard: EPERM (the bind guard); connected or listening unbound: refused by the
+    kernel (the egress table), nothing served; bound to its own endpoint: it works and then
+    carries the container's mark."""
+    port, other = free_port(), free_port()
+    extra = [WEB[0], WEB[1].format(port=port)]
+    with socket.socket() as unlisted:  # where the unbound connect is aimed: it must see nothing
+        unlisted.bind(("127.0.0.1", other))
+        unlisted.listen(16)
+        got = run(ns, cases, "bind-attack", port, other, extra=extra)
+        unlisted.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            unlisted.accept()
+    assert got["host"] == ["127.0.0.1", port] and got["unbound mark"] & MARK_MASK == UNBOUND_TAG, got
+    assert (got["other port"], got["other address"], got["wildcard"]) == ("EPERM",) * 3, got
+    assert got["unbound connect"] == "ECONNREFUSED" and got["served"] == "ECONNREFUSED", got
+    assert got["own endpoint"] == "0" and got["bound mark"] & MARK_MASK == MARK_TAG, got
+
+
+def test_binds_by_name_are_pooled_and_behave_as_the_services(state_dir, ns, cases):
+    port = free_port()
+    p = subprocess.Popen([*graft_cmd(), "run", "-n", ns, *OUT, WEB[0], WEB[1].format(port=port), "--", PY, cases,
+                          "bind", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(p.stdout.readline()) == {"ready": True}
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"hello")
+            assert c.recv(10) == b"hello"
+        got = json.loads(p.stdout.readline())
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+    finally:
+        stop(p)
+    assert got["pooled"] == 39, got  # the first bind is the service's (a server binds once); then pooled
+    assert got["name"] == ["127.0.0.1", port] and got["reuseaddr"] == 1 and got["mark"] & MARK_MASK == MARK_TAG
+    assert got["second"] == "EADDRINUSE" and got["second is a placeholder"], got
+    assert got["v4-mapped"] == ["::ffff:127.0.0.1", port], got

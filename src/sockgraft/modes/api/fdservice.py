@@ -314,7 +314,7 @@ class FdService:
             if ep is None:
                 return _err(errno.EADDRNOTAVAIL, f"no endpoint {req.name!r} in this container's table"), None
             return Reply("ok", lines=(ep.line(),)), None
-        verb = "connect" if req.verb == "pool" else req.verb  # a pool is judged as its connects
+        verb = {"pool": "connect", "bindpool": "named"}.get(req.verb, req.verb)  # a pool is judged as its uses
         decision = policy.decide(Op(verb, req.family, req.addr, req.port, req.type, req.proto, req.name,
                                     v6only="v6only" in req.flags, foreign=foreign))
         where = {"addr": req.addr, "port": req.port} if req.addr else {}
@@ -325,7 +325,7 @@ class FdService:
             if decision.verdict == DENY:
                 return _err(decision.errno, decision.reason), None
             return Reply("local"), None
-        if req.verb == "pool":
+        if req.verb in ("pool", "bindpool"):
             return self._pool(key, req, decision, where)
         try:
             sock = self._open(req, decision)
@@ -342,22 +342,25 @@ class FdService:
         return Reply("ok", family=decision.family, addr=addr, port=port), sock
 
     def _pool(self, key: str, req, decision, where: dict) -> tuple[Reply, list[socket.socket] | None]:
-        """`pool`: host sockets ahead of their connects, where the kernel guards them (else
-        EOPNOTSUPP: the caller asks `connect` instead)."""
-        why = egress.pools_off(self.store, key)
+        """`pool`: host sockets ahead of their connects; `bindpool`: ahead of binds by name, unbound,
+        the reply naming the address to bind them to. Only where the kernel guards them (else
+        EOPNOTSUPP: the caller asks `connect` or `named` instead)."""
+        unbound = req.verb == "bindpool"
+        why = egress.pools_off(self.store, key, unbound=unbound)
         if why:
             return _err(errno.EOPNOTSUPP, why), None
+        make = hostsock.open_unbound if unbound else hostsock.open_pooled
         socks: list[socket.socket] = []
         try:
             for _ in range(req.count):
-                socks.append(hostsock.open_pooled(decision, req.type, req.proto))
+                socks.append(make(decision, req.type, req.proto))
         except OSError as e:
             for s in socks:
                 s.close()
             code = e.errno or errno.EIO
             return _err(code, f"{decision.endpoint.name}: {e.strerror or os.strerror(code)}"), None
-        addr, port = socks[0].getsockname()[:2]
-        self.audit.decision(key, self.mode, "pool", decision, host=[addr, port], count=req.count, **where)
+        addr, port = decision.host if unbound else socks[0].getsockname()[:2]
+        self.audit.decision(key, self.mode, req.verb, decision, host=[addr, port], count=req.count, **where)
         return Reply("ok", family=decision.family, addr=addr, port=port), socks
 
     @staticmethod

@@ -55,7 +55,7 @@ class GraftSocket(_socket.socket):
         s.endpoint = source
         return s
 
-    def _adopt(self, fd: int, family: int, name: str) -> None:
+    def _adopt(self, fd: int, family: int, name: str, replay: bool = True) -> None:
         """The host socket `fd` (of `family`, this socket's type and protocol) takes this socket's fd
         number. The options the program set on the placeholder are set again - its own setsockopt
         calls replayed, so it gets the values it gets natively - instead of reading every option of
@@ -69,25 +69,58 @@ class GraftSocket(_socket.socket):
             os.close(fd)
         _socket.socket.__init__(self, family, sotype, proto, number)
         self.settimeout(timeout)
-        for level, optname, value, optlen in self._setopts if family != _socket.AF_UNIX else ():
-            if level in (_socket.IPPROTO_IP, _socket.IPPROTO_IPV6) and placeholder != family:
+        if replay:
+            self._replay(self, placeholder)
+        self.endpoint = name
+
+    def _replay(self, host: _socket.socket, placeholder: int) -> None:
+        """The program's setsockopt calls on the placeholder (of family `placeholder`), made again on `host`."""
+        for level, optname, value, optlen in self._setopts if host.family != _socket.AF_UNIX else ():
+            if level in (_socket.IPPROTO_IP, _socket.IPPROTO_IPV6) and placeholder != host.family:
                 continue
             try:
                 if optlen is None:
-                    _socket.socket.setsockopt(self, level, optname, value)
+                    _socket.socket.setsockopt(host, level, optname, value)
                 else:
-                    _socket.socket.setsockopt(self, level, optname, value, optlen)
+                    _socket.socket.setsockopt(host, level, optname, value, optlen)
             except OSError:
                 continue
-        self.endpoint = name
 
     def bind(self, address) -> None:
         if isinstance(address, str) and self.family != _socket.AF_UNIX:
+            got = pool.take_unbound(address, self._named_family, self.type, self.proto) if self.endpoint is None else None
+            if got is not None and self._bind_pooled(*got, address):
+                return
             reply, fd = ask(Request("named", name=address, family=self._named_family, type=self.type,
                                     proto=self.proto, flags=socket_flags(self)))
             self._adopt(fd, reply.family, address)
         else:
             super().bind(address)
+
+    def _bind_pooled(self, fd: int, family: int, host: tuple, name: str) -> bool:
+        """Bind a pooled unbound host socket to `host`, the endpoint's address, with the program's
+        options set first, then take it in place of the placeholder: no round trip. False (the
+        socket closed, the placeholder as it was) where the kernel refused the bind with EPERM (the
+        bind guard: the table changed since the pool was fetched) or EADDRINUSE (the port may still
+        be held by the service's copy of a pooled socket the program bound and closed a moment
+        ago: the service closes its copies only after sending them): the service's answer, given
+        once it has closed them, is the one to give."""
+        s = _socket.socket(family, self.type, self.proto, fileno=fd)
+        try:
+            self._replay(s, self.family)
+            if family == _socket.AF_INET6 and host[0].startswith("::ffff:"):
+                s.setsockopt(_socket.IPPROTO_IPV6, _socket.IPV6_V6ONLY, 0)
+            s.bind(host)
+        except OSError as e:
+            s.close()
+            if e.errno in (errno.EPERM, errno.EADDRINUSE):
+                return False
+            raise
+        except BaseException:
+            s.close()
+            raise
+        self._adopt(s.detach(), family, name, replay=False)
+        return True
 
     def connect(self, address) -> None:
         if isinstance(address, str) and self.family != _socket.AF_UNIX:

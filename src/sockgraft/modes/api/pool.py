@@ -1,5 +1,5 @@
 """Pooled host sockets for the graft API's connects (issue 11, lever 4; the preload library's
-csrc/pool.c does the same for unmodified programs).
+csrc/pool.c does the same for unmodified programs) and binds by name.
 
 `connect_from(source, address)` no longer asks the fd service for every connect: it takes a host
 socket fetched ahead with the `pool` verb (up to MAX_POOL per round trip), bound to the endpoint's
@@ -14,7 +14,12 @@ request is judged as a connect: the source endpoint is named by a caller egress 
 whole family (`out:0.0.0.0/0=SOURCE`), which the engine evaluates against the container's own table
 (the kernel, not this rule, decides the destinations: caller rules never reach the egress table).
 
-The pool is per process and keyed by (service, source, family, type, protocol):
+`bind(NAME)` likewise takes a host socket fetched ahead with `bindpool` (`take_unbound`): NOT bound,
+marked so that the kernel lets it bind only to the container's endpoints and refuses whatever it
+would send or serve before (host/bindguard.py, host/egress.py), with the endpoint's address to bind
+it to, and binds it itself.
+
+The pool is per process and keyed by (service, kind, endpoint, family, type, protocol):
 - refilled before it is empty, without a thread: a take that leaves LOW or fewer sends the next
   `pool` request on the process's own pool connection to the service and does not wait; later takes
   pick the reply up when it is there (a receive that does not block, once PICK_UP or fewer are left),
@@ -51,6 +56,7 @@ PICK_UP = 8  # a take looks for the replies that arrived when its key has this m
 RETRY_OFF = 1.0  # seconds a key stays unpooled after the service refused a pool
 VERSION_EVERY = 1.0  # seconds between two looks at the policy's digest
 VERSION_STALE = 2.0  # an answer older than this is renewed before a socket is taken
+MAX_BIND_KEYS = 256  # bind keys remembered as bound once (forgotten all at once beyond)
 
 stats = {"fetches": 0, "ahead": 0, "taken": 0, "refused": 0, "off": 0, "dropped": 0, "waited": 0}
 
@@ -60,7 +66,7 @@ class _State:
         self.lock = threading.Lock()
         self.pid = os.getpid()
         self.pools: dict[tuple, list[tuple[int, int]]] = {}  # key -> [(fd, inode)], taken from the end
-        self.family: dict[tuple, int] = {}  # key -> the host sockets' family (the service's reply)
+        self.host: dict[tuple, tuple] = {}  # key -> (family, (address, port)) of the service's reply
         self.held = 0
         self.off: dict[tuple, float] = {}  # key -> monotonic time before which it is not pooled
         self.version: dict[str, tuple[float, str | None]] = {}  # service path -> (asked at, digest)
@@ -68,6 +74,7 @@ class _State:
         self.conns: dict[str, socket.socket] = {}  # service path -> this process's pool connection
         self.pending: dict[str, collections.deque] = {}  # path -> requests sent, not answered, in order
         self.asked: dict[tuple, int] = {}  # key -> sockets asked for and not received
+        self.bound_once: set[tuple] = set()  # bind keys the service answered once (take_unbound)
         self.closed = False
 
 
@@ -137,13 +144,37 @@ def take(source: str, address: tuple, type: int, proto: int = 0, family: int = 0
     no pool serves it (pools off, an error of the service, a family the endpoint is not): the
     caller asks the service for a connected socket instead, which answers with the exact error."""
     path = client.service_path(path)
-    dest, port = address[0], address[1]
-    dest_family = socket.AF_INET6 if ":" in dest else socket.AF_INET
+    dest_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
     if family not in (0, dest_family) or type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         return None
+    got = _take((path, "connect", source, dest_family, type, proto), address)
+    return got[:2] if got is not None else None
+
+
+def take_unbound(name: str, family: int, type: int, proto: int = 0,
+                 path: str | None = None) -> tuple[int, int, tuple] | None:
+    """A pooled host socket for a bind to endpoint `name` (`family` 0: the endpoint's own): (fd,
+    its family, the address to bind it to), the fd owned by the caller, close-on-exec, NOT bound:
+    the kernel lets it bind only to its container's endpoints (host/bindguard.py). None when no
+    pool serves it: the caller asks the service for a bound socket (`named`) instead. So is the
+    first bind of each key: a server binds once, and a pool would cost it a batch of sockets and
+    a round trip more; a process that binds again gets a pool from then on."""
+    if type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        return None
+    key = (client.service_path(path), "bind", name, family, type, proto)
+    with _s.lock:
+        if key not in _s.bound_once:
+            if len(_s.bound_once) >= MAX_BIND_KEYS:
+                _s.bound_once.clear()
+            _s.bound_once.add(key)
+            return None
+    return _take(key, None)
+
+
+def _take(key: tuple, address: tuple | None) -> tuple[int, int, tuple] | None:
+    path = key[0]
     if _s.pid != os.getpid():  # forked without the at-fork hook (a raw fork): as the hook does
         _after_fork_in_child()
-    key = (path, source, dest_family, type, proto)
     with _s.lock:
         if _s.closed:
             return None
@@ -166,18 +197,18 @@ def take(source: str, address: tuple, type: int, proto: int = 0, family: int = 0
         got = _pop(key)
         if got is None:
             if key not in _s.asked:
-                _ask_pool(key, dest, port)
+                _ask_pool(key, address)
             if key in _s.asked:
                 stats["waited"] += 1
                 _receive(path, key)
                 got = _pop(key)
         if got is not None and len(_s.pools.get(key, ())) <= LOW and key not in _s.asked:
-            if _ask_pool(key, dest, port):
+            if _ask_pool(key, address):
                 stats["ahead"] += 1
         return got
 
 
-def _pop(key: tuple) -> tuple[int, int] | None:
+def _pop(key: tuple) -> tuple[int, int, tuple] | None:
     """The newest pooled socket of `key` that is still ours."""
     entries = _s.pools.get(key)
     while entries:
@@ -189,7 +220,7 @@ def _pop(key: tuple) -> tuple[int, int] | None:
         except OSError:
             continue  # the program closed it
         stats["taken"] += 1
-        return fd, _s.family[key]
+        return (fd, *_s.host[key])
     return None
 
 
@@ -223,8 +254,8 @@ def _ask(path: str, job: tuple, req: Request) -> bool:
     return True
 
 
-def _ask_pool(key: tuple, dest: str, port: int) -> bool:
-    path, source, dest_family, sotype, proto = key
+def _ask_pool(key: tuple, address: tuple | None) -> bool:
+    path, kind, name, family, sotype, proto = key
     room = MAX_HELD - _s.held - sum(_s.asked.values())
     if room < MAX_POOL and not _s.pools.get(key) and key not in _s.asked:
         for other in [k for k in _s.pools if k != key]:  # bounded: room for the key in use
@@ -233,8 +264,11 @@ def _ask_pool(key: tuple, dest: str, port: int) -> bool:
     count = min(MAX_POOL, room)
     if count < 1:
         return False
-    req = Request("pool", family=dest_family, addr=dest, port=port, type=sotype, proto=proto, count=count,
-                  egress=(_source_rule(dest_family, source),))
+    if kind == "bind":
+        req = Request("bindpool", name=name, family=family, type=sotype, proto=proto, count=count)
+    else:
+        req = Request("pool", family=family, addr=address[0], port=address[1], type=sotype, proto=proto, count=count,
+                      egress=(_source_rule(family, name),))
     if not _ask(path, key, req):
         return False
     _s.asked[key] = count
@@ -301,7 +335,7 @@ def _answer(path: str, job: tuple, gen: int, sent: float, msg: bytes, fds: list[
             os.close(fd)
         return
     keep = fds[:max(0, MAX_HELD - _s.held)]
-    _s.family[key] = reply.family
+    _s.host[key] = (reply.family, (reply.addr, reply.port))
     entries = _s.pools.setdefault(key, [])
     entries[:0] = [(fd, os.fstat(fd).st_ino) for fd in reversed(keep)]  # the older ones are taken first
     _s.held += len(keep)
