@@ -145,6 +145,42 @@ static int v6only(int fd)
 	return getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, &l) == 0 && v;
 }
 
+/* A bind grafted on a pooled unbound host socket (pool_bind): the program's options set on it,
+ * bound to the endpoint's address, installed. 0 or -1 (errno) as bind(); 1 to ask the service
+ * (no pool; or the kernel refused with EPERM, the table changed since the batch came, or with
+ * EADDRINUSE, the port maybe still held by the service's copy of a socket bound and closed a
+ * moment ago: the service's answer, given once it has closed its copies, is the one to give). */
+static int pooled_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len, int fam, const char *addr,
+		       int port, unsigned flags)
+{
+	struct sockaddr_storage host;
+	socklen_t hostlen;
+	ino_t pino;
+	int pooled = pool_bind(fam, addr, port, st->type, st->proto, flags, &host, &hostlen, &pino);
+	if (pooled == POOL_LOCAL) {
+		int r = real_bind(fd, sa, len);
+		if (r == 0)
+			st_mark_decided(fd);
+		return r;
+	}
+	if (pooled == POOL_ERR)
+		return -1;
+	if (pooled < 0)
+		return 1;
+	copy_options(fd, pooled, st);
+	if (real_bind(pooled, (struct sockaddr *)&host, hostlen) != 0) {
+		int e = errno;
+		real_close(pooled);
+		if (e == EPERM || e == EADDRINUSE)
+			return 1;
+		errno = e;
+		return -1;
+	}
+	st->bound_len = len < (socklen_t)sizeof(st->bound) ? len : (socklen_t)sizeof(st->bound);
+	memcpy(&st->bound, sa, st->bound_len);
+	return st_install_ino(fd, pooled, pino, st);
+}
+
 EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 {
 	ENSURE();
@@ -179,7 +215,11 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 		return r;
 	}
 	/* flags include v6only: a dual-stack [::] bind is matched by IPv4 pairs, a V6ONLY one is not */
-	if (wire_bind(head, sizeof(head), fam, addr, port, st.type, st.proto, socket_flags(fd, fam)) < 0) {
+	unsigned flags = socket_flags(fd, fam);
+	r = pooled_bind(fd, &st, sa, len, fam, addr, port, flags);
+	if (r != 1)
+		return r;
+	if (wire_bind(head, sizeof(head), fam, addr, port, st.type, st.proto, flags) < 0) {
 		errno = EINVAL;
 		return -1;
 	}

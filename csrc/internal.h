@@ -106,10 +106,13 @@ int wire_named(char *buf, size_t cap, const char *name, int family, int type, in
 int wire_dial(char *buf, size_t cap, const char *name, int type, int proto);
 int wire_resolve(char *buf, size_t cap, const char *name);
 int wire_pool(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, int count);
+int wire_bindpool(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, unsigned flags,
+		  int count);
 int ask(const char *req, int *newfd, char *out, size_t outcap);
 int ask_fds(const char *req, int *fds, int max, int *nfds, char *out, size_t outcap);
 int decide(const char *head, char **tailp, const char *vars, int *newfd);
-int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds);
+int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds, char *out,
+	       size_t outcap);
 void service_lock(void);
 void service_unlock(void);
 int service_dial(void); /* a new connection to the fd service: the fd, or -errno */
@@ -117,12 +120,17 @@ void reply_fds(struct msghdr *mh, int *fds, int max, int *nfds); /* a reply's fd
 /* 0 when no rule of this process's policy can apply (prefilter.h: PF_BIND, PF_CONNECT, PF_SENDTO) */
 int might_graft(int verb, int family, const char *addr, int port, int v6only);
 int egress_row(const char *addr, unsigned *gen);
+int table_gen(unsigned *gen);
 
 /* -- pool.c ----------------------------------------------------------------------------------- */
 enum { POOL_LOCAL = -1, POOL_OFF = -2, POOL_ERR = -3 };
 /* a pooled host socket for a connect (>= 0: install it, then connect), or POOL_LOCAL (no rule:
  * the real call), POOL_OFF (no pool: ask `connect`), POOL_ERR (denied, errno set); *ino: its inode */
 int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino);
+/* a pooled host socket, NOT bound, for a bind of (family, addr, port) with flags (>= 0: bind it to
+ * *host, then install it), or POOL_LOCAL, POOL_OFF (ask `bind`), POOL_ERR as pool_get */
+int pool_bind(int family, const char *addr, int port, int type, int proto, unsigned flags,
+	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino);
 void pool_lock(void);
 void pool_unlock(void);
 void prefilter_lock(void);

@@ -1,4 +1,4 @@
-/* pool.c: host sockets fetched ahead of their connects (issue 11, lever 4).
+/* pool.c: host sockets fetched ahead of their connects (issue 11, lever 4), and of binds.
  *
  * A connect to a destination an egress rule names asks the service `pool ...` once: the service
  * judges it as it judges `connect` and answers with up to POOL_BATCH host sockets of the granted
@@ -19,11 +19,19 @@
  * (`refill`: one request in flight at most); later connects collect the reply without blocking, so in
  * steady state no connect waits for the service. Only a connect that finds its key empty while the
  * batch for it is in flight waits for that reply. The refill connection is this process's (a forked
- * child closes its copy, never reads its parent's reply) and is recognised by its inode. */
+ * child closes its copy, never reads its parent's reply) and is recognised by its inode.
+ *
+ * Binds (pool_bind): from the second bind of the same operation on, `bindpool ...` (judged as
+ * `bind`) answers a batch of host sockets NOT bound, marked so that the kernel lets them bind only to
+ * the container's endpoints (host/bindguard.py) and refuses what they would send or serve before
+ * (host/egress.py), with the address to bind them to; the hook binds one there itself. A batch is
+ * fetched when the key has none left (one round trip per POOL_BATCH binds). */
 #include "internal.h"
 #include "prefilter.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,19 +44,33 @@
 #define POOL_OFF_NS 1000000000LL
 #define POOL_LOW 8       /* sockets of a key left after a connect at or below which the next batch is asked for */
 #define REFILL_WAIT_MS 5000 /* a connect waiting for the batch in flight gives up after this (then asks itself) */
+#define BIND_KEYS 8      /* bind operations (address, port, type, protocol, flags) a process pools at once */
 
 struct slot {
 	int fd;
 	ino_t ino;
-	int family, type, proto, row;
+	int family, type, proto, row; /* row: the egress prefilter row (connects), BIND_ROW(i) (binds) */
 	unsigned gen;
 };
+
+/* A bind pooled by this process: the operation, and where its host sockets are bound. Its first
+ * bind is asked of the service as `bind` (`seen`: a server binds once, a pool would cost it a batch
+ * of sockets); from the second on the sockets come from a `bindpool` batch. */
+struct bkey {
+	int used, seen, family, port, type, proto;
+	unsigned flags, gen;
+	char addr[INET6_ADDRSTRLEN];
+	struct sockaddr_storage host;
+	socklen_t hostlen;
+	int host_family;
+};
+#define BIND_ROW(i) (-2 - (i))
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static struct slot slots[POOL_SLOTS];
 static int nslots;
 static pid_t owner;
-static long long off_until;
+static long long off_until, bind_off_until;
 static int refill = -1;     /* the refill connection (owner's), or -1 */
 static ino_t refill_ino;
 static struct {
@@ -81,6 +103,8 @@ static void refill_forget(void) /* under lock */
 	refill = -1;
 	inflight.active = 0;
 }
+
+static int bind_batch_host(const char *reply, int row, unsigned gen, int *family);
 
 /* Under lock: the reply of the batch in flight, if there is one (waiting up to wait_ms for it). Its
  * sockets join the slots when they are still of the current table and this process. */
@@ -127,7 +151,9 @@ static void refill_collect(int wait_ms)
 		say("graft: reply (refill): %.60s", buf);
 	int ok = strncmp(buf, "ok ", 3) == 0;
 	if (!ok && strncmp(buf, "err ", 4) == 0 && atoi(buf + 4) == EOPNOTSUPP)
-		off_until = now_ns() + POOL_OFF_NS;
+		*(inflight.row < 0 ? &bind_off_until : &off_until) = now_ns() + POOL_OFF_NS;
+	if (ok && inflight.row < 0) /* a bind batch: where its sockets are bound, for its key if still there */
+		ok = bind_batch_host(buf, inflight.row, inflight.gen, &inflight.family);
 	for (int i = 0; i < nfds; i++) { /* (of an older table: `take` drops them) */
 		if (!ok || nslots == POOL_SLOTS) {
 			real_close(fds[i]);
@@ -139,11 +165,12 @@ static void refill_collect(int wait_ms)
 	/* `local` or another `err`: nothing joins; the next connect that finds no socket asks itself */
 }
 
-/* Under lock: ask for the next batch of this key without waiting for the reply. */
-static void refill_ask(int family, const char *addr, int port, int type, int proto, int row, unsigned gen)
+/* Under lock: ask for the next batch of this key (`head`: its `pool` or `bindpool` request, with the
+ * environment's rules *tailp) without waiting for the reply. */
+static void refill_ask(const char *head, char **tailp, int family, int type, int proto, int row, unsigned gen)
 {
-	char head[200], req[MAX_MESSAGE + 1];
-	if (inflight.active)
+	char req[MAX_MESSAGE + 1];
+	if (inflight.active || !head)
 		return;
 	if (refill < 0 || fd_ino(refill) != refill_ino) {
 		int s = service_dial();
@@ -154,9 +181,7 @@ static void refill_ask(int family, const char *addr, int port, int type, int pro
 		refill = s;
 		refill_ino = fd_ino(s);
 	}
-	if (wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) < 0)
-		return;
-	const char *tail = __atomic_load_n(&g_tail_connect, __ATOMIC_ACQUIRE);
+	const char *tail = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
 	int n = snprintf(req, sizeof(req), "%s%s", head, tail ? tail : "");
 	if (n < 0 || n > MAX_MESSAGE)
 		return; /* the synchronous path says why */
@@ -201,6 +226,23 @@ static int take(int family, int type, int proto, int row, unsigned gen, int *lef
 	return got;
 }
 
+static struct bkey bkeys[BIND_KEYS];
+static int bkey_next;
+
+/* Under lock, in process pid: a forked child's copies of its parent's sockets (and of the parent's
+ * refill connection, with its batch in flight) are not its to use: closed, forgotten. */
+static void own(pid_t pid)
+{
+	if (owner == pid)
+		return;
+	while (nslots)
+		drop(nslots - 1);
+	refill_forget();
+	memset(bkeys, 0, sizeof(bkeys));
+	owner = pid;
+	off_until = bind_off_until = 0;
+}
+
 int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino)
 {
 	unsigned gen;
@@ -210,14 +252,7 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 	pid_t pid = g_pid;
 	*ino = 0; /* unknown: st_install asks */
 	pthread_mutex_lock(&lock);
-	if (owner != pid) { /* a forked child: its copies of the parent's sockets (and of the parent's
-			     * refill connection, with its batch in flight) are not its to use */
-		while (nslots)
-			drop(nslots - 1);
-		refill_forget();
-		owner = pid;
-		off_until = 0;
-	}
+	own(pid);
 	if (now_ns() < off_until) {
 		pthread_mutex_unlock(&lock);
 		return POOL_OFF;
@@ -229,19 +264,19 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 		refill_collect(REFILL_WAIT_MS); /* the batch of this key is on its way: wait for it, not ask again */
 		fd = take(family, type, proto, row, gen, &left, ino);
 	}
+	char head[200];
+	int fds[POOL_BATCH], n = 0;
 	if (fd >= 0) {
-		if (left <= POOL_LOW)
-			refill_ask(family, addr, port, type, proto, row, gen);
+		if (left <= POOL_LOW && wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) >= 0)
+			refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
 		pthread_mutex_unlock(&lock);
 		return fd;
 	}
 	pthread_mutex_unlock(&lock);
-
-	char head[200];
-	int fds[POOL_BATCH], n = 0;
 	if (wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) < 0)
 		return POOL_OFF;
-	switch (decide_fds(head, &g_tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", fds, POOL_BATCH, &n)) {
+
+	switch (decide_fds(head, &g_tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", fds, POOL_BATCH, &n, NULL, 0)) {
 	case D_LOCAL:
 		return POOL_LOCAL;
 	case D_GRANT:
@@ -261,6 +296,154 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 			continue;
 		}
 		slots[nslots++] = (struct slot){ fds[i], fd_ino(fds[i]), family, type, proto, row, gen };
+	}
+	pthread_mutex_unlock(&lock);
+	return fds[0];
+}
+
+/* -- binds ------------------------------------------------------------------------------------ */
+/* Under lock: the key of this bind (made, replacing the oldest, if new: its sockets dropped). */
+static struct bkey *bkey_of(int family, const char *addr, int port, int type, int proto, unsigned flags, unsigned gen,
+			    int *index)
+{
+	for (int i = 0; i < BIND_KEYS; i++) {
+		struct bkey *k = &bkeys[i];
+		if (k->used && k->gen == gen && k->family == family && k->port == port && k->type == type &&
+		    k->proto == proto && k->flags == flags && strcmp(k->addr, addr) == 0) {
+			*index = i;
+			return k;
+		}
+	}
+	int i = bkey_next;
+	bkey_next = (bkey_next + 1) % BIND_KEYS;
+	for (int j = nslots - 1; j >= 0; j--)
+		if (slots[j].row == BIND_ROW(i))
+			drop(j);
+	bkeys[i] = (struct bkey){ .used = 1, .family = family, .port = port, .type = type, .proto = proto,
+				  .flags = flags, .gen = gen };
+	snprintf(bkeys[i].addr, sizeof(bkeys[i].addr), "%s", addr);
+	*index = i;
+	return &bkeys[i];
+}
+
+/* The host address of an `ok FAMILY ADDR PORT` reply; -1 if it is not one. */
+static int reply_host(const char *reply, struct sockaddr_storage *ss, socklen_t *len, int *family)
+{
+	char addr[INET6_ADDRSTRLEN + 1];
+	int fam, port;
+	if (sscanf(reply, "ok %d %46s %d", &fam, addr, &port) != 3 || port < 0 || port > 65535)
+		return -1;
+	memset(ss, 0, sizeof(*ss));
+	if (fam == AF_INET) {
+		struct sockaddr_in *in = (struct sockaddr_in *)ss;
+		in->sin_family = AF_INET;
+		in->sin_port = htons((uint16_t)port);
+		*len = sizeof(*in);
+		if (inet_pton(AF_INET, addr, &in->sin_addr) != 1)
+			return -1;
+	} else if (fam == AF_INET6) {
+		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+		in6->sin6_family = AF_INET6;
+		in6->sin6_port = htons((uint16_t)port);
+		*len = sizeof(*in6);
+		if (inet_pton(AF_INET6, addr, &in6->sin6_addr) != 1)
+			return -1;
+	} else {
+		return -1;
+	}
+	*family = fam;
+	return 0;
+}
+
+/* Under lock: the host address of a bind batch's reply noted for its key (row, gen), if that key
+ * is still there; *family: the sockets' family. 1, or 0 (the batch is not kept). */
+static int bind_batch_host(const char *reply, int row, unsigned gen, int *family)
+{
+	struct bkey *k = &bkeys[-2 - row];
+	struct sockaddr_storage host;
+	socklen_t len;
+	if (!k->used || k->gen != gen || reply_host(reply, &host, &len, family) != 0)
+		return 0;
+	k->host = host;
+	k->hostlen = len;
+	k->host_family = *family;
+	return 1;
+}
+
+int pool_bind(int family, const char *addr, int port, int type, int proto, unsigned flags,
+	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino)
+{
+	unsigned gen;
+	if (table_gen(&gen) < 0 || (type != SOCK_STREAM && type != SOCK_DGRAM))
+		return POOL_OFF;
+	pid_t pid = g_pid;
+	*ino = 0;
+	pthread_mutex_lock(&lock);
+	own(pid);
+	if (now_ns() < bind_off_until) {
+		pthread_mutex_unlock(&lock);
+		return POOL_OFF;
+	}
+	int i, left;
+	struct bkey *k = bkey_of(family, addr, port, type, proto, flags, gen, &i);
+	if (!k->seen) {
+		k->seen = 1;
+		pthread_mutex_unlock(&lock);
+		return POOL_OFF;
+	}
+	char head[200], reply[MAX_MESSAGE + 1];
+	int fds[POOL_BATCH], n = 0, hfam;
+	refill_collect(0);
+	int fd = k->hostlen ? take(k->host_family, type, proto, BIND_ROW(i), gen, &left, ino) : -1;
+	if (fd < 0 && inflight.active && inflight.row == BIND_ROW(i) && inflight.gen == gen) {
+		refill_collect(REFILL_WAIT_MS); /* this key's batch is on its way: wait for it */
+		fd = k->hostlen ? take(k->host_family, type, proto, BIND_ROW(i), gen, &left, ino) : -1;
+	}
+	if (fd >= 0) {
+		*host = k->host;
+		*hostlen = k->hostlen;
+		if (left <= POOL_LOW &&
+		    wire_bindpool(head, sizeof(head), family, addr, port, type, proto, flags, POOL_BATCH) >= 0)
+			refill_ask(head, &g_tail_bind, k->host_family, type, proto, BIND_ROW(i), gen);
+		pthread_mutex_unlock(&lock);
+		return fd;
+	}
+	pthread_mutex_unlock(&lock);
+	if (wire_bindpool(head, sizeof(head), family, addr, port, type, proto, flags, POOL_BATCH) < 0)
+		return POOL_OFF;
+
+	switch (decide_fds(head, &g_tail_bind, "GRAFT_CONV_PAIRS", fds, POOL_BATCH, &n, reply, sizeof(reply))) {
+	case D_LOCAL:
+		return POOL_LOCAL;
+	case D_GRANT:
+		if (n > 0 && reply_host(reply, host, hostlen, &hfam) == 0)
+			break;
+		for (int j = 0; j < n; j++)
+			real_close(fds[j]);
+		return POOL_OFF;
+	default:
+		if (errno != EOPNOTSUPP)
+			return POOL_ERR;
+		pthread_mutex_lock(&lock);
+		bind_off_until = now_ns() + POOL_OFF_NS;
+		pthread_mutex_unlock(&lock);
+		return POOL_OFF;
+	}
+	pthread_mutex_lock(&lock);
+	k = &bkeys[i];
+	int same = owner == pid && k->used && k->gen == gen && k->family == family && k->port == port &&
+		   k->type == type && k->proto == proto && k->flags == flags && strcmp(k->addr, addr) == 0;
+	if (same) {
+		k->host = *host;
+		k->hostlen = *hostlen;
+		k->host_family = hfam;
+	}
+	for (int j = 1; j < n; j++) {
+		if (!same || nslots == POOL_SLOTS) {
+			real_close(fds[j]);
+			continue;
+		}
+		slots[nslots++] = (struct slot){ fds[j], fd_ino(fds[j]), hfam, type, proto, BIND_ROW(i), gen };
 	}
 	pthread_mutex_unlock(&lock);
 	return fds[0];

@@ -54,6 +54,14 @@ int wire_pool(char *buf, size_t cap, int family, const char *addr, int port, int
 	return fits(snprintf(buf, cap, "pool %d %s %d %d %d %d", family, addr, port, type, proto, count), cap);
 }
 
+int wire_bindpool(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto, unsigned flags,
+		  int count)
+{
+	char fl[40];
+	return fits(snprintf(buf, cap, "bindpool %d %s %d %d %d %s %d", family, addr, port, type, proto,
+			     flags_word(flags, fl, sizeof(fl)), count), cap);
+}
+
 int wire_sendto(char *buf, size_t cap, int family, const char *addr, int port, int type, int proto)
 {
 	return fits(snprintf(buf, cap, "sendto %d %s %d %d %d", family, addr, port, type, proto), cap);
@@ -174,7 +182,8 @@ static void close_all(int *fds, int *nfds)
 }
 
 /* Send one request; return D_GRANT with the fds sent (fds[0..*nfds), at most max), D_LOCAL, or
- * D_ERR with errno set. For `resolve`, the reply text is copied into out (NUL-terminated). */
+ * D_ERR with errno set. With out, the reply text is copied there (NUL-terminated): an `ok` reply
+ * is then a grant with or without fds (`resolve`, `prefilter`, `bindpool`). */
 int ask_fds(const char *req, int *fds, int max, int *nfds, char *out, size_t outcap)
 {
 	int saved = errno, err = 0;
@@ -218,13 +227,9 @@ int ask_fds(const char *req, int *fds, int max, int *nfds, char *out, size_t out
 		goto fail;
 	}
 	if (strncmp(buf, "ok", 2) == 0 && (buf[2] == 0 || buf[2] == ' ' || buf[2] == '\n')) {
-		if (out && outcap) {
+		if (out && outcap)
 			snprintf(out, outcap, "%s", buf);
-			close_all(fds, nfds);
-			errno = saved;
-			return D_GRANT;
-		}
-		if (*nfds > 0) {
+		if (*nfds > 0 || (out && outcap)) {
 			errno = saved;
 			return D_GRANT;
 		}
@@ -248,24 +253,25 @@ int ask(const char *req, int *newfd, char *out, size_t outcap)
 /* Ask `head` with the environment's rules (*tailp) appended. Rules the service refuses as
  * malformed (or too long to send) are the user's to fix: say so once, on one line, and go on
  * without them (the container's stored rules apply) rather than fail every call of the program. */
-int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds)
+int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int max, int *nfds, char *out,
+	       size_t outcap)
 {
 	char req[MAX_MESSAGE + 1];
 	char *tail = __atomic_load_n(tailp, __ATOMIC_ACQUIRE);
 	if (!tail)
-		return ask_fds(head, fds, max, nfds, NULL, 0);
+		return ask_fds(head, fds, max, nfds, out, outcap);
 	int n = snprintf(req, sizeof(req), "%s%s", head, tail);
 	if (n < 0 || n > MAX_MESSAGE) {
 		if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
 			say("graft: %s ignored: longer than a request may be (%d bytes)", vars, MAX_MESSAGE);
-		return ask_fds(head, fds, max, nfds, NULL, 0);
+		return ask_fds(head, fds, max, nfds, out, outcap);
 	}
-	int r = ask_fds(req, fds, max, nfds, NULL, 0);
+	int r = ask_fds(req, fds, max, nfds, out, outcap);
 	if (r != D_ERR || errno != EINVAL)
 		return r;
 	char why[sizeof(last_error)];
 	snprintf(why, sizeof(why), "%s", last_error);
-	int r2 = ask_fds(head, fds, max, nfds, NULL, 0);
+	int r2 = ask_fds(head, fds, max, nfds, out, outcap);
 	if (r2 == D_ERR && errno == EINVAL) /* the request itself is bad, not the rules */
 		return r2;
 	if (__atomic_exchange_n(tailp, NULL, __ATOMIC_ACQ_REL))
@@ -276,7 +282,7 @@ int decide_fds(const char *head, char **tailp, const char *vars, int *fds, int m
 int decide(const char *head, char **tailp, const char *vars, int *newfd)
 {
 	int n;
-	int r = decide_fds(head, tailp, vars, newfd, 1, &n);
+	int r = decide_fds(head, tailp, vars, newfd, 1, &n, NULL, 0);
 	if (n == 0)
 		*newfd = -1;
 	return r;
@@ -365,6 +371,17 @@ int egress_row(const char *addr, unsigned *gen)
 	*gen = pf_gen;
 	pthread_mutex_unlock(&pf_lock);
 	return row;
+}
+
+/* The table's generation for a pool of binds (csrc/pool.c); -1 when there is no table of this
+ * process to go by (a table that changes drops its pooled sockets). */
+int table_gen(unsigned *gen)
+{
+	pthread_mutex_lock(&pf_lock);
+	int ok = pf_ok && pf_pid == g_pid;
+	*gen = pf_gen;
+	pthread_mutex_unlock(&pf_lock);
+	return ok ? 0 : -1;
 }
 
 void prefilter_lock(void) { pthread_mutex_lock(&pf_fetching); pthread_mutex_lock(&pf_lock); }

@@ -10,7 +10,8 @@ REQUESTS = [
     Request("dial", name="u", type=1, proto=0),
     Request("bind", family=2, addr="0.0.0.0", port=80, type=1, proto=6, flags=frozenset()),
     Request("connect", family=10, addr="::1", port=443, type=2, proto=0),
-    Request("bindpool", name="ep-http", family=10, type=2, proto=0, count=16),
+    Request("namedpool", name="ep-http", family=10, type=2, proto=0, count=16),
+    Request("bindpool", family=2, addr="0.0.0.0", port=80, type=1, proto=6, flags=frozenset({"v6only"}), count=3),
     Request("resolve", name="ep"),
     Request("show"),
 ]
@@ -26,8 +27,8 @@ def test_request_round_trip(req):
     b"named ep 0 1 0 hack", b"bind 2 1.2.3 80 1 0 -", b"bind 2 ::1 80 1 0 -", b"bind 1 x 80 1 0 -",
     b"connect 2 127.0.0.1 70000 1 0", b"named \xff 0 1 0 -", b"resolve " + b"x" * 16, b"x" * 5000,
     b"named ep -1 1 0 -", b"show  ",
-    b"bindpool ep 0 1 0 0", b"bindpool ep 0 1 0 17", b"bindpool ep 0 1 0", b"bindpool ep 0 1 0 4 in:0.0.0.0:80=ep",
-    b"bindpool ep 3 1 0 4",
+    b"namedpool ep 0 1 0 0", b"namedpool ep 0 1 0 17", b"namedpool ep 0 1 0", b"namedpool ep 0 1 0 4 in:0.0.0.0:80=ep",
+    b"namedpool ep 3 1 0 4", b"bindpool 2 0.0.0.0 80 1 0 - 0", b"bindpool 2 0.0.0.0 80 1 0 -", b"bindpool 2 0.0.0.0 80 1 0 - 2 out:0.0.0.0/0=ep",
 ])
 def test_bad_requests(data):
     with pytest.raises(ProtocolError):

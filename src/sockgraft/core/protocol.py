@@ -20,13 +20,15 @@ Requests::
                                              and marked, NOT connected: only where the kernel guards
                                              them (host/bindguard: no re-bind; host/egress: only the
                                              container's destinations); else `err EOPNOTSUPP`
-    bindpool NAME FAMILY TYPE PROTO N        judged as `named` without a destination; a grant is
-                                             answered with N host sockets NOT bound, marked
-                                             UNBOUND_TAG (core.tables), and the address to bind them
-                                             to (the endpoint's): only where the kernel guards them
+    bindpool FAMILY ADDR PORT TYPE PROTO FLAGS N
+                                             the same judgement as `bind`; a grant is answered with
+                                             N host sockets NOT bound, marked UNBOUND_TAG
+                                             (core.tables), and the address to bind them to (the
+                                             endpoint's): only where the kernel guards them
                                              (host/bindguard: a bind only to the container's
                                              endpoints; host/egress: nothing sent or served
                                              unbound); else `err EOPNOTSUPP`
+    namedpool NAME FAMILY TYPE PROTO N       the same for `named` without a destination
     sendto FAMILY ADDR PORT TYPE PROTO       egress of an unconnected send: a socket bound to the
                                              source endpoint with a port of its own
     prefilter                                the caller's effective rules, flat (engine.Prefilter
@@ -36,11 +38,11 @@ Requests::
 
 FLAGS is `-` or a comma list of: reuseaddr, reuseport, v6only.
 
-Caller rules (optional, additive): `bind`, `connect`, `sendto`, `pool` and `prefilter` may carry extra
+Caller rules (optional, additive): `bind`, `bindpool`, `connect`, `sendto`, `pool` and `prefilter` may carry extra
 words after their fixed arguments, the rules of the caller's environment (the preload library's
 GRAFT_CONV_PAIRS, GRAFT_EGRESS, GRAFT_BBCONN)::
 
-    bind ... FLAGS in:ADDR:PORT[-PORT]=NAME ...     ingress pairs, in order
+    bind ... FLAGS in:ADDR:PORT[-PORT]=NAME ...     ingress pairs, in order (bindpool: the same)
     connect ... PROTO out:PREFIX/LEN=NAME ... bbconn:NAME     (sendto, pool: the same)
     prefilter in:... out:... bbconn:...             all of them
 
@@ -68,10 +70,11 @@ from sockgraft.core.rules import EgressRule, IngressPair, parse_egress, parse_in
 MAX_MESSAGE = 4096
 FLAGS = frozenset({"reuseaddr", "reuseport", "v6only"})
 FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
-_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "bindpool": 5, "prefilter": 0,
+_ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "bindpool": 7, "namedpool": 5,
+          "prefilter": 0,
           "resolve": 1, "show": 0}
-MAX_POOL = 16  # host sockets one `pool` or `bindpool` request may ask for (csrc/pool.c POOL_BATCH)
-_RULE_PREFIXES = {"bind": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"), "pool": ("out", "bbconn"),
+MAX_POOL = 16  # host sockets one `pool`, `bindpool` or `namedpool` request may ask for (csrc/pool.c POOL_BATCH)
+_RULE_PREFIXES = {"bind": ("in",), "bindpool": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"), "pool": ("out", "bbconn"),
                   "prefilter": ("in", "out", "bbconn")}
 
 
@@ -93,7 +96,7 @@ class Request:
     ingress: tuple[IngressPair, ...] = ()
     egress: tuple[EgressRule, ...] = ()
     bbconn: tuple[str, ...] = ()
-    count: int = 0  # pool, bindpool: how many host sockets
+    count: int = 0  # pool, bindpool, namedpool: how many host sockets
 
     @property
     def has_rules(self) -> bool:
@@ -109,7 +112,8 @@ class Request:
             "connect": [self.family, self.addr, self.port, self.type, self.proto],
             "sendto": [self.family, self.addr, self.port, self.type, self.proto],
             "pool": [self.family, self.addr, self.port, self.type, self.proto, self.count],
-            "bindpool": [self.name, self.family, self.type, self.proto, self.count],
+            "bindpool": [self.family, self.addr, self.port, self.type, self.proto, flags, self.count],
+            "namedpool": [self.name, self.family, self.type, self.proto, self.count],
             "prefilter": [],
             "resolve": [self.name],
             "show": [],
@@ -163,12 +167,12 @@ def parse_request(data: bytes) -> Request:
         return Request("prefilter", **_rules(verb, extra))
     if verb == "resolve":
         return Request("resolve", name=_name(args[0]))
-    if verb in ("named", "bindpool"):
+    if verb in ("named", "namedpool"):
         family = _int(args[1], 0, 65535, "family")
         if family not in FAMILIES:
             raise ProtocolError(f"bad family {family}")
-        if verb == "bindpool":
-            return Request("bindpool", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
+        if verb == "namedpool":
+            return Request("namedpool", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
                            proto=_int(args[3], 0, 65535, "protocol"), count=_int(args[4], 1, MAX_POOL, "count"))
         req = Request("named", name=_name(args[0]), family=family, type=_int(args[2], 0, 15, "type"),
                       proto=_int(args[3], 0, 65535, "protocol"), flags=_flags(args[4]))
@@ -191,8 +195,8 @@ def parse_request(data: bytes) -> Request:
         raise ProtocolError(str(e)) from None
     return Request(verb, family=family, addr=ip.compressed, port=_int(args[2], 0, 65535, "port"),
                    type=_int(args[3], 0, 15, "type"), proto=_int(args[4], 0, 65535, "protocol"),
-                   flags=_flags(args[5]) if verb == "bind" else frozenset(),
-                   count=_int(args[5], 1, MAX_POOL, "count") if verb == "pool" else 0, **_rules(verb, extra))
+                   flags=_flags(args[5]) if verb in ("bind", "bindpool") else frozenset(),
+                   count=_int(args[-1], 1, MAX_POOL, "count") if verb in ("pool", "bindpool") else 0, **_rules(verb, extra))
 
 
 _PARSERS = {"in": ("ingress", parse_ingress), "out": ("egress", parse_egress), "bbconn": ("bbconn", _name)}

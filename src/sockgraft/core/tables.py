@@ -64,7 +64,7 @@ MARK_TAG = 0x5CA0_0000
 MARK_MASK = 0xFFFF_0000
 MARK_MAX = 0xFFFF
 # A host socket handed over unbound, for its receiver to bind to one of its container's endpoints
-# (the fd service's `bindpool`), carries UNBOUND_TAG | n instead: the bind guard lets it bind only
+# (the fd service's `bindpool`, `namedpool`), carries UNBOUND_TAG | n instead: the bind guard lets it bind only
 # to an endpoint of container n and then gives it the mark MARK_TAG | n; until then the egress
 # table refuses every packet it would send and drops every packet sent to it.
 UNBOUND_TAG = 0x5CA1_0000

@@ -8,7 +8,7 @@ created the socket (graftd's, any), hence the root and BPF_F_ALLOW_MULTI:
 
 - MARK_TAG | n (a socket the product bound, then marked): EPERM while it has no port (unbound, or
   bound with IP_BIND_ADDRESS_NO_PORT); one with a port gets the kernel's own EINVAL;
-- UNBOUND_TAG | n (handed over unbound by the fd service's `bindpool`): allowed only to an address
+- UNBOUND_TAG | n (handed over unbound by the fd service's `bindpool`/`namedpool`): allowed only to an address
   and port in the GRANTS map under container n - its endpoints (`keys`), kept equal to the store by
   host/egress.sync - and the program then marks it MARK_TAG | n before the bind goes on; anything
   else is EPERM;

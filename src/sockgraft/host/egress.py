@@ -334,7 +334,7 @@ _checked: dict[tuple[str, str], tuple[float, str]] = {}  # pools_off: (table, di
 def pools_off(store: Store, key: str, unbound: bool = False) -> str:
     """Why the sockets of container `key` may not be handed over unconnected ("" when they may):
     pooled sockets (fd service `pool`, the seccomp fast path) need the bind guard attached and the
-    kernel judging them by exactly the container's current rules; `unbound` ones (`bindpool`) also
+    kernel judging them by exactly the container's current rules; `unbound` ones (`bindpool`, `namedpool`) also
     need the guard's map to hold the container's endpoints (put back from the store if it lost
     them: a guard attached anew starts empty). The one check of every pool user; asks the kernel
     at most once a second per container state."""

@@ -97,7 +97,7 @@ def pooled(family: int, addr: str, sotype: int, proto: int, mark: int) -> socket
 
 
 def open_unbound(d: Decision, sotype: int, proto: int) -> socket.socket:
-    """A host socket of a bind by name made ahead of it (fd service `bindpool`): NOT bound, marked
+    """A host socket of a bind made ahead of it (fd service `bindpool`, `namedpool`): NOT bound, marked
     UNBOUND_TAG | the container's number, so that the bind guard lets its receiver bind it only to
     one of the container's endpoints (and marks it as the container's then) and the egress table
     refuses whatever it would send or serve before (host/bindguard.py, host/egress.py). An IPv6

@@ -407,11 +407,11 @@ NAMED_BINDS = """
 
 def test_named_binds(tmp_path, state_dir, ns):
     """bind(NAME) (the first of a kind served in C by the fd service, fdservice_fast.c `named`; the
-    next ones on pooled unbound sockets, `bindpool`): the endpoint's address
+    next ones on pooled unbound sockets, `namedpool`): the endpoint's address
     (a dynamic endpoint: a real port), v4-mapped for an AF_INET6 socket, UDP, a fixed port; the
     options the program set before the bind carried over with the values it gets natively, its
     timeout kept; the socket cannot be bound again; a name not in the table is EADDRNOTAVAIL. The
-    audit names each grant (of a `bindpool` where the binds were pooled)."""
+    audit names each grant (of a `namedpool` where the binds were pooled)."""
     port = free_port()
     p = graft("run", "-n", ns, "--endpoint", "ep-dyn type ipv4 addr 127.0.0.1 port dynamic",
               "--endpoint", f"ep-fixed type ipv4 addr 127.0.0.1 port {port}",
@@ -427,6 +427,6 @@ def test_named_binds(tmp_path, state_dir, ns):
     assert out["udp"]["type"] == socket.SOCK_DGRAM and out["udp"]["addr"][1] > 0
     assert out["fixed"]["addr"] == ["127.0.0.1", port]
     audit = [json.loads(line) for line in open(os.path.join(state_dir, "audit.log"))]
-    grants = {(r["endpoint"], r.get("count")) for r in audit if r["event"] == "grant" and r["op"] in ("named", "bindpool")}
+    grants = {(r["endpoint"], r.get("count")) for r in audit if r["event"] == "grant" and r["op"] in ("named", "namedpool")}
     assert {"ep-dyn", "ep-fixed"} <= {e for e, _ in grants}
     assert any(r["event"] == "deny" and r["op"] == "named" and r["errno"] == 99 for r in audit)

@@ -397,7 +397,7 @@ WEB = ["--endpoint", "ep-web type ipv4 addr 127.0.0.1 port {port}"]
 
 
 def test_an_unbound_pooled_socket_binds_only_to_its_endpoint_and_does_nothing_before(state_dir, ns, cases):
-    """The attack: the program takes sockets of a `bindpool` itself. Bound to another port, another
+    """The attack: the program takes sockets of a `namedpool` itself. Bound to another port, another
     address, the wildcard: EPERM (the bind guard); connected or listening unbound: refused by the
     kernel (the egress table), nothing served; bound to its own endpoint: it works and then
     carries the container's mark."""

@@ -6,6 +6,8 @@
     python3 pool_cases.py closed PORT          connect, close every fd above 2, connect again
     python3 pool_cases.py table PORT           connect; wait for a line on stdin; connect again
     python3 pool_cases.py options PORT         options set before the connect, read after it
+    python3 pool_cases.py binds PORT N         N binds of 0.0.0.0:PORT (an ingress pair), then a server there
+    python3 pool_cases.py steal PORT OTHER     2 binds of 0.0.0.0:PORT, then the pooled unbound sockets misused
 
 Prints one JSON object."""
 from __future__ import annotations
@@ -27,6 +29,14 @@ def once(port: int) -> dict:
         return {"err": errno.errorcode.get(e.errno, e.errno)}
     finally:
         s.close()
+
+
+def outcome(fn) -> str:
+    try:
+        fn()
+        return "0"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
 
 
 def main(case: str, port: int, n: int = 0) -> dict:
@@ -71,6 +81,57 @@ def main(case: str, port: int, n: int = 0) -> dict:
         got["plain"] = [plain.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
                         plain.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
         plain.close()
+        return got
+    if case == "binds":
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("0.0.0.0", port))
+            s.close()
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", port))
+        got = {"name": list(s.getsockname()), "reuseaddr": s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+               "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}
+        s.listen()
+        second = socket.socket()
+        try:
+            second.bind(("0.0.0.0", port))
+            got["second"] = "0"
+        except OSError as e:
+            got["second"] = errno.errorcode[e.errno]
+        second.bind(("127.0.0.1", 0))  # what no pair takes stays in the container: the placeholder
+        got["second local"] = list(second.getsockname())[0]
+        second.close()
+        print(json.dumps({"ready": True}), flush=True)
+        conn, _ = s.accept()
+        conn.sendall(conn.recv(10))
+        conn.close()
+        return got
+    if case == "steal":
+        # a hostile program finds the pooled unbound sockets in its own fd table and aims them elsewhere
+        for _ in range(2):
+            s = socket.socket()
+            s.bind(("0.0.0.0", port))
+            s.close()
+        found = []
+        for fd in range(3, 1024):
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                continue
+            mark = s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)
+            if mark >> 16 == 0x5CA1 and s.family == socket.AF_INET:
+                found.append(s)
+            else:
+                s.detach()
+        got = {"found": len(found)}
+        if found:
+            got["elsewhere"] = outcome(lambda: found[0].bind(("127.0.0.1", n)))
+            found[1].listen()
+            c = socket.socket()
+            c.settimeout(5)
+            got["served"] = outcome(lambda: c.connect(("127.0.0.1", found[1].getsockname()[1])))
+            got["connect"] = outcome(lambda: (found[2].settimeout(5), found[2].connect(("127.0.0.1", n))))
         return got
     if case == "table":
         before = once(port)

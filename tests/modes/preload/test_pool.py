@@ -1,6 +1,7 @@
-"""Pooled host sockets (csrc/pool.c, the fd service's `pool`): a connect through an egress rule
-takes a host socket fetched ahead (bound with NO_PORT, marked, not connected) and the program's own
-connect() runs on it. The kernel guards what such a socket can do (tests/host/test_bindguard.py,
+"""Pooled host sockets (csrc/pool.c, the fd service's `pool` and `bindpool`): a connect through an
+egress rule takes a host socket fetched ahead (bound with NO_PORT, marked, not connected) and the
+program's own connect() runs on it; a bind an ingress pair takes, from the second of its kind on, a
+host socket fetched ahead unbound, which the library binds to the endpoint itself. The kernel guards what such a socket can do (tests/host/test_bindguard.py,
 tests/security/test_kernel_egress.py); these tests hold the library's side."""
 from __future__ import annotations
 
@@ -95,3 +96,65 @@ def test_the_options_the_program_set_are_on_its_pooled_socket(run_preload, accep
     got, _ = run(run_preload, "options", acceptor)
     assert got.pop("mark") and not want.pop("mark")
     assert got == want and want["keepalive"] == 1 and want["nodelay"] == 1 and want["plain"] == [0, 0]
+
+
+def _serve_binds(run_preload, n: int, env: dict) -> tuple[dict, str]:
+    """pool_cases.py binds: N binds of 0.0.0.0:P (the pair 0.0.0.0:P=ep-web), then a server there,
+    which the host reaches through the endpoint."""
+    import socket as so
+
+    port, host_port = free_port(), free_port()
+    p = run_preload([*ep("ep-web", host_port), "--ingress", f"0.0.0.0:{port}=ep-web"],
+                    [PY, CASES, "binds", str(port), str(n)], env={"GRAFT_TRACE": "1", **env})
+    assert json.loads(p.stdout.readline()) == {"ready": True}
+    with so.create_connection(("127.0.0.1", host_port), timeout=10) as c:
+        c.sendall(b"hello")
+        assert c.recv(10) == b"hello"
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    got = json.loads(out)
+    assert got["name"] == ["0.0.0.0", port] and got["reuseaddr"] == 1 and got["mark"] & MARK_MASK == MARK_TAG, got
+    assert got["second"] == "EADDRINUSE" and got["second local"] == "127.0.0.1", got
+    return got, err
+
+
+def test_a_pooled_unbound_socket_the_program_takes_itself_binds_nowhere_else(run_preload):
+    """The attack: the program finds the unbound sockets of its bind pool in its own fd table.
+    Bound elsewhere: EPERM (the bind guard); listening unbound: nothing reaches it; connected
+    unbound: refused (the egress table); a listener where that connect is aimed sees nothing."""
+    import socket as so
+
+    port = free_port()
+    with so.socket() as unlisted:
+        unlisted.bind(("127.0.0.1", 0))
+        unlisted.listen(16)
+        other = unlisted.getsockname()[1]
+        p = run_preload([*ep("ep-web", free_port()), "--ingress", f"0.0.0.0:{port}=ep-web"],
+                        [PY, CASES, "steal", str(port), str(other)])
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err
+        unlisted.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            unlisted.accept()
+    got = json.loads(out)
+    assert got["found"] >= 3, got
+    assert (got["elsewhere"], got["served"], got["connect"]) == ("EPERM", "ECONNREFUSED", "ECONNREFUSED"), got
+
+
+def test_binds_draw_on_pools_after_the_first_and_behave_as_the_services(run_preload):
+    """The first bind of a kind asks `bind`, the next come from `bindpool` batches (asked ahead);
+    the program's options are kept, getsockname shows what it bound, a second bind while the server
+    listens is EADDRINUSE (asked of the service then), the server answers the host."""
+    got, err = _serve_binds(run_preload, 40, {})
+    binds, pools = requests(err, "bind"), requests(err, "bindpool")
+    # `bind`: the first of the 40, the server's (SO_REUSEADDR: another kind), the refused second
+    assert len(binds) == 3 and 3 <= len(pools) <= 5, err
+    assert err.count("graft: reply (refill): ok ") >= 1, err  # a batch asked ahead was collected
+    want = Request("bindpool", family=2, addr="0.0.0.0", port=int(binds[0].split()[5]), type=1,
+                   count=MAX_POOL).encode().decode()
+    assert pools[0].startswith(f"graft: request: {want} in:"), pools[0]
+
+
+def test_without_pools_binds_ask_the_service(run_preload):
+    got, err = _serve_binds(run_preload, 5, {"GRAFT_POOLS": "0"})
+    assert len(requests(err, "bindpool")) == 1 and len(requests(err, "bind")) == 7, err  # refused: asked again a second later

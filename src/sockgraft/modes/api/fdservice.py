@@ -24,6 +24,7 @@ from sockgraft.core.protocol import MAX_MESSAGE, ProtocolError, Reply, parse_req
 from sockgraft.host.store import Store, StoreError
 
 MODE = "api"
+POOLED = {"pool": "connect", "bindpool": "bind", "namedpool": "named"}  # a pool's verb -> the verb it is judged as
 MAX_CONNECTIONS = 256  # per container: a flood of idle connections must not exhaust the service's fds
 
 
@@ -314,7 +315,7 @@ class FdService:
             if ep is None:
                 return _err(errno.EADDRNOTAVAIL, f"no endpoint {req.name!r} in this container's table"), None
             return Reply("ok", lines=(ep.line(),)), None
-        verb = {"pool": "connect", "bindpool": "named"}.get(req.verb, req.verb)  # a pool is judged as its uses
+        verb = POOLED.get(req.verb, req.verb)  # a pool is judged as its uses
         decision = policy.decide(Op(verb, req.family, req.addr, req.port, req.type, req.proto, req.name,
                                     v6only="v6only" in req.flags, foreign=foreign))
         where = {"addr": req.addr, "port": req.port} if req.addr else {}
@@ -325,7 +326,7 @@ class FdService:
             if decision.verdict == DENY:
                 return _err(decision.errno, decision.reason), None
             return Reply("local"), None
-        if req.verb in ("pool", "bindpool"):
+        if req.verb in POOLED:
             return self._pool(key, req, decision, where)
         try:
             sock = self._open(req, decision)
@@ -342,10 +343,10 @@ class FdService:
         return Reply("ok", family=decision.family, addr=addr, port=port), sock
 
     def _pool(self, key: str, req, decision, where: dict) -> tuple[Reply, list[socket.socket] | None]:
-        """`pool`: host sockets ahead of their connects; `bindpool`: ahead of binds by name, unbound,
-        the reply naming the address to bind them to. Only where the kernel guards them (else
-        EOPNOTSUPP: the caller asks `connect` or `named` instead)."""
-        unbound = req.verb == "bindpool"
+        """`pool`: host sockets ahead of their connects; `bindpool`, `namedpool`: ahead of binds
+        (to an address, by name), unbound, the reply naming the address to bind them to. Only where
+        the kernel guards them (else EOPNOTSUPP: the caller asks `connect`, `bind` or `named`)."""
+        unbound = req.verb != "pool"
         why = egress.pools_off(self.store, key, unbound=unbound)
         if why:
             return _err(errno.EOPNOTSUPP, why), None

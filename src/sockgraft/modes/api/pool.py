@@ -14,7 +14,7 @@ request is judged as a connect: the source endpoint is named by a caller egress 
 whole family (`out:0.0.0.0/0=SOURCE`), which the engine evaluates against the container's own table
 (the kernel, not this rule, decides the destinations: caller rules never reach the egress table).
 
-`bind(NAME)` likewise takes a host socket fetched ahead with `bindpool` (`take_unbound`): NOT bound,
+`bind(NAME)` likewise takes a host socket fetched ahead with `namedpool` (`take_unbound`): NOT bound,
 marked so that the kernel lets it bind only to the container's endpoints and refuses whatever it
 would send or serve before (host/bindguard.py, host/egress.py), with the endpoint's address to bind
 it to, and binds it itself.
@@ -265,7 +265,7 @@ def _ask_pool(key: tuple, address: tuple | None) -> bool:
     if count < 1:
         return False
     if kind == "bind":
-        req = Request("bindpool", name=name, family=family, type=sotype, proto=proto, count=count)
+        req = Request("namedpool", name=name, family=family, type=sotype, proto=proto, count=count)
     else:
         req = Request("pool", family=family, addr=address[0], port=address[1], type=sotype, proto=proto, count=count,
                       egress=(_source_rule(family, name),))
