@@ -243,6 +243,18 @@ static void own(pid_t pid)
 	off_until = bind_off_until = 0;
 }
 
+/* A pool request the service refused: EOPNOTSUPP (pools off there) keeps this kind of pool off for
+ * POOL_OFF_NS (*until), anything else is the operation's error (errno). */
+static int refused(long long *until)
+{
+	if (errno != EOPNOTSUPP)
+		return POOL_ERR;
+	pthread_mutex_lock(&lock);
+	*until = now_ns() + POOL_OFF_NS;
+	pthread_mutex_unlock(&lock);
+	return POOL_OFF;
+}
+
 int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino)
 {
 	unsigned gen;
@@ -282,12 +294,7 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 	case D_GRANT:
 		break;
 	default:
-		if (errno != EOPNOTSUPP)
-			return POOL_ERR;
-		pthread_mutex_lock(&lock);
-		off_until = now_ns() + POOL_OFF_NS;
-		pthread_mutex_unlock(&lock);
-		return POOL_OFF;
+		return refused(&off_until);
 	}
 	pthread_mutex_lock(&lock);
 	for (int i = 1; i < n; i++) {
@@ -422,12 +429,7 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 			real_close(fds[j]);
 		return POOL_OFF;
 	default:
-		if (errno != EOPNOTSUPP)
-			return POOL_ERR;
-		pthread_mutex_lock(&lock);
-		bind_off_until = now_ns() + POOL_OFF_NS;
-		pthread_mutex_unlock(&lock);
-		return POOL_OFF;
+		return refused(&bind_off_until);
 	}
 	pthread_mutex_lock(&lock);
 	k = &bkeys[i];
