@@ -168,7 +168,12 @@ static int pooled_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen
 	if (pooled < 0)
 		return 1;
 	copy_options(fd, pooled, st);
-	if (real_bind(pooled, (struct sockaddr *)&host, hostlen) != 0) {
+	/* the bind flags, as the service sets them on a socket it binds (hostsock.open_bound) */
+	int one = 1, v6only = (flags & FL_V6ONLY) && !IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)&host)->sin6_addr);
+	if (((flags & FL_REUSEADDR) && setsockopt(pooled, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) ||
+	    ((flags & FL_REUSEPORT) && setsockopt(pooled, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
+	    (host.ss_family == AF_INET6 && setsockopt(pooled, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0) ||
+	    real_bind(pooled, (struct sockaddr *)&host, hostlen) != 0) {
 		int e = errno;
 		real_close(pooled);
 		if (e == EPERM || e == EADDRINUSE)

@@ -83,15 +83,29 @@ def main(case: str, port: int, n: int = 0) -> dict:
         plain.close()
         return got
     if case == "binds":
+        loop_reuseaddr = set()
         for _ in range(n):
             s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("0.0.0.0", port))
+            loop_reuseaddr.add(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR))
             s.close()
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         s.bind(("0.0.0.0", port))
         got = {"name": list(s.getsockname()), "reuseaddr": s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+               "reuseport": s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT),
                "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}
+        six = []
+        for _ in range(3):  # a V6ONLY [::] bind onto an ipv6 endpoint at ::, pooled from the second on
+            t = socket.socket(socket.AF_INET6)
+            t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            t.bind(("::", port))
+            six.append(t.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY))
+            t.close()
+        got["v6only"] = six
+        got["loop reuseaddr"] = sorted(loop_reuseaddr)
         s.listen()
         second = socket.socket()
         try:

@@ -104,7 +104,8 @@ def _serve_binds(run_preload, n: int, env: dict) -> tuple[dict, str]:
     import socket as so
 
     port, host_port = free_port(), free_port()
-    p = run_preload([*ep("ep-web", host_port), "--ingress", f"0.0.0.0:{port}=ep-web"],
+    p = run_preload([*ep("ep-web", host_port), *ep("ep-six", free_port(), "::"), "--ingress", f"0.0.0.0:{port}=ep-web",
+                     "--ingress", f"[::]:{port}=ep-six"],
                     [PY, CASES, "binds", str(port), str(n)], env={"GRAFT_TRACE": "1", **env})
     assert json.loads(p.stdout.readline()) == {"ready": True}
     with so.create_connection(("127.0.0.1", host_port), timeout=10) as c:
@@ -113,7 +114,9 @@ def _serve_binds(run_preload, n: int, env: dict) -> tuple[dict, str]:
     out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     got = json.loads(out)
-    assert got["name"] == ["0.0.0.0", port] and got["reuseaddr"] == 1 and got["mark"] & MARK_MASK == MARK_TAG, got
+    assert got["name"] == ["0.0.0.0", port] and got["mark"] & MARK_MASK == MARK_TAG, got
+    assert got["reuseaddr"] == 1 and got["reuseport"] == 1, got
+    assert got["loop reuseaddr"] == [1] and got["v6only"] == [1, 1, 1], got  # the bind flags, pooled or not
     assert got["second"] == "EADDRINUSE" and got["second local"] == "127.0.0.1", got
     return got, err
 
@@ -147,14 +150,15 @@ def test_binds_draw_on_pools_after_the_first_and_behave_as_the_services(run_prel
     listens is EADDRINUSE (asked of the service then), the server answers the host."""
     got, err = _serve_binds(run_preload, 40, {})
     binds, pools = requests(err, "bind"), requests(err, "bindpool")
-    # `bind`: the first of the 40, the server's (SO_REUSEADDR: another kind), the refused second
-    assert len(binds) == 3 and 3 <= len(pools) <= 5, err
+    # `bind`: the first of the 40 (the server's SO_REUSEPORT makes another kind: its first), the
+    # refused second, the first V6ONLY [::] one
+    assert len(binds) == 4 and 3 <= len(pools) <= 6, err
     assert err.count("graft: reply (refill): ok ") >= 1, err  # a batch asked ahead was collected
     want = Request("bindpool", family=2, addr="0.0.0.0", port=int(binds[0].split()[5]), type=1,
-                   count=MAX_POOL).encode().decode()
+                   flags=frozenset({"reuseaddr"}), count=MAX_POOL).encode().decode()
     assert pools[0].startswith(f"graft: request: {want} in:"), pools[0]
 
 
 def test_without_pools_binds_ask_the_service(run_preload):
     got, err = _serve_binds(run_preload, 5, {"GRAFT_POOLS": "0"})
-    assert len(requests(err, "bindpool")) == 1 and len(requests(err, "bind")) == 7, err  # refused: asked again a second later
+    assert len(requests(err, "bindpool")) == 1 and len(requests(err, "bind")) == 10, err  # refused: asked again a second later
