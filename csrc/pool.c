@@ -24,8 +24,8 @@
  * Binds (pool_bind): from the second bind of the same operation on, `bindpool ...` (judged as
  * `bind`) answers a batch of host sockets NOT bound, marked so that the kernel lets them bind only to
  * the container's endpoints (host/bindguard.py) and refuses what they would send or serve before
- * (host/egress.py), with the address to bind them to; the hook binds one there itself. A batch is
- * fetched when the key has none left (one round trip per POOL_BATCH binds). */
+ * (host/egress.py), with the address to bind them to; the hook binds one there itself. Batches are
+ * asked for ahead on the refill connection, as for connects (one round trip per POOL_BATCH binds). */
 #include "internal.h"
 #include "prefilter.h"
 
@@ -309,14 +309,21 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 }
 
 /* -- binds ------------------------------------------------------------------------------------ */
+/* Whether key k is this bind's, of table generation gen. */
+static int bkey_is(const struct bkey *k, int family, const char *addr, int port, int type, int proto, unsigned flags,
+		   unsigned gen)
+{
+	return k->used && k->gen == gen && k->family == family && k->port == port && k->type == type &&
+	       k->proto == proto && k->flags == flags && strcmp(k->addr, addr) == 0;
+}
+
 /* Under lock: the key of this bind (made, replacing the oldest, if new: its sockets dropped). */
 static struct bkey *bkey_of(int family, const char *addr, int port, int type, int proto, unsigned flags, unsigned gen,
 			    int *index)
 {
 	for (int i = 0; i < BIND_KEYS; i++) {
 		struct bkey *k = &bkeys[i];
-		if (k->used && k->gen == gen && k->family == family && k->port == port && k->type == type &&
-		    k->proto == proto && k->flags == flags && strcmp(k->addr, addr) == 0) {
+		if (bkey_is(k, family, addr, port, type, proto, flags, gen)) {
 			*index = i;
 			return k;
 		}
@@ -433,8 +440,7 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 	}
 	pthread_mutex_lock(&lock);
 	k = &bkeys[i];
-	int same = owner == pid && k->used && k->gen == gen && k->family == family && k->port == port &&
-		   k->type == type && k->proto == proto && k->flags == flags && strcmp(k->addr, addr) == 0;
+	int same = owner == pid && bkey_is(k, family, addr, port, type, proto, flags, gen);
 	if (same) {
 		k->host = *host;
 		k->hostlen = *hostlen;

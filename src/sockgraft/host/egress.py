@@ -38,6 +38,7 @@ table is removed).
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import json
@@ -312,12 +313,11 @@ def apply(state_dir: str, containers: list[ContainerEgress], known: list[str] | 
 def _sync_binds(state_dir: str, containers: list[ContainerEgress]) -> None:
     """The bind guard's map entries of this store: exactly its containers' endpoints (nothing to do
     where the guard is not attached: no unbound socket is handed over there)."""
-    if not bindguard.map_id():
-        return
     try:
         bindguard.sync(owner(table_name(state_dir)), bind_keys(containers))
     except OSError as e:
-        raise EgressError(f"the bind guard's map: {e.strerror or e}") from None
+        if e.errno != errno.ENOENT:  # ENOENT: not attached
+            raise EgressError(f"the bind guard's map: {e.strerror or e}") from None
 
 
 def _warn_once(message: str) -> None:
