@@ -1,4 +1,4 @@
-/* The fd service's `connect`, `pool`, `bind` and `named` requests at native speed (issue 11, lever 5):
+/* The fd service's `connect`, `pool`, `bind`, `named`, `bindpool` and `namedpool` requests at native speed (issue 11, lever 5):
  * one call per readable connection, made by sockgraft/modes/api/fast.py (ctypes) in place of
  * Python's recvmsg.
  *
@@ -234,12 +234,14 @@ static long split_words(const char *data, size_t len, size_t i, struct word *w, 
 	return (long)i;
 }
 
-/* `named NAME FAMILY TYPE PROTO FLAGS`, as parse_request reads it (a destination after it: -1, Python
+/* `named NAME FAMILY TYPE PROTO FLAGS` or `namedpool NAME FAMILY TYPE PROTO N` (`skip`: the verb's
+ * length with its space), as parse_request reads them (a destination after `named`: -1, Python
  * answers); NAME must be the tail of a named table (an endpoint of the container: a valid name). */
-static int parse_named(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req)
+static int parse_named(const char *data, size_t len, size_t skip, int verb, const struct fs_table *tables, int ntables,
+		       struct fs_req *req)
 {
 	struct word w[5];
-	long end = split_words(data, len, sizeof("named ") - 1, w, 5);
+	long end = split_words(data, len, skip, w, 5);
 	if (end < 0 || (size_t)end != len)
 		return -1;
 	for (size_t j = 0; j < len; j++)
@@ -259,45 +261,56 @@ static int parse_named(const char *data, size_t len, const struct fs_table *tabl
 	if (to_int(w[1], 0, 65535, &family) < 0 ||
 	    (family != 0 && family != AF_UNIX && family != AF_INET && family != AF_INET6))
 		return -1;
-	if (to_int(w[2], 0, 15, &type) < 0 || to_int(w[3], 0, 65535, &proto) < 0 || parse_flags(w[4], &req->flags) < 0)
+	long count = 0;
+	req->flags = 0;
+	if (to_int(w[2], 0, 15, &type) < 0 || to_int(w[3], 0, 65535, &proto) < 0 ||
+	    (verb == FS_NAMED ? parse_flags(w[4], &req->flags) : to_int(w[4], 1, FS_MAX_POOL, &count)) < 0)
 		return -1;
-	req->verb = FS_NAMED;
+	req->verb = verb;
 	req->family = (int32_t)family;
 	req->type = (int32_t)type;
 	req->proto = (int32_t)proto;
 	req->port = 0;
-	req->count = 0;
+	req->count = (int32_t)count;
 	memset(req->addr, 0, sizeof(req->addr));
 	return 0;
 }
 
 /* -- the request: `connect FAMILY ADDR PORT TYPE PROTO[ RULES]`, `pool ... PROTO N[ RULES]`,
- *    `bind FAMILY ADDR PORT TYPE PROTO FLAGS[ RULES]` ---------------------------------------------- */
+ *    `bind FAMILY ADDR PORT TYPE PROTO FLAGS[ RULES]`, `bindpool ... FLAGS N[ RULES]` ------------- */
+static int starts(const char *data, size_t len, const char *verb)
+{
+	size_t n = strlen(verb);
+	return len >= n && memcmp(data, verb, n) == 0;
+}
+
 EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables, int ntables, struct fs_req *req)
 {
-	static const char connect_verb[] = "connect ", pool_verb[] = "pool ", bind_verb[] = "bind ";
-	struct word w[6];
-	size_t i;
-	int nargs;
+	static const struct {
+		const char *verb; /* with its space */
+		int id, nargs;
+	} verbs[] = { { "connect ", FS_CONNECT, 5 }, { "pool ", FS_POOL, 6 }, { "bind ", FS_BIND, 6 },
+		      { "bindpool ", FS_BINDPOOL, 7 } };
+	struct word w[7];
+	size_t i = 0;
+	int nargs = 0;
 	if (len > FS_MAX_MESSAGE)
 		return -1;
-	if (len >= sizeof("named ") - 1 && memcmp(data, "named ", sizeof("named ") - 1) == 0)
-		return parse_named(data, len, tables, ntables, req);
-	if (len >= sizeof(connect_verb) - 1 && memcmp(data, connect_verb, sizeof(connect_verb) - 1) == 0) {
-		req->verb = FS_CONNECT;
-		i = sizeof(connect_verb) - 1;
-		nargs = 5;
-	} else if (len >= sizeof(pool_verb) - 1 && memcmp(data, pool_verb, sizeof(pool_verb) - 1) == 0) {
-		req->verb = FS_POOL;
-		i = sizeof(pool_verb) - 1;
-		nargs = 6;
-	} else if (len >= sizeof(bind_verb) - 1 && memcmp(data, bind_verb, sizeof(bind_verb) - 1) == 0) {
-		req->verb = FS_BIND;
-		i = sizeof(bind_verb) - 1;
-		nargs = 6;
-	} else {
-		return -1;
+	if (starts(data, len, "named "))
+		return parse_named(data, len, sizeof("named ") - 1, FS_NAMED, tables, ntables, req);
+	if (starts(data, len, "namedpool "))
+		return parse_named(data, len, sizeof("namedpool ") - 1, FS_NAMEDPOOL, tables, ntables, req);
+	req->verb = -1;
+	for (size_t k = 0; k < sizeof(verbs) / sizeof(*verbs); k++) {
+		if (starts(data, len, verbs[k].verb)) {
+			req->verb = verbs[k].id;
+			i = strlen(verbs[k].verb);
+			nargs = verbs[k].nargs;
+		}
 	}
+	if (req->verb < 0)
+		return -1;
+	int binds = req->verb == FS_BIND || req->verb == FS_BINDPOOL;
 	long end = split_words(data, len, i, w, nargs);
 	if (end < 0)
 		return -1;
@@ -306,7 +319,7 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 		if ((unsigned char)data[j] >= 0x80)
 			return -1; /* not ASCII */
 	req->table = -1;
-	uint32_t want = req->verb == FS_BIND ? FS_FOR_BIND : FS_FOR_EGRESS;
+	uint32_t want = binds ? FS_FOR_BIND : FS_FOR_EGRESS;
 	for (int t = 0; t < ntables; t++) {
 		if ((tables[t].verbs & want) && tables[t].tail_len == len - tail &&
 		    memcmp(tables[t].tail, data + tail, len - tail) == 0) {
@@ -324,10 +337,10 @@ EXPORT int fs_parse(const char *data, size_t len, const struct fs_table *tables,
 		return -1;
 	if (to_int(w[2], 0, 65535, &port) < 0 || to_int(w[3], 0, 15, &type) < 0 || to_int(w[4], 0, 65535, &proto) < 0)
 		return -1;
-	if (req->verb == FS_POOL && to_int(w[5], 1, FS_MAX_POOL, &count) < 0)
+	if ((req->verb == FS_POOL || req->verb == FS_BINDPOOL) && to_int(w[nargs - 1], 1, FS_MAX_POOL, &count) < 0)
 		return -1;
 	req->flags = 0;
-	if (req->verb == FS_BIND && parse_flags(w[5], &req->flags) < 0)
+	if (binds && parse_flags(w[5], &req->flags) < 0)
 		return -1;
 	req->family = (int32_t)family;
 	req->port = (int32_t)port;
@@ -564,21 +577,45 @@ static int send_reply(int conn, const char *text, size_t n, const int *fds, int 
 	return sendmsg(conn, &mh, MSG_NOSIGNAL) < 0 ? -1 : 0;
 }
 
-/* The reply of a grant: "ok FAMILY ADDR PORT" from the first socket's address, sent with the sockets. */
+/* hostsock.open_unbound: NOT bound, marked UNBOUND_TAG | n so that the bind guard lets it bind only
+ * to an endpoint of container n (host/bindguard.py); dual-stack for a v4-mapped address. */
+static int unbound(int family, int type, int proto, const uint8_t *host, uint32_t mark)
+{
+	int zero = 0;
+	uint32_t umark = FS_UNBOUND_TAG | (mark & FS_MARK_MAX);
+	int s = socket(family, type | SOCK_CLOEXEC, proto);
+	if (s < 0)
+		return -1;
+	if ((family == AF_INET6 && memcmp(host, V4MAPPED, 12) == 0 &&
+	     setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof(zero)) < 0) ||
+	    setsockopt(s, SOL_SOCKET, SO_MARK, &umark, sizeof(umark)) < 0)
+		return close_failed(s);
+	return s;
+}
+
+/* The reply of a grant: "ok FAMILY ADDR PORT" (`a`: the address, of `family`), sent with the sockets. */
+static void reply_at(int conn, int family, const void *a, int port, const int *fds, int nfds, struct fs_out *out)
+{
+	char text[128];
+	out->host_port = port;
+	inet_ntop(family, a, out->host, sizeof(out->host));
+	int tn = snprintf(text, sizeof(text), "ok %d %s %d", family, out->host, out->host_port);
+	out->send_failed = send_reply(conn, text, (size_t)tn, fds, nfds) < 0;
+}
+
+/* The reply of a grant, from the first socket's address. */
 static int reply_grant(int conn, int family, const int *fds, int nfds, struct fs_out *out)
 {
 	struct sockaddr_storage ss;
 	socklen_t sl = sizeof(ss);
-	char text[128];
 	if (getsockname(fds[0], (struct sockaddr *)&ss, &sl) < 0)
 		return -1;
-	const void *a = family == AF_INET ? (void *)&((struct sockaddr_in *)&ss)->sin_addr
-					  : (void *)&((struct sockaddr_in6 *)&ss)->sin6_addr;
-	out->host_port = ntohs(family == AF_INET ? ((struct sockaddr_in *)&ss)->sin_port
-						 : ((struct sockaddr_in6 *)&ss)->sin6_port);
-	inet_ntop(family, a, out->host, sizeof(out->host));
-	int tn = snprintf(text, sizeof(text), "ok %d %s %d", family, out->host, out->host_port);
-	out->send_failed = send_reply(conn, text, (size_t)tn, fds, nfds) < 0;
+	if (family == AF_INET)
+		reply_at(conn, family, &((struct sockaddr_in *)&ss)->sin_addr, ntohs(((struct sockaddr_in *)&ss)->sin_port),
+			 fds, nfds, out);
+	else
+		reply_at(conn, family, &((struct sockaddr_in6 *)&ss)->sin6_addr,
+			 ntohs(((struct sockaddr_in6 *)&ss)->sin6_port), fds, nfds, out);
 	return 0;
 }
 
@@ -647,15 +684,20 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 		return handback(out, buf, (size_t)n);
 	int row = -1, family = 0, host_port = 0, dual = 0;
 	uint8_t host[16];
-	int lk = req.verb == FS_BIND	? fs_lookup_bind(&tables[req.table], &req, &row, &family, host, &host_port, &dual)
-		 : req.verb == FS_NAMED ? fs_lookup_named(&tables[req.table], &req, &row, &family, host, &host_port)
-					: fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
+	int binds = req.verb == FS_BIND || req.verb == FS_BINDPOOL, named = req.verb == FS_NAMED || req.verb == FS_NAMEDPOOL;
+	int unbound_pool = req.verb == FS_BINDPOOL || req.verb == FS_NAMEDPOOL;
+	int lk = binds	 ? fs_lookup_bind(&tables[req.table], &req, &row, &family, host, &host_port, &dual)
+		 : named ? fs_lookup_named(&tables[req.table], &req, &row, &family, host, &host_port)
+			 : fs_lookup(&tables[req.table], &req, &row, &family, host, &host_port);
 	if (lk == FS_LK_ASK)
 		return handback(out, buf, (size_t)n);
 	/* a pool is handed over unconnected only where the kernel guards it (egress.pools_off, passed
-	 * as FS_POOLS) and only for a marked socket of a dynamic IP endpoint (hostsock.open_pooled):
+	 * as FS_POOLS) and only for a marked socket of a dynamic IP endpoint (hostsock.open_pooled);
+	 * unbound only where the guard's map holds the container's endpoints too (FS_UNBOUND_POOLS):
 	 * anything else is Python's to answer (EOPNOTSUPP) */
 	if (req.verb == FS_POOL && lk == FS_LK_GRANT && (!(flags & FS_POOLS) || !mark || host_port != 0))
+		return handback(out, buf, (size_t)n);
+	if (unbound_pool && lk == FS_LK_GRANT && (!(flags & FS_UNBOUND_POOLS) || !mark))
 		return handback(out, buf, (size_t)n);
 	out->verb = req.verb;
 	out->count = 0;
@@ -670,15 +712,18 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 		out->result = FS_LOCAL;
 		return FS_LOCAL;
 	}
-	if (req.verb == FS_POOL) {
+	if (req.verb == FS_POOL || unbound_pool) {
 		int fds[FS_MAX_POOL], k;
 		for (k = 0; k < req.count; k++) {
-			fds[k] = source_bound(family, req.type, host, 0, req.proto, mark); /* hostsock.pooled */
+			fds[k] = unbound_pool ? unbound(family, req.type, req.proto, host, mark)
+					      : source_bound(family, req.type, host, 0, req.proto, mark); /* hostsock.pooled */
 			if (fds[k] < 0)
 				break;
 		}
 		int e = errno;
-		if (k < req.count || reply_grant(conn, family, fds, k, out) < 0) {
+		if (k == req.count && unbound_pool) /* the address to bind them to: the endpoint's */
+			reply_at(conn, family, host, host_port, fds, k, out);
+		if (k < req.count || (!unbound_pool && reply_grant(conn, family, fds, k, out) < 0)) {
 			e = k < req.count ? e : errno;
 			for (int j = 0; j < k; j++)
 				close(fds[j]);
@@ -693,8 +738,8 @@ EXPORT int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, 
 		return FS_GRANT;
 	}
 	int code = 0;
-	int s = req.verb == FS_BIND || req.verb == FS_NAMED ? open_bound(family, host, host_port, &req, mark)
-							    : open_connecting(family, host, host_port, &req, mark, &code);
+	int s = binds || named ? open_bound(family, host, host_port, &req, mark)
+			       : open_connecting(family, host, host_port, &req, mark, &code);
 	if (s < 0) {
 		out->err = errno ? errno : EIO;
 		out->result = FS_FAIL; /* the Python side replies `err` and audits the failure */

@@ -8,9 +8,12 @@
 #include <stddef.h>
 
 #define FS_MAX_MESSAGE 4096 /* core/protocol.py MAX_MESSAGE */
-#define FS_ABI 3 /* fs_abi(): modes/api/fast.py refuses a library of another interface (3: `pool`, `bind`, fs_serve's flags) */
+#define FS_ABI 4 /* fs_abi(): modes/api/fast.py refuses a library of another interface (4: `bindpool`, `namedpool`) */
 #define FS_MAX_POOL 16 /* core/protocol.py MAX_POOL */
 #define FS_POOLS 1 /* fs_serve flags: the container's sockets may be handed over unconnected (egress.pools_off says "") */
+#define FS_UNBOUND_POOLS 2 /* ... and unbound (egress.pools_off(unbound=True) says "") */
+#define FS_UNBOUND_TAG 0x5CA10000 /* core/tables.py UNBOUND_TAG: an unbound pooled socket's mark is this | (mark & FS_MARK_MAX) */
+#define FS_MARK_MAX 0xFFFF /* core/tables.py MARK_MAX */
 
 /* A row of engine.EgressTable, in its order: kind 0 = "ask", 4 = an ipv4 endpoint, 6 = ipv6. */
 struct fs_row {
@@ -55,13 +58,14 @@ struct fs_table {
 	const struct fs_in_row *in_rows;
 };
 
-/* A parsed `connect`, `pool`, `bind` or `named` request (`named NAME FAMILY TYPE PROTO FLAGS`: the
- * graft API's bind by endpoint name), as core/protocol.parse_request would parse it. */
-enum { FS_CONNECT = 0, FS_POOL = 1, FS_BIND = 2, FS_NAMED = 3 };
+/* A parsed `connect`, `pool`, `bind`, `named` (`named NAME FAMILY TYPE PROTO FLAGS`: the graft API's
+ * bind by endpoint name), `bindpool` (`bind`'s words and N) or `namedpool` (`namedpool NAME FAMILY
+ * TYPE PROTO N`) request, as core/protocol.parse_request would parse it. */
+enum { FS_CONNECT = 0, FS_POOL = 1, FS_BIND = 2, FS_NAMED = 3, FS_BINDPOOL = 4, FS_NAMEDPOOL = 5 };
 struct fs_req {
-	int32_t verb;     /* FS_CONNECT, FS_POOL, FS_BIND or FS_NAMED */
-	int32_t count;    /* pool: how many sockets (1..FS_MAX_POOL) */
-	int32_t flags;    /* bind: FS_FL_* */
+	int32_t verb;     /* FS_CONNECT ... FS_NAMEDPOOL */
+	int32_t count;    /* pool, bindpool, namedpool: how many sockets (1..FS_MAX_POOL) */
+	int32_t flags;    /* bind, bindpool, named: FS_FL_* */
 	int32_t family;
 	int32_t type;
 	int32_t proto;
@@ -85,9 +89,10 @@ struct fs_out {
 	int32_t ino_ok;   /* HANDBACK: the caller's netns was read */
 	int32_t trunc;    /* HANDBACK: the request was truncated (MSG_TRUNC/MSG_CTRUNC) */
 	int32_t send_failed; /* GRANT/LOCAL: the reply could not be sent: drop the connection */
-	int32_t host_port;   /* GRANT: the host socket's address after connect (pool: its bound address, port 0) */
-	int32_t verb;        /* GRANT/LOCAL/FAIL: FS_CONNECT or FS_POOL */
-	int32_t count;       /* GRANT of a pool: the sockets sent */
+	int32_t host_port;   /* GRANT: the host socket's address after connect (pool: its bound address, port 0;
+			      * bindpool, namedpool: the endpoint's address to bind them to) */
+	int32_t verb;        /* GRANT/LOCAL/FAIL: FS_CONNECT ... FS_NAMEDPOOL */
+	int32_t count;       /* GRANT of a pool, bindpool or namedpool: the sockets sent */
 	int32_t dual;        /* bind: a dual-stack [::] bind matched by an IPv4 pair (the reason says so) */
 	uint64_t ino;        /* the caller's netns inode (ino_ok) */
 	char host[64];
@@ -101,7 +106,7 @@ int fs_lookup(const struct fs_table *t, const struct fs_req *req, int *row, int 
 	      int *host_port);
 int fs_lookup_bind(const struct fs_table *t, const struct fs_req *req, int *row, int *family, uint8_t host[16],
 		   int *host_port, int *dual);
-/* mark: SO_MARK of a granted host socket (the container's; 0: none); flags: FS_POOLS */
+/* mark: SO_MARK of a granted host socket (the container's; 0: none); flags: FS_POOLS, FS_UNBOUND_POOLS */
 int fs_serve(int conn, int pidfd, uint64_t container_ino, uint32_t mark, uint32_t flags,
 	     const struct fs_table *tables, int ntables, struct fs_out *out);
 /* fs_serve, then the requests that follow back to back on the same connection (within spin_us of the

@@ -1,4 +1,4 @@
-"""The fd service's C `named` (the graft API's bind by endpoint name, csrc/fdservice_fast.c): on
+"""The fd service's C `named` and `namedpool` (the graft API's bind by endpoint name, csrc/fdservice_fast.c): on
 random policies and requests, what `fs_parse` + `fs_lookup_named` answer from the tables
 `fast.compile_named` makes equals what Python answers: a grant exactly where `Policy.decide` grants
 an IP endpoint (the same family, host address and port, endpoint and reason for the audit, the
@@ -27,9 +27,11 @@ def random_named_policy(rng: random.Random) -> Policy:
 
 
 def random_request(rng: random.Random) -> bytes:
-    words = ["named", rng.choice(NAMES + ["", "ep 0"]), rng.choice(["0", "0", "2", "10", "1", "3", "02", ""]),
+    pool = rng.random() < 0.4
+    words = ["namedpool" if pool else "named", rng.choice(NAMES + ["", "ep 0"]),
+             rng.choice(["0", "0", "2", "10", "1", "3", "02", ""]),
              rng.choice(["1", "1", "2", "3", "5", "16", "01"]), rng.choice(["0", "0", "6", "17", "1", "65536"]),
-             rng.choice(["-", "-", "v6only", "reuseaddr,reuseport", "reuse", ""])]
+             rng.choice(["1", "16", "8", "17", "0", "01", "-"] if pool else ["-", "-", "v6only", "reuseaddr,reuseport", "reuse", ""])]
     k = rng.random()
     if k < 0.05:
         words += ["127.0.0.1", "80"]  # a destination: the API's connect from an endpoint (Python's)
@@ -41,11 +43,11 @@ def random_request(rng: random.Random) -> bytes:
 
 
 def c_named(lib, c: "fast._Compiled", data: bytes):
-    """("ask",) or ("grant", family, (host, port)) and the audit's (endpoint, reason)."""
+    """("ask",) or ("grant", family, (host, port), count) and the audit's (endpoint, reason)."""
     req = fast.Req()
     if lib.fs_parse(data, len(data), c.tables, len(c.tables), ctypes.byref(req)) < 0:
         return ("ask",), None
-    assert req.verb == fast.NAMED
+    assert fast.VERBS[req.verb] == data.split(b" ")[0].decode()
     row, family, port = ctypes.c_int(-1), ctypes.c_int(0), ctypes.c_int(0)
     host = (ctypes.c_uint8 * 16)()
     kind = lib.fs_lookup_named(ctypes.byref(c.tables[req.table]), ctypes.byref(req), ctypes.byref(row),
@@ -54,7 +56,7 @@ def c_named(lib, c: "fast._Compiled", data: bytes):
     if kind == 0:
         return ("ask",), None
     text = str(ipaddress.ip_address(bytes(host[:4] if family.value == socket.AF_INET else host)))
-    return ("grant", family.value, (text, port.value)), c.in_meta[req.table][row.value]
+    return ("grant", family.value, (text, port.value), req.count), c.in_meta[req.table][row.value]
 
 
 def py_named(policy: Policy, data: bytes):
@@ -62,13 +64,13 @@ def py_named(policy: Policy, data: bytes):
         r = parse_request(data)
     except ProtocolError:
         return ("ask",), None
-    if r.verb != "named" or r.addr is not None:
+    if r.verb not in ("named", "namedpool") or r.addr is not None:
         return ("ask",), None
     d = policy.decide(Op("named", r.family, name=r.name, type=r.type, proto=r.proto, v6only="v6only" in r.flags))
     if d.verdict != GRANT or d.family == socket.AF_UNIX:
         return ("ask",), None
     assert d.mark == policy.mark
-    return ("grant", d.family, (str(ipaddress.ip_address(d.host[0])), d.host[1])), (d.endpoint.name, d.reason)
+    return ("grant", d.family, (str(ipaddress.ip_address(d.host[0])), d.host[1]), r.count), (d.endpoint.name, d.reason)
 
 
 def test_named_random(lib):

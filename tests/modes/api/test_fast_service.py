@@ -44,7 +44,8 @@ CLIENT = textwrap.dedent("""
             except OSError:
                 peer = None
             sock = {"family": s.family, "type": s.type, "addr": s.getsockname()[0], "peer": peer, "err": err,
-                    "n": len(fds), "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK)}
+                    "n": len(fds), "mark": s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK),
+                    "v6only": s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) if s.family == socket.AF_INET6 else None}
             s.close()
         print(json.dumps({"reply": msg.decode("latin-1"), "sock": sock}), flush=True)
 """)
@@ -108,6 +109,24 @@ def requests(port: int, closed: int) -> list[str]:
         "named ep-out 0 1 0 reuse",                                   # malformed flags
         "named ep-out 0 1 0",                                         # malformed: an argument short
         "named ep-out 0 1 0 - in:127.0.0.1:1=ep-out",                 # malformed: no rules on named
+        "bindpool 2 127.0.0.1 7001 1 0 - 3",                          # unbound, the endpoint's address to bind
+        "bindpool 10 :: 7001 1 0 - 2",                                # dual-stack [::]: v4-mapped, V6ONLY off
+        "bindpool 2 127.0.0.1 7001 2 0 reuseaddr 4",                  # datagram, flags (the caller sets them)
+        "bindpool 2 127.0.0.1 7002 1 0 - 2",                          # local
+        "bindpool 2 127.0.0.1 7003 1 0 - 1",                          # granted: nothing is bound here
+        "bindpool 2 127.0.0.1 7004 1 0 - 1",                          # ask: a unix endpoint
+        "bindpool 2 127.0.0.1 7005 1 0 - 2 in:127.0.0.1:7005=ep-out2",  # caller pairs (compiled: the binds
+        "bindpool 2 127.0.0.1 7005 1 0 - 2 in:127.0.0.1:7005=ep-out2",  # with them taught them)
+        "bindpool 2 127.0.0.1 7006 1 0 - 1 in:127.0.0.1:7006=ep-out2",  # new caller pairs: handed back,
+        "bindpool 2 127.0.0.1 7006 1 0 - 1 in:127.0.0.1:7006=ep-out2",  # then compiled
+        "bindpool 2 127.0.0.1 7001 1 0 - 17",                         # malformed: more than MAX_POOL
+        "namedpool ep-out 0 1 0 4",                                   # the endpoint's family
+        "namedpool ep-out 10 1 0 2",                                  # an IPv6 socket: v4-mapped
+        "namedpool ep-fixed 2 1 6 1",                                 # a fixed port
+        "namedpool nope 0 1 0 1",                                     # ask: no such endpoint
+        "namedpool ep-unix 2 1 0 1",                                  # ask: a unix endpoint
+        "namedpool ep-out 0 1 0 0",                                   # malformed count
+        "namedpool ep-out 0 1 0 - 2",                                 # malformed: named's flags
         f"sendto 2 127.0.0.1 {closed} 2 0",                           # another verb
         "show",
         "x" * 5000,                                                   # too long
@@ -206,13 +225,30 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
                                                                      ["err", "97"]]
     assert by_req[named[9]]["sock"]["peer"] == ["127.0.0.1", listener]
     assert {by_req[r]["reply"].split(" ")[1] for r in named[10:]} == {"22"}
+    unbound = 0x5CA1_0000  # core.tables.UNBOUND_TAG: the bind guard lets them bind only to the container's endpoints
+    bp = [r for r in reqs if r.startswith("bindpool ")]
+    assert by_req[bp[0]]["reply"] == "ok 2 127.0.0.1 0" and by_req[bp[0]]["sock"]["n"] == 3
+    assert by_req[bp[0]]["sock"]["mark"] & 0xFFFF0000 == unbound and by_req[bp[0]]["sock"]["addr"] == "0.0.0.0"
+    assert by_req[bp[1]]["reply"] == "ok 10 ::ffff:127.0.0.1 0" and by_req[bp[1]]["sock"]["v6only"] == 0
+    assert by_req[bp[2]]["sock"]["type"] == 2 and by_req[bp[3]]["reply"] == "local"
+    assert by_req[bp[4]]["reply"] == "ok 2 192.0.2.77 0" and by_req[bp[5]]["reply"].startswith("err 97 ")
+    assert by_req[bp[7]]["reply"] == by_req[bp[9]]["reply"] == "ok 2 127.0.0.2 0"
+    assert by_req[bp[10]]["reply"].startswith("err 22 ")
+    np_ = [r for r in reqs if r.startswith("namedpool ")]
+    assert by_req[np_[0]]["reply"] == "ok 2 127.0.0.1 0" and by_req[np_[0]]["sock"]["n"] == 4
+    assert by_req[np_[0]]["sock"]["mark"] & 0xFFFF0000 == unbound
+    assert by_req[np_[1]]["reply"] == "ok 10 ::ffff:127.0.0.1 0" and by_req[np_[2]]["reply"] == "ok 2 127.0.0.1 1"
+    assert [by_req[r]["reply"].split(" ")[:2] for r in np_[3:]] == [["err", "99"], ["err", "97"], ["err", "22"], ["err", "22"]]
     # the fast path answered what its tables decide: 4 container-rule grants + the refused one, the
     # second request with caller rules, the local one and the failure; for pool, 2 container-rule
     # grants + both with the caller rules the connect taught it, the local one and the failure;
     # for bind, 4 grants + the second with caller pairs, 2 local ones and the failure; for named, 4
-    # grants and the failure; Python the rest
+    # grants and the failure; for bindpool, 7 grants (both with the caller pairs the binds taught
+    # it, the second with pairs the first taught it) and the local one; for namedpool, 3 grants;
+    # Python the rest
     stats.pop("back_to_back")
-    assert stats == {"grant": 19, "pool": 4, "bind": 5, "named": 4, "local": 4, "fail": 4, "handback": 24}
+    assert stats == {"grant": 29, "pool": 4, "bind": 5, "named": 4, "bindpool": 7, "namedpool": 3, "local": 5, "fail": 4,
+                     "handback": 31}
 
 
 def test_back_to_back_requests_answered_alike(tmp_path, ns, listener, monkeypatch):
@@ -254,7 +290,8 @@ def test_caller_outside_is_handed_back(tmp_path, ns, make_netns, listener, monke
     replies, records, stats = serve_and_ask(state, ns, str(tmp_path / "svc.sock"), other,
                                             [f"connect 2 127.0.0.1 {listener} 1 0"])
     assert replies[0]["reply"].startswith("err 1 ") and replies[0]["sock"] is None
-    assert stats == {"grant": 0, "pool": 0, "bind": 0, "named": 0, "local": 0, "fail": 0, "handback": 1, "back_to_back": 0}
+    assert stats == {"grant": 0, "pool": 0, "bind": 0, "named": 0, "bindpool": 0, "namedpool": 0, "local": 0, "fail": 0,
+                     "handback": 1, "back_to_back": 0}
     assert any(r["event"] == "deny" and r.get("caller_netns") for r in records)
 
 

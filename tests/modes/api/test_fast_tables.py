@@ -1,9 +1,9 @@
 """The fd service's native fast path (csrc/fdservice_fast.c, through the installed libgraft-fdfast.so
 that production loads) parses and decides exactly as Python does:
 
-- `fs_parse` accepts a request exactly when core/protocol.parse_request accepts it as a `connect` or
-  a `pool` (and its caller rules are ones the Python side compiled), with the same fields; it hands
-  back everything else. Hand-picked and thousands of seeded random byte strings.
+- `fs_parse` accepts a request exactly when core/protocol.parse_request accepts it as a `connect`, a
+  `pool`, a `bind` or a `bindpool` (and its caller rules are ones the Python side compiled), with
+  the same fields; it hands back everything else (`named`, `namedpool`: test_fast_named.py). Hand-picked and thousands of seeded random byte strings.
 - `fs_lookup` equals engine.EgressTable.lookup on thousands of random tables and operations, and
   the row it names carries the endpoint and reason `Policy.decide` gives (what the audit writes).
 """
@@ -16,6 +16,7 @@ import socket
 
 import pytest
 
+from sockgraft.core import tables
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.engine import GRANT, LOCAL, Op, Policy
 from sockgraft.core.protocol import ProtocolError, parse_request
@@ -56,7 +57,7 @@ def py_parse(data: bytes, tails: list[bytes]):
         r = parse_request(data)
     except ProtocolError:
         return None
-    if r.verb not in fast.VERBS:
+    if r.verb not in fast.VERBS or r.verb in ("named", "namedpool"):
         return None
     tail = fast._tail(data)
     if tail not in tails:
@@ -99,6 +100,11 @@ HAND_PICKED = [
     b"bind 2 127.0.0.1 80 1 0 - out:127.0.0.0/8=ep-out", b"connect 2 127.0.0.1 80 1 0 in:127.0.0.1:80=ep-out",
     b"pool 2 127.0.0.1 80 1 0 3 in:127.0.0.1:80=ep-out", b"bind 2 127.0.0.1 80 1 0 - in:0.0.0.0:1-9=ep-out in:[::]:80=ep6",
     b"bind 2 127.0.0.1 80 1 0 v6only\xff",
+    b"bindpool 2 127.0.0.1 80 1 0 - 16", b"bindpool 10 :: 80 1 0 v6only 1", b"bindpool 2 127.0.0.1 80 1 0 - 17",
+    b"bindpool 2 127.0.0.1 80 1 0 - 0", b"bindpool 2 127.0.0.1 80 1 0 -", b"bindpool 2 127.0.0.1 80 1 0 4",
+    b"bindpool 2 127.0.0.1 80 1 0 - 4 in:127.0.0.1:80=ep-out", b"bindpool 2 127.0.0.1 80 1 0 - 4 out:127.0.0.0/8=ep-out",
+    b"bindpool 2 127.0.0.1 80 1 0 reuseaddr, 4", b"bindpool 2 127.0.0.1 80 1 0 - 4 ", b"bindpool  2 127.0.0.1 80 1 0 - 4",
+    b"bindpool", b"bindpool ", b"bindpoo 2 127.0.0.1 80 1 0 - 4", b"bind 2 127.0.0.1 80 1 0 - 4",
 ]
 
 
@@ -142,6 +148,8 @@ def valid_request(rng: random.Random) -> list[str]:
         words = ["pool", *words[1:], str(rng.randint(1, 16))]
     elif k < 0.6:
         words = ["bind", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only", "reuseaddr,reuseport,v6only"])]
+    elif k < 0.75:
+        words = ["bindpool", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only"]), str(rng.randint(1, 16))]
     return words
 
 
@@ -152,12 +160,13 @@ def random_request(rng: random.Random) -> bytes:
             i = rng.randrange(1, len(words))
             words[i] = random_number(rng) if i != 2 else random_addr(rng)
     else:
-        words = [rng.choice(["connect"] * 8 + ["pool"] * 4 + ["bind"] * 4 + ["sendto", "show", "connec"]),
+        words = [rng.choice(["connect"] * 8 + ["pool"] * 4 + ["bind"] * 4 + ["bindpool"] * 4 + ["sendto", "show", "connec"]),
                  rng.choice(["2", "10", "2", "10", "1", "0", "02", ""]), random_addr(rng), random_number(rng),
                  rng.choice(["1", "2", "3", "0", "15", "16", random_number(rng)]),
                  rng.choice(["0", "6", "17", "0", random_number(rng)])]
-        if rng.random() < 0.5:
-            words.append(rng.choice(["1", "16", "17", "0", "8", "-", "v6only", "reuseaddr,", "x", random_number(rng)]))
+        for _ in range(2):
+            if rng.random() < 0.5:
+                words.append(rng.choice(["1", "16", "17", "0", "8", "-", "v6only", "reuseaddr,", "x", random_number(rng)]))
     if rng.random() < 0.1:
         del words[rng.randrange(1, len(words))]
     data = " ".join(words).encode()
@@ -356,9 +365,13 @@ def test_the_constants_are_the_headers():
     names = {m[0]: int(m[1]) for m in re.findall(r"#define (FS_\w+) (\d+)", header)}
     for body in re.findall(r"enum \{([^}]*)\}", header):
         names.update({k: int(v) for k, v in re.findall(r"(FS_\w+) = (\d+)", body)})
-    assert (fast.ABI, fast.POOLS, fast.MAX_MESSAGE) == (names["FS_ABI"], names["FS_POOLS"], names["FS_MAX_MESSAGE"])
-    assert (fast.CONNECT, fast.POOL, fast.BIND, fast.NAMED) == \
-        (names["FS_CONNECT"], names["FS_POOL"], names["FS_BIND"], names["FS_NAMED"])
+    names.update({m[0]: int(m[1], 16) for m in re.findall(r"#define (FS_\w+) 0x([0-9A-Fa-f]+)", header)})
+    assert (fast.ABI, fast.POOLS, fast.UNBOUND_POOLS, fast.MAX_MESSAGE) == \
+        (names["FS_ABI"], names["FS_POOLS"], names["FS_UNBOUND_POOLS"], names["FS_MAX_MESSAGE"])
+    assert (tables.UNBOUND_TAG, tables.MARK_MAX) == (names["FS_UNBOUND_TAG"], names["FS_MARK_MAX"])
+    assert (fast.CONNECT, fast.POOL, fast.BIND, fast.NAMED, fast.BINDPOOL, fast.NAMEDPOOL) == \
+        (names["FS_CONNECT"], names["FS_POOL"], names["FS_BIND"], names["FS_NAMED"], names["FS_BINDPOOL"],
+         names["FS_NAMEDPOOL"])
     assert (fast.FOR_EGRESS, fast.FOR_BIND, fast.FOR_NAMED) == \
         (names["FS_FOR_EGRESS"], names["FS_FOR_BIND"], names["FS_FOR_NAMED"])
     assert (fast.DROP, fast.HANDBACK, fast.GRANT, fast.LOCAL, fast.FAIL) == \

@@ -31,10 +31,10 @@ from sockgraft.core.protocol import ProtocolError, parse_request
 
 LIB_NAME = "libgraft-fdfast.so"
 ENV = "GRAFT_FDSERVICE_FAST"
-ABI = 3  # csrc/fdservice_fast.h FS_ABI
-POOLS = 1  # fs_serve flags: FS_POOLS
-CONNECT, POOL, BIND, NAMED = 0, 1, 2, 3  # FS_CONNECT, FS_POOL, FS_BIND, FS_NAMED
-VERBS = ("connect", "pool", "bind", "named")
+ABI = 4  # csrc/fdservice_fast.h FS_ABI
+POOLS, UNBOUND_POOLS = 1, 2  # fs_serve flags: FS_POOLS, FS_UNBOUND_POOLS
+CONNECT, POOL, BIND, NAMED, BINDPOOL, NAMEDPOOL = 0, 1, 2, 3, 4, 5  # FS_CONNECT ... FS_NAMEDPOOL
+VERBS = ("connect", "pool", "bind", "named", "bindpool", "namedpool")
 POOLS_RECHECK = 1.0  # seconds between two egress.pools_off answers for one container
 SPIN_ENV = "GRAFT_FDSERVICE_SPIN"  # µs the C loop waits, awake, for a back-to-back caller's next request (0: never)
 SPIN_US = 50
@@ -200,7 +200,7 @@ class _Compiled:
     in_meta: list = field(default_factory=list)  # per table: per ingress row (endpoint, reason)
     keep: list = field(default_factory=list)  # what the C tables point to
     local: object = None  # the engine's decision for a connect no rule matches (for the audit)
-    pools_on: bool = False  # egress.pools_off answered "" for this container (at pools_at)
+    pools_on: int = 0  # fs_serve flags: what egress.pools_off answered "" to for this container (at pools_at)
     pools_at: float = -1e9
 
     def build(self) -> None:
@@ -233,14 +233,15 @@ def _is_bind_tail(tail: bytes) -> bool:
 
 def tail_verbs(tail: bytes) -> int:
     """The requests a table of these caller rules may serve (fs_table.verbs): the container's own
-    table (no rules) all of them; a bind's pairs only `bind`; egress rules `connect` and `pool`."""
+    table (no rules) all of them; a bind's pairs only `bind` and `bindpool`; egress rules `connect`
+    and `pool`."""
     return (FOR_EGRESS | FOR_BIND) if not tail else FOR_BIND if _is_bind_tail(tail) else FOR_EGRESS
 
 
 def _tail(data: bytes) -> bytes:
-    """The bytes after a connect request's 5th argument or a pool or bind request's 6th (its caller
-    rules, with the space before)."""
-    fixed = 6 if data.startswith((b"pool ", b"bind ")) else 5
+    """The bytes after a connect request's 5th argument, a pool or bind request's 6th or a bindpool
+    request's 7th (its caller rules, with the space before)."""
+    fixed = 7 if data.startswith(b"bindpool ") else 6 if data.startswith((b"pool ", b"bind ")) else 5
     words = data.split(b" ", fixed + 1)
     return b" " + words[fixed + 1] if len(words) == fixed + 2 else b""
 
@@ -266,7 +267,8 @@ class FastPath:
         except ValueError:
             self.spin_us = SPIN_US
         self._by_key: dict[str, _Compiled] = {}
-        self.stats = {"grant": 0, "pool": 0, "bind": 0, "named": 0, "local": 0, "fail": 0, "handback": 0}  # grant: all
+        self.stats = {"grant": 0, "pool": 0, "bind": 0, "named": 0, "bindpool": 0, "namedpool": 0, "local": 0, "fail": 0,
+                      "handback": 0}  # grant: all
         self.back_to_back = 0  # answers given in C after the first of a call (fs_serve_batch)
 
     def compiled(self, key: str, policy: Policy) -> _Compiled:
@@ -283,10 +285,10 @@ class FastPath:
         return policy.with_caller_rules(req.ingress, req.egress, req.bbconn)
 
     def learn(self, key: str, policy: Policy, data: bytes) -> None:
-        """After Python answered a handed-back `connect`, `pool` or `bind` with caller rules: compile
-        them for next time (a table is kept per exact tail: " out:..." for connect and pool, " in:..."
-        for bind)."""
-        if not data.startswith((b"connect ", b"pool ", b"bind ")):
+        """After Python answered a handed-back `connect`, `pool`, `bind` or `bindpool` with caller
+        rules: compile them for next time (a table is kept per exact tail: " out:..." for connect and
+        pool, " in:..." for bind and bindpool)."""
+        if not data.startswith((b"connect ", b"pool ", b"bind ", b"bindpool ")):
             return
         tail = _tail(data)
         c = self.compiled(key, policy)
@@ -304,11 +306,13 @@ class FastPath:
 
     @staticmethod
     def pools(c: _Compiled, pools_off, now: float) -> int:
-        """FS_POOLS when `pools_off()` (egress.pools_off of the container) says "" - asked again at
-        most once every POOLS_RECHECK seconds, and whenever the policy object changed (a new _Compiled)."""
+        """FS_POOLS when `pools_off(unbound=False)` (egress.pools_off of the container) says "", and
+        FS_UNBOUND_POOLS too when `pools_off(unbound=True)` does - asked again at most once every
+        POOLS_RECHECK seconds, and whenever the policy object changed (a new _Compiled)."""
         if now - c.pools_at >= POOLS_RECHECK:
-            c.pools_on, c.pools_at = not pools_off(), now
-        return POOLS if c.pools_on else 0
+            on = 0 if pools_off(unbound=False) else POOLS
+            c.pools_on, c.pools_at = on | (UNBOUND_POOLS if on and not pools_off(unbound=True) else 0), now
+        return c.pools_on
 
     def serve(self, fd: int, pidfd: int, container_ino: int, c: _Compiled | None, flags: int = 0,
               back_to_back: bool = False) -> list[Out]:

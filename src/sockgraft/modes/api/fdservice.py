@@ -8,6 +8,7 @@ here, in the host netns, and passed with SCM_RIGHTS.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import selectors
 import socket
@@ -25,6 +26,8 @@ from sockgraft.host.store import Store, StoreError
 
 MODE = "api"
 POOLED = {"pool": "connect", "bindpool": "bind", "namedpool": "named"}  # a pool's verb -> the verb it is judged as
+NAMED = ("named", "namedpool")  # verbs by endpoint name (no address)
+BINDS = ("bind", "named", "bindpool", "namedpool")  # verbs judged by the ingress (or named) tables
 MAX_CONNECTIONS = 256  # per container: a flood of idle connections must not exhaust the service's fds
 
 
@@ -221,7 +224,7 @@ class FdService:
         except StoreError:
             policy = None  # nothing is served in C: `handle` answers with the error
         compiled = self.fast.compiled(c.key, policy) if policy is not None else None
-        flags = self.fast.pools(compiled, lambda: egress.pools_off(self.store, c.key), t0) if compiled else 0
+        flags = self.fast.pools(compiled, functools.partial(egress.pools_off, self.store, c.key), t0) if compiled else 0
         outs = self.fast.serve(conn.fileno(), -1 if c.pidfd is None else c.pidfd, netns.key_ino(c.key) or 0, compiled,
                                flags, back_to_back=t0 - c.last < fast.SPIN_GAP)
         self.fast.back_to_back += len(outs) - 1
@@ -251,30 +254,27 @@ class FdService:
                 self.on_request((time.perf_counter() - t0) / n)
             return self._reply(conn, reply, sock)
         op = fast.VERBS[out.verb]
-        where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port} if op != "named" else {}
+        where = {"addr": fast.dest_text(out.family, bytes(out.addr)), "port": out.port} if op not in NAMED else {}
         if result == fast.LOCAL:
             stats["local"] += 1
             self.audit.decision(c.key, self.mode, op, compiled.local, **where)
         else:
-            if op in ("bind", "named"):
+            if op in BINDS:
                 endpoint, reason = compiled.in_meta[out.table][out.row]
                 reason += " (dual-stack [::] bind)" if out.dual else ""
             else:
                 endpoint, reason = compiled.meta[out.table][out.row]
             if result == fast.GRANT:
                 stats["grant"] += 1
-                extra = {}
-                if op == "pool":
-                    stats["pool"] += 1
-                    extra["count"] = out.count
-                elif op in ("bind", "named"):
+                extra = {"count": out.count} if op in POOLED else {}
+                if op != "connect":
                     stats[op] += 1
                 self.audit.record(GRANT, container=c.key, mode=self.mode, op=op, endpoint=endpoint,
                                   errno=None, reason=reason, host=[out.host.decode(), out.host_port], **extra, **where)
             else:
                 stats["fail"] += 1
                 code = out.err
-                if op != "pool":  # as `handle`: a failed connect or bind is audited, a failed pool is not
+                if op not in POOLED:  # as `handle`: a failed connect or bind is audited, a failed pool is not
                     self.audit.record("fail", container=c.key, mode=self.mode, op=op, endpoint=endpoint,
                                       errno=code, reason=os.strerror(code), **where)
                 self._reply(conn, _err(code, f"{endpoint}: {os.strerror(code)}"), None)
