@@ -13,6 +13,7 @@
 int (*real_socket)(int, int, int);
 int (*real_bind)(int, const struct sockaddr *, socklen_t);
 int (*real_connect)(int, const struct sockaddr *, socklen_t);
+int (*real_listen)(int, int);
 ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
 ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
@@ -29,7 +30,7 @@ int (*real_close_range)(unsigned int, unsigned int, int);
 void (*real_closefrom)(int);
 int (*real_getaddrinfo)(const char *, const char *, const struct addrinfo *, struct addrinfo **);
 
-int g_enabled, g_transparent, g_debug, g_trace, g_prefilter = 1;
+int g_enabled, g_transparent, g_debug, g_trace, g_prefilter = 1, g_speculate = 1;
 char *g_service, *g_tail_bind, *g_tail_connect;
 
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -127,6 +128,7 @@ static void init(void)
 	real_socket = next("socket");
 	real_bind = next("bind");
 	real_connect = next("connect");
+	real_listen = next("listen");
 	real_sendto = next("sendto");
 	real_sendmsg = next("sendmsg");
 	real_sendmmsg = next("sendmmsg");
@@ -151,6 +153,8 @@ static void init(void)
 	g_trace = flag("GRAFT_TRACE");
 	const char *pf = getenv("GRAFT_PREFILTER");
 	g_prefilter = !(pf && strcmp(pf, "0") == 0);
+	const char *sp = getenv("GRAFT_SPECULATE");
+	g_speculate = !(sp && strcmp(sp, "0") == 0);
 	if (g && strcmp(g, "disable") == 0)
 		return;
 	if (!sock || !*sock) {

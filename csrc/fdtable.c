@@ -141,7 +141,7 @@ void st_note_option(int fd, int level, int name)
 		return;
 	table_lock();
 	struct gs **s = slot(fd, 0);
-	if (s && *s && !(*s)->grafted)
+	if (s && *s && (!(*s)->grafted || (*s)->spec)) /* a speculative socket may be swapped back */
 		(*s)->optset |= 1ULL << i;
 	table_unlock();
 }
@@ -155,6 +155,8 @@ void st_mark_decided(int fd)
 	table_unlock();
 }
 
+static int install(int fd, int newfd, ino_t newino, struct gs *st);
+
 /* Replace the application's fd (and its duplicates in this process) by host socket newfd, with
  * the options the application set and its O_NONBLOCK; update the state. newfd is consumed. */
 int st_install(int fd, int newfd, struct gs *st)
@@ -164,6 +166,28 @@ int st_install(int fd, int newfd, struct gs *st)
 
 /* newino: newfd's inode when the caller knows it (0: asked here). */
 int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st)
+{
+	st->grafted = 1;
+	st->decided = 1;
+	st->spec = 0;
+	return install(fd, newfd, newino, st);
+}
+
+int st_unspeculate(int fd, struct gs *st)
+{
+	int c = real_socket(st->family == AF_GRAFT ? AF_INET : st->family, st->type | SOCK_CLOEXEC, st->proto);
+	if (c < 0)
+		return -1;
+	st->grafted = 0;
+	st->decided = 0;
+	st->spec = 0;
+	return install(fd, c, 0, st);
+}
+
+/* fd and its duplicates in this process now hold newfd's socket (consumed), with st (the flags
+ * grafted, decided and spec the caller's): the options the application set and its O_NONBLOCK
+ * carried over. */
+static int install(int fd, int newfd, ino_t newino, struct gs *st)
 {
 	int fl = real_fcntl(fd, F_GETFL);
 	copy_options(fd, newfd, st);
@@ -177,8 +201,6 @@ int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st)
 		rc = EBADF;
 	} else {
 		st->ino = ino;
-		st->grafted = 1;
-		st->decided = 1;
 		for (size_t i = 0; i < tab_cap; i++) {
 			struct gs *e = tab[i];
 			if (!e || e->ino != old || ((int)i != fd && fd_ino((int)i) != old))

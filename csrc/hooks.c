@@ -92,6 +92,7 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 		return 0; /* not an address we can decide on: the kernel answers */
 	if (!might_graft(verb, fam, addr, port, 0)) {
 		st_mark_decided(fd); /* no rule can apply: no round trip */
+		pool_spec_reset(st->family, st->type, st->proto);
 		return 0;
 	}
 	if (verb == PF_CONNECT) {
@@ -101,6 +102,7 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 			return st_install_ino(fd, pooled, pino, st) == 0 ? 2 : -1;
 		if (pooled == POOL_LOCAL) {
 			st_mark_decided(fd);
+			pool_spec_reset(st->family, st->type, st->proto);
 			return 0;
 		}
 		if (pooled == POOL_ERR)
@@ -124,18 +126,80 @@ static int egress(int fd, struct gs *st, const struct sockaddr *sa, socklen_t le
 }
 
 /* -- the wrapped calls ------------------------------------------------------------------------ */
+static int speculate(struct gs *st, int type);
+
 EXPORT int socket(int family, int type, int proto)
 {
 	ENSURE();
 	if (!g_enabled || (family != AF_INET && family != AF_INET6 && family != AF_GRAFT))
 		return real_socket(family, type, proto);
+	struct gs st = { .family = family, .type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC), .proto = proto };
+	if (family != AF_GRAFT) {
+		int fd = speculate(&st, type);
+		if (fd != -2)
+			return fd;
+	}
 	int fd = real_socket(family == AF_GRAFT ? AF_INET : family, type, proto);
 	if (fd < 0)
 		return fd;
-	struct gs st = { .family = family, .type = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC), .proto = proto };
 	st.ino = fd_ino(fd);
 	st_put(fd, &st);
 	return fd;
+}
+
+/* socket() of a process whose last connects of this kind all took pooled host sockets of one
+ * egress row: one of those, at the lowest free fd number with the flags asked for (pool.c
+ * pool_speculate): the next connect through that row runs on it at once (no socket of the
+ * container's to make and swap out). -2: no pooled socket ready (make the container's). */
+static int speculate(struct gs *st, int type)
+{
+	ino_t ino;
+	int h = pool_speculate(st->family, st->type, st->proto, &st->spec_row, &st->spec_gen, &ino);
+	if (h < 0)
+		return -2;
+	int fd = real_fcntl(h, (type & SOCK_CLOEXEC) ? F_DUPFD_CLOEXEC : F_DUPFD, 0);
+	int e = errno;
+	real_close(h);
+	if (fd < 0) {
+		errno = e; /* EMFILE, as socket() would say */
+		return -1;
+	}
+	if ((type & SOCK_NONBLOCK) && real_fcntl(fd, F_SETFL, O_NONBLOCK) < 0) {
+		real_close(fd);
+		return -2;
+	}
+	st->ino = ino;
+	st->grafted = 1;
+	st->spec = 1;
+	st_put(fd, st);
+	pool_spec_refill(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
+	return fd;
+}
+
+/* A speculative socket about to be used otherwise than for a connect through its row: swapped for
+ * a socket of the container's first. 0, or -1 (errno). */
+static int settle(int fd, struct gs *st)
+{
+	if (!st->spec)
+		return 0;
+	pool_spec_reset(st->family, st->type, st->proto);
+	return st_unspeculate(fd, st);
+}
+
+/* connect() on a speculative socket: 1 when it goes through the socket's own row (connect it as it
+ * is), 0 when it was swapped for a socket of the container's (decide as for any), -1 (errno). */
+static int spec_connect(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len)
+{
+	char addr[INET6_ADDRSTRLEN];
+	int fam, port;
+	unsigned gen;
+	if (inet_words(sa, len, &fam, addr, &port) == 0 && fam == st->family && might_graft(PF_CONNECT, fam, addr, port, 0) &&
+	    egress_row(addr, &gen) == st->spec_row && gen == st->spec_gen) {
+		st_mark_decided(fd);
+		pool_spec_used(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
+		return 1;
+	}
+	return settle(fd, st) < 0 ? -1 : 0;
 }
 
 static int v6only(int fd)
@@ -192,6 +256,9 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	struct gs st;
 	if (!sa || len < (socklen_t)sizeof(sa_family_t) || !st_fresh(fd, &st))
 		return real_bind(fd, sa, len);
+	if (settle(fd, &st) < 0)
+		return -1;
+	pool_spec_reset(st.family, st.type, st.proto);
 	char head[200], addr[INET6_ADDRSTRLEN];
 	int fam, port, newfd, r;
 	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {
@@ -326,6 +393,13 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 			return -1;
 		return finish_connect(fd, st.type);
 	}
+	if (st.spec) {
+		int s = spec_connect(fd, &st, sa, len);
+		if (s < 0)
+			return -1;
+		if (s > 0)
+			return real_connect(fd, sa, len);
+	}
 	int g = egress(fd, &st, sa, len, PF_CONNECT);
 	if (g < 0)
 		return -1;
@@ -339,11 +413,22 @@ EXPORT int connect(int fd, const struct sockaddr *sa, socklen_t len)
 	return r;
 }
 
+/* A speculative socket listens in the container (no bind before: a port of the container's). */
+EXPORT int listen(int fd, int backlog)
+{
+	ENSURE();
+	struct gs st;
+	if (st_fresh(fd, &st) && settle(fd, &st) < 0)
+		return -1;
+	return real_listen(fd, backlog);
+}
+
 EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *sa, socklen_t len)
 {
 	ENSURE();
 	struct gs st;
-	if (sa && len >= (socklen_t)sizeof(sa_family_t) && st_fresh(fd, &st) && egress(fd, &st, sa, len, PF_SENDTO) < 0)
+	if (sa && len >= (socklen_t)sizeof(sa_family_t) && st_fresh(fd, &st) &&
+	    (settle(fd, &st) < 0 || egress(fd, &st, sa, len, PF_SENDTO) < 0))
 		return -1;
 	return real_sendto(fd, buf, n, flags, sa, len);
 }
@@ -353,7 +438,7 @@ EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
 	ENSURE();
 	struct gs st;
 	if (msg && msg->msg_name && msg->msg_namelen >= sizeof(sa_family_t) && st_fresh(fd, &st) &&
-	    egress(fd, &st, msg->msg_name, msg->msg_namelen, PF_SENDTO) < 0)
+	    (settle(fd, &st) < 0 || egress(fd, &st, msg->msg_name, msg->msg_namelen, PF_SENDTO) < 0))
 		return -1;
 	return real_sendmsg(fd, msg, flags);
 }
@@ -363,7 +448,8 @@ EXPORT int sendmmsg(int fd, struct mmsghdr *vec, unsigned int vlen, int flags)
 	ENSURE();
 	struct gs st;
 	if (vec && vlen && vec[0].msg_hdr.msg_name && vec[0].msg_hdr.msg_namelen >= sizeof(sa_family_t) &&
-	    st_fresh(fd, &st) && egress(fd, &st, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, PF_SENDTO) < 0)
+	    st_fresh(fd, &st) &&
+	    (settle(fd, &st) < 0 || egress(fd, &st, vec[0].msg_hdr.msg_name, vec[0].msg_hdr.msg_namelen, PF_SENDTO) < 0))
 		return -1;
 	return real_sendmmsg(fd, vec, vlen, flags);
 }
@@ -390,6 +476,11 @@ static int graft_name(const char *epname, struct sockaddr *sa, socklen_t *len)
 EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
 	ENSURE();
+	struct gs st;
+	/* a device is the container's: named on a socket of the container's */
+	if (level == SOL_SOCKET && (name == SO_BINDTODEVICE || name == SO_BINDTOIFINDEX) &&
+	    __atomic_load_n(&g_have_table, __ATOMIC_ACQUIRE) && st_fresh(fd, &st) && settle(fd, &st) < 0)
+		return -1;
 	int r = real_setsockopt(fd, level, name, val, len);
 	if (r == 0 && __atomic_load_n(&g_have_table, __ATOMIC_ACQUIRE))
 		st_note_option(fd, level, name);
@@ -402,6 +493,12 @@ EXPORT int getsockname(int fd, struct sockaddr *sa, socklen_t *len)
 	struct gs st;
 	if (g_transparent || !g_enabled || !sa || !len || !st_get(fd, &st) || !st.grafted || fd_ino(fd) != st.ino)
 		return real_getsockname(fd, sa, len);
+	if (st.spec && !st.decided) { /* not connected yet: the unspecified address, port 0 */
+		struct sockaddr_storage any;
+		memset(&any, 0, sizeof(any));
+		any.ss_family = (sa_family_t)st.family;
+		return give_name(&any, st.family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in), sa, len);
+	}
 	if (st.family == AF_GRAFT && st.epname[0])
 		return graft_name(st.epname, sa, len);
 	if (!st.bound_len) /* grafted by an egress rule: the application bound nothing */

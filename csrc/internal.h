@@ -29,6 +29,7 @@
 extern int (*real_socket)(int, int, int);
 extern int (*real_bind)(int, const struct sockaddr *, socklen_t);
 extern int (*real_connect)(int, const struct sockaddr *, socklen_t);
+extern int (*real_listen)(int, int);
 extern ssize_t (*real_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
 extern ssize_t (*real_sendmsg)(int, const struct msghdr *, int);
 extern int (*real_sendmmsg)(int, struct mmsghdr *, unsigned int, int);
@@ -50,6 +51,7 @@ extern int g_transparent;   /* GRAFT_NAME_TRANSPARENT: getsockname reports the h
 extern int g_debug;         /* GRAFT_DEBUG: report every denial on stderr */
 extern int g_trace;         /* GRAFT_TRACE: report every request on stderr, before it is sent */
 extern int g_prefilter;     /* GRAFT_PREFILTER (default 1; 0: ask about every operation) */
+extern int g_speculate;     /* GRAFT_SPECULATE (default 1; 0: socket() never takes a pooled socket) */
 extern char *g_service;     /* $GRAFT_SOCKET */
 extern char *g_tail_bind;   /* " in:PAIR ..." from GRAFT_CONV_PAIRS */
 extern char *g_tail_connect; /* " out:RULE ... bbconn:NAME" from GRAFT_EGRESS, GRAFT_BBCONN */
@@ -72,6 +74,11 @@ struct gs {
 	socklen_t bound_len; /* what the application bound (getsockname's default answer) */
 	struct sockaddr_storage bound;
 	uint64_t optset;   /* the options of options.h the application set (bit i: graft_copied_options[i]) */
+	int spec;          /* socket() gave a pooled host socket of egress row spec_row (generation
+			    * spec_gen), not connected yet: a connect through that row runs on it as it is;
+			    * anything else first swaps a socket of the container's in (st_unspeculate) */
+	int spec_row;
+	unsigned spec_gen;
 };
 
 extern int g_have_table; /* an entry was ever made: close/dup must keep the table in step */
@@ -86,6 +93,9 @@ void st_mark_decided(int fd);
 int st_install(int fd, int newfd, struct gs *st);
 /* the same, for a newfd whose inode the caller knows (a pooled socket) */
 int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st);
+/* fd (a speculative socket: st->spec) becomes a fresh socket of the container's netns, with the
+ * options the application set and its O_NONBLOCK, as socket() would have made it: 0, or -1 (errno) */
+int st_unspeculate(int fd, struct gs *st);
 void st_note_option(int fd, int level, int name);
 void table_lock(void);
 void table_unlock(void);
@@ -131,6 +141,17 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
  * *host, then install it), or POOL_LOCAL, POOL_OFF (ask `bind`), POOL_ERR as pool_get */
 int pool_bind(int family, const char *addr, int port, int type, int proto, unsigned flags,
 	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino);
+/* socket(): a pooled host socket for the connect this process most likely makes next (its last
+ * SPEC_STREAK connects of this kind all took pooled sockets of one egress row), or -1 (make a socket
+ * of the container's); *row, *gen: that row; *ino: the socket's inode. Never waits, makes no fd:
+ * the application's fd number is taken first, then pool_spec_refill collects and asks ahead (as a
+ * pooled connect does; its fds would otherwise take the number socket() is to return). */
+int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino_t *ino);
+void pool_spec_refill(int family, int type, int proto, int row, unsigned gen);
+/* a connect of this kind took a pooled socket of row/gen (a speculative one included): the streak
+ * grows; pool_spec_reset: it did not (a connect or bind of the container's), the streak ends */
+void pool_spec_used(int family, int type, int proto, int row, unsigned gen);
+void pool_spec_reset(int family, int type, int proto);
 void pool_lock(void);
 void pool_unlock(void);
 void prefilter_lock(void);

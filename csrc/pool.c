@@ -45,6 +45,7 @@
 #define POOL_LOW 8       /* sockets of a key left after a connect at or below which the next batch is asked for */
 #define REFILL_WAIT_MS 5000 /* a connect waiting for the batch in flight gives up after this (then asks itself) */
 #define BIND_KEYS 8      /* bind operations (address, port, type, protocol, flags) a process pools at once */
+#define SPEC_STREAK 4    /* pooled connects of one kind and row in a row after which socket() speculates */
 
 struct slot {
 	int fd;
@@ -229,6 +230,14 @@ static int take(int family, int type, int proto, int row, unsigned gen, int *lef
 static struct bkey bkeys[BIND_KEYS];
 static int bkey_next;
 
+/* Speculation: the kind (family, type, protocol) of this process's last connects, the egress row
+ * they all went through and how many in a row; a destination of that row for the next batch. */
+static struct {
+	int family, type, proto, row, port, streak;
+	unsigned gen;
+	char addr[INET6_ADDRSTRLEN];
+} spec;
+
 /* Under lock, in process pid: a forked child's copies of its parent's sockets (and of the parent's
  * refill connection, with its batch in flight) are not its to use: closed, forgotten. */
 static void own(pid_t pid)
@@ -239,6 +248,7 @@ static void own(pid_t pid)
 		drop(nslots - 1);
 	refill_forget();
 	memset(bkeys, 0, sizeof(bkeys));
+	memset(&spec, 0, sizeof(spec));
 	owner = pid;
 	off_until = bind_off_until = 0;
 }
@@ -253,6 +263,80 @@ static int refused(long long *until)
 	*until = now_ns() + POOL_OFF_NS;
 	pthread_mutex_unlock(&lock);
 	return POOL_OFF;
+}
+
+/* Under lock: a connect of this kind took a pooled socket of row/gen; addr, port: its destination
+ * (NULL: the row's stays). */
+static void spec_used(int family, int type, int proto, int row, unsigned gen, const char *addr, int port)
+{
+	if (spec.family != family || spec.type != type || spec.proto != proto || spec.row != row || spec.gen != gen) {
+		spec.family = family, spec.type = type, spec.proto = proto, spec.row = row, spec.gen = gen;
+		spec.streak = 0;
+	}
+	if (spec.streak < SPEC_STREAK)
+		spec.streak++;
+	if (addr) {
+		snprintf(spec.addr, sizeof(spec.addr), "%s", addr);
+		spec.port = port;
+	}
+}
+
+void pool_spec_used(int family, int type, int proto, int row, unsigned gen)
+{
+	pthread_mutex_lock(&lock);
+	own(g_pid);
+	spec_used(family, type, proto, row, gen, NULL, 0);
+	pthread_mutex_unlock(&lock);
+}
+
+void pool_spec_reset(int family, int type, int proto)
+{
+	pthread_mutex_lock(&lock);
+	if (spec.family == family && spec.type == type && spec.proto == proto)
+		spec.streak = 0;
+	pthread_mutex_unlock(&lock);
+}
+
+int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino_t *ino)
+{
+	if (!g_speculate)
+		return -1;
+	pthread_mutex_lock(&lock);
+	own(g_pid);
+	int fd = -1;
+	if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
+	    now_ns() >= off_until) {
+		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
+		unsigned g;
+		int r = egress_row(spec.addr, &g);
+		pthread_mutex_lock(&lock);
+		if (r != spec.row || g != spec.gen) {
+			spec.streak = 0; /* the table changed */
+		} else {
+			int left;
+			fd = take(family, type, proto, r, g, &left, ino); /* no fd made here: see pool_spec_refill */
+			*row = r, *gen = g;
+		}
+	}
+	pthread_mutex_unlock(&lock);
+	return fd;
+}
+
+void pool_spec_refill(int family, int type, int proto, int row, unsigned gen)
+{
+	pthread_mutex_lock(&lock);
+	if (owner == g_pid) {
+		refill_collect(0);
+		int left = 0;
+		for (int i = 0; i < nslots; i++)
+			left += slots[i].row == row && slots[i].gen == gen && slots[i].family == family && slots[i].type == type &&
+				slots[i].proto == proto;
+		char head[200];
+		if (left <= POOL_LOW && spec.row == row && spec.gen == gen &&
+		    wire_pool(head, sizeof(head), family, spec.addr, spec.port, type, proto, POOL_BATCH) >= 0)
+			refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
+	}
+	pthread_mutex_unlock(&lock);
 }
 
 int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino)
@@ -279,6 +363,7 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 	char head[200];
 	int fds[POOL_BATCH], n = 0;
 	if (fd >= 0) {
+		spec_used(family, type, proto, row, gen, addr, port);
 		if (left <= POOL_LOW && wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) >= 0)
 			refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
 		pthread_mutex_unlock(&lock);
@@ -297,6 +382,8 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 		return refused(&off_until);
 	}
 	pthread_mutex_lock(&lock);
+	if (owner == pid)
+		spec_used(family, type, proto, row, gen, addr, port);
 	for (int i = 1; i < n; i++) {
 		if (nslots == POOL_SLOTS || owner != pid) {
 			real_close(fds[i]);

@@ -8,6 +8,7 @@
     python3 pool_cases.py options PORT         options set before the connect, read after it
     python3 pool_cases.py binds PORT N         N binds of 0.0.0.0:PORT (an ingress pair), then a server there
     python3 pool_cases.py steal PORT OTHER     2 binds of 0.0.0.0:PORT, then the pooled unbound sockets misused
+    python3 pool_cases.py speculate PORT       after a streak of connects, sockets from socket() used every way
 
 Prints one JSON object."""
 from __future__ import annotations
@@ -147,6 +148,8 @@ def main(case: str, port: int, n: int = 0) -> dict:
             got["served"] = outcome(lambda: c.connect(("127.0.0.1", found[1].getsockname()[1])))
             got["connect"] = outcome(lambda: (found[2].settimeout(5), found[2].connect(("127.0.0.1", n))))
         return got
+    if case == "speculate":
+        return speculate(port)
     if case == "table":
         before = once(port)
         print(json.dumps({"ready": True}), flush=True)
@@ -154,6 +157,93 @@ def main(case: str, port: int, n: int = 0) -> dict:
         time.sleep(1.2)  # the library looks at its table again after a second
         return {"before": before.get("source"), "after": once(port).get("source")}
     raise SystemExit(f"unknown case {case}")
+
+
+def speculate(port: int) -> dict:
+    """After SPEC_STREAK (4) pooled connects of a kind, socket() gives a pooled host socket: what
+    the program sees of it before a connect, and after each other use (a local connect, a bind, a
+    listen, a duplicate), which first swaps a socket of the container's in."""
+    import ctypes
+    import fcntl
+    import select
+
+    local = socket.socket()  # a listener of the container's: no rule names 127.0.0.5
+    local.bind(("127.0.0.5", 0))
+    local.listen(64)
+    dest = local.getsockname()
+
+    def streak():
+        for _ in range(5):
+            assert once(port)["err"] == 0
+
+    def mark(s):
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) != 0
+
+    def speculative(kind=socket.SOCK_STREAM):
+        """A socket from socket() after a streak: a speculative one, unless no pooled socket was
+        ready every time (a batch still on its way: socket() then makes the container's)."""
+        for _ in range(10):
+            streak()
+            s = socket.socket(socket.AF_INET, kind)
+            if mark(s):
+                return s, True
+            s.close()
+        return socket.socket(socket.AF_INET, kind), False
+
+    got = {"first": mark(socket.socket())}  # no streak yet: a socket of the container's
+    streak()
+    lowest, marked = [], 0  # socket() gives the lowest free number, batches of pooled sockets coming in or not
+    for _ in range(40):
+        low = os.open("/dev/null", os.O_RDONLY)
+        os.close(low)
+        s = socket.socket()
+        if s.fileno() != low:
+            lowest.append([low, s.fileno(), mark(s)])
+        marked += mark(s)
+        s.connect(("127.0.0.1", port))
+        s.close()
+    got["not lowest"], got["mostly speculative"] = lowest, marked >= 20
+    s, got["speculative"] = speculative()
+    got["name before"] = list(s.getsockname())
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    libc = ctypes.CDLL(None, use_errno=True)  # the kernel's bind, past the library: the bind guard
+    sin = (ctypes.c_ubyte * 16)(2, 0, 0x1f, 0x90, 127, 0, 0, 1)  # 127.0.0.1:8080
+    got["raw rebind"] = errno.errorcode.get(ctypes.get_errno(), "0") if libc.syscall(49, s.fileno(), sin, 16) < 0 else "0"
+    s.connect(("127.0.0.1", port))
+    got["grafted"] = [mark(s), s.getsockname()[0], s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                      s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+    s.close()
+
+    s, spec = speculative()  # a connect no rule names: the container's socket, with the options set before
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    d = s.dup()
+    s.connect(dest)
+    local.accept()[0].close()
+    got["local"] = [spec, mark(s), mark(d), list(d.getpeername()), s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)]
+    s.close(), d.close()
+    got["after local"] = mark(socket.socket())  # the streak ended
+
+    s, spec = speculative(socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    flags = [spec, bool(fcntl.fcntl(s, fcntl.F_GETFD) & fcntl.FD_CLOEXEC), bool(fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK)]
+    got["nonblocking"] = flags + [errno.errorcode.get(s.connect_ex(("127.0.0.1", port)), "0")]
+    select.select([], [s], [], 5)
+    got["nonblocking"].append(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+    s.close()
+
+    s, spec = speculative()
+    s.bind(("127.0.0.5", 0))
+    got["bind"] = [spec, mark(s), s.getsockname()[0]]
+    s.close()
+
+    s, spec = speculative()
+    s.listen()
+    c = socket.create_connection(("127.0.0.5", s.getsockname()[1]), timeout=5)  # inside the container
+    got["listen"] = [spec, mark(s), s.getsockname()[0], mark(c)]
+    c.close(), s.close()
+    return got
 
 
 if __name__ == "__main__":

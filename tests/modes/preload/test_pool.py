@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -162,3 +163,28 @@ def test_binds_draw_on_pools_after_the_first_and_behave_as_the_services(run_prel
 def test_without_pools_binds_ask_the_service(run_preload):
     got, err = _serve_binds(run_preload, 5, {"GRAFT_POOLS": "0"})
     assert len(requests(err, "bindpool")) == 1 and len(requests(err, "bind")) == 10, err  # refused: asked again a second later
+
+
+def test_socket_speculates_after_a_streak_of_pooled_connects(run_preload, acceptor):
+    """After 4 connects of a kind that all took pooled sockets of one egress row, socket() hands out
+    the next pooled socket itself (no socket of the container's made and swapped out at connect).
+    Until a connect through that row, it looks like a fresh socket (lowest fd number, unspecified
+    name, the flags asked for); any other use - a local connect, a bind, a listen, a device -
+    first swaps a socket of the container's in, with the options set meanwhile, duplicates
+    included, and ends the streak. The kernel still guards it: a raw bind() past the library is EPERM."""
+    got, _ = run(run_preload, "speculate", acceptor)
+    assert got.pop("first") is False and got.pop("after local") is False
+    assert got == {"not lowest": [], "mostly speculative": True, "speculative": True, "name before": ["0.0.0.0", 0], "raw rebind": "EPERM",
+                   "grafted": [True, "127.0.0.2", 1, 1],
+                   "local": [True, False, False, ["127.0.0.5", got["local"][3][1]], 1, got["local"][5]],
+                   "nonblocking": [True, True, True, "EINPROGRESS", 0],
+                   "bind": [True, False, "127.0.0.5"], "listen": [True, False, "0.0.0.0", False]}, got
+    native = socket.socket()
+    native.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    assert got["local"][5] == native.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    native.close()
+
+
+def test_without_speculation_socket_makes_the_containers(run_preload, acceptor):
+    got, _ = run(run_preload, "speculate", acceptor, env={"GRAFT_SPECULATE": "0"})
+    assert got["speculative"] is False and got["grafted"][:2] == [True, "127.0.0.2"] and got["raw rebind"] == "0"
