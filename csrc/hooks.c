@@ -258,7 +258,7 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 		return real_bind(fd, sa, len);
 	if (settle(fd, &st) < 0)
 		return -1;
-	pool_spec_reset(st.family, st.type, st.proto);
+	pool_spec_reset(st.family, st.type, st.proto); /* a process that binds sockets of this kind: no speculation */
 	char head[200], addr[INET6_ADDRSTRLEN];
 	int fam, port, newfd, r;
 	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {

@@ -265,6 +265,14 @@ static int refused(long long *until)
 	return POOL_OFF;
 }
 
+/* Under lock: with `left` sockets of this connect key, the next batch asked for ahead if due. */
+static void ahead(int left, int family, const char *addr, int port, int type, int proto, int row, unsigned gen)
+{
+	char head[200];
+	if (left <= POOL_LOW && wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) >= 0)
+		refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
+}
+
 /* Under lock: a connect of this kind took a pooled socket of row/gen; addr, port: its destination
  * (NULL: the row's stays). */
 static void spec_used(int family, int type, int proto, int row, unsigned gen, const char *addr, int port)
@@ -331,10 +339,8 @@ void pool_spec_refill(int family, int type, int proto, int row, unsigned gen)
 		for (int i = 0; i < nslots; i++)
 			left += slots[i].row == row && slots[i].gen == gen && slots[i].family == family && slots[i].type == type &&
 				slots[i].proto == proto;
-		char head[200];
-		if (left <= POOL_LOW && spec.row == row && spec.gen == gen &&
-		    wire_pool(head, sizeof(head), family, spec.addr, spec.port, type, proto, POOL_BATCH) >= 0)
-			refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
+		if (spec.row == row && spec.gen == gen)
+			ahead(left, family, spec.addr, spec.port, type, proto, row, gen);
 	}
 	pthread_mutex_unlock(&lock);
 }
@@ -364,8 +370,7 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 	int fds[POOL_BATCH], n = 0;
 	if (fd >= 0) {
 		spec_used(family, type, proto, row, gen, addr, port);
-		if (left <= POOL_LOW && wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) >= 0)
-			refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
+		ahead(left, family, addr, port, type, proto, row, gen);
 		pthread_mutex_unlock(&lock);
 		return fd;
 	}
