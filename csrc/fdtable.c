@@ -175,7 +175,7 @@ int st_install_ino(int fd, int newfd, ino_t newino, struct gs *st)
 
 int st_unspeculate(int fd, struct gs *st)
 {
-	int c = real_socket(st->family == AF_GRAFT ? AF_INET : st->family, st->type | SOCK_CLOEXEC, st->proto);
+	int c = real_socket(st->family, st->type | SOCK_CLOEXEC, st->proto); /* never AF_GRAFT: see hooks.c socket() */
 	if (c < 0)
 		return -1;
 	st->grafted = 0;

@@ -314,9 +314,11 @@ int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino
 	int fd = -1;
 	if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
 	    now_ns() >= off_until) {
+		char addr[INET6_ADDRSTRLEN]; /* read under our lock: another thread's connect may write it */
+		memcpy(addr, spec.addr, sizeof(addr));
 		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
 		unsigned g;
-		int r = egress_row(spec.addr, &g);
+		int r = egress_row(addr, &g);
 		pthread_mutex_lock(&lock);
 		if (r != spec.row || g != spec.gen) {
 			spec.streak = 0; /* the table changed */
