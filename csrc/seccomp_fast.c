@@ -13,6 +13,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/bpf.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -304,14 +305,36 @@ static const struct fresh *defaults(int family, int type)
 	return d;
 }
 
-/* The options the application set on `from` (differing from a fresh socket's) onto `to`, best
- * effort; buffer sizes read back doubled are set halved. */
-static void copy_options(int from, int to, int family, int type, int to_family)
+/* The options set on the app's socket `from` (host/optwatch.py: one map lookup; ENOENT: none),
+ * as a mask of graft_copied_options, or ~0: not known. */
+static uint64_t options_set(const struct gs_table *t, int from)
 {
-	const struct fresh *d = defaults(family, type);
+	if (!t || t->optmap < 0)
+		return ~0ull;
+	uint64_t mask = 0;
+	int key = from;
+	union bpf_attr a;
+	memset(&a, 0, sizeof(a));
+	a.map_fd = (uint32_t)t->optmap;
+	a.key = (uint64_t)(uintptr_t)&key;
+	a.value = (uint64_t)(uintptr_t)&mask;
+	if (syscall(SYS_bpf, BPF_MAP_LOOKUP_ELEM, &a, sizeof(a)) != 0)
+		return errno == ENOENT ? 0 : ~0ull;
+	return mask;
+}
+
+/* The options the application set on `from` onto `to`, best effort; buffer sizes read back
+ * doubled are set halved. With the option watch's mask (options_set), those it names; without
+ * (~0), every option that differs from a fresh socket's. */
+static void copy_options(const struct gs_table *t, int from, int to, int family, int type, int to_family)
+{
+	uint64_t set = options_set(t, from);
+	if (!set)
+		return;
+	const struct fresh *d = set == ~0ull ? defaults(family, type) : NULL;
 	for (size_t i = 0; i < N_OPTIONS; i++) {
 		const struct graft_opt *o = &graft_copied_options[i];
-		if (!applies(o->level, family, type))
+		if (!(set & (1ull << i)) || !applies(o->level, family, type))
 			continue;
 		if ((o->level == IPPROTO_IP || o->level == IPPROTO_IPV6) && family != to_family)
 			continue;
@@ -395,11 +418,11 @@ static int install(int listener, struct gs_out *out, int h, int cont, int err)
  * destination is read again by the kernel: a thread that changed it meanwhile meets the kernel's
  * egress table (the socket's mark), which the pool requires; the socket cannot be re-bound
  * (bind guard). Returns what gs_serve returns. */
-static int handover(int listener, struct gs_out *out, int dup, int h)
+static int handover(int listener, const struct gs_table *t, struct gs_out *out, int dup, int h)
 {
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
 	out->cloexec = fd_cloexec(out->pid, out->appfd, out_pc);
-	copy_options(dup, h, out->family, out->type, out->family);
+	copy_options(t, dup, h, out->family, out->type, out->family);
 	fcntl(h, F_SETFL, nonblock ? (fcntl(h, F_GETFL) | O_NONBLOCK) : (fcntl(h, F_GETFL) & ~O_NONBLOCK));
 	stamp(out, GS_T_SOCKET);
 	out->pooled = 1; /* (read for a granted record only) */
@@ -407,12 +430,13 @@ static int handover(int listener, struct gs_out *out, int dup, int h)
 }
 
 /* The granted connect of a native socket `dup` (graft_connect): returns what gs_serve returns. */
-static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint8_t *haddr, uint16_t hport,
-		 uint32_t mark, struct gs_pool *pool)
+static int graft(int listener, const struct gs_table *t, struct gs_out *out, int dup, int hfam, const uint8_t *haddr,
+		 uint16_t hport, struct gs_pool *pool)
 {
+	uint32_t mark = t->mark;
 	int type = out->type, appfd = out->appfd;
 	if (pool && pool->n > 0 && pool->family == hfam && pool->type == type && hport == 0)
-		return handover(listener, out, dup, pool->fds[--pool->n]);
+		return handover(listener, t, out, dup, pool->fds[--pool->n]);
 	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
 	out->cloexec = fd_cloexec(out->pid, appfd, out_pc);
 	int h = socket(hfam, type | SOCK_NONBLOCK | SOCK_CLOEXEC, out->proto);
@@ -440,7 +464,7 @@ static int graft(int listener, struct gs_out *out, int dup, int hfam, const uint
 		close(h);
 		return failed(listener, out, err);
 	}
-	copy_options(dup, h, out->family, type, hfam);
+	copy_options(t, dup, h, out->family, type, hfam);
 	stamp(out, GS_T_SOCKET);
 	err = connect(h, (struct sockaddr *)out->addr, out->addrlen) == 0 ? 0 : errno;
 	if (err == EINPROGRESS && !nonblock) {
@@ -572,7 +596,7 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 	out->decided = GS_GRANT;
 	out->row = row;
 	stamp(out, GS_T_JUDGE);
-	return graft(listener, out, dup, hfam, haddr, hport, t->mark, t->pools ? &t->pools[row] : NULL);
+	return graft(listener, t, out, dup, hfam, haddr, hport, t->pools ? &t->pools[row] : NULL);
 }
 
 /* A sendto with a destination on a TCP socket, without MSG_FASTOPEN (a register: the application
@@ -776,7 +800,7 @@ static int grant_bind(int listener, const struct gs_table *t, struct gs_out *out
 	if (!err && t->mark && setsockopt(h, SOL_SOCKET, SO_MARK, &t->mark, sizeof(t->mark)) != 0)
 		err = errno;
 	if (!err) {
-		copy_options(dup, h, out->family, out->type, hfam);
+		copy_options(t, dup, h, out->family, out->type, hfam);
 		if (out->type == SOCK_STREAM && listen(h, SOMAXCONN) != 0)
 			err = errno;
 	}

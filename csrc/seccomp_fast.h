@@ -42,7 +42,8 @@ struct gs_table {
 	const struct gs_row *rows;
 	struct gs_pool *pools;      /* one per row, or NULL: no pools */
 	uint32_t ningress;
-	uint32_t pad;
+	int32_t optmap;             /* host/optwatch.py's map of the options set on each container socket
+	                             * (-1: not known: every option is read back) */
 	const struct fs_in_row *ingress; /* Policy.ingress_table's rows, compiled by modes/api/fast.compile_in_rows */
 };
 

@@ -10,7 +10,7 @@ import pytest
 
 from sockgraft.core.engine import GRANT, Decision
 from sockgraft.core.tables import MARK_TAG, UNBOUND_TAG
-from sockgraft.host import bindguard, hostsock
+from sockgraft.host import bindguard, ebpf, hostsock
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="attaching a cgroup BPF program needs root")
 
@@ -36,7 +36,7 @@ def test_ensure_attaches_one_copy_of_each():
     bindguard.ensure()
     bindguard.ensure()
     assert bindguard.active()
-    cg = os.open(bindguard._cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+    cg = os.open(ebpf.cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
     try:
         assert [len(bindguard._attached(cg, t)) for t in bindguard.NAMES] == [1, 1]
     finally:
@@ -84,7 +84,7 @@ def test_detach_and_attach_again_from_the_command_line():
         out = subprocess.run(py + ["detach"], capture_output=True, text=True, timeout=30)
         assert (out.returncode, out.stdout.strip()) == (0, "detached")
         assert not bindguard.active()
-        cg = os.open(bindguard._cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
+        cg = os.open(ebpf.cgroup2_root(), os.O_RDONLY | os.O_DIRECTORY)
         try:
             assert [len(bindguard._attached(cg, t)) for t in bindguard.NAMES] == [0, 0]
         finally:

@@ -163,6 +163,9 @@ def socket_flags(s: socket.socket) -> frozenset:
 _DEFAULTS: dict[tuple[int, int], dict] = {}
 
 
+_BIT = {o: i for i, o in enumerate(COPIED_OPTIONS)}  # the option watch's bit of each (host/optwatch.py)
+
+
 def _applicable(family: int, sotype: int):
     for o in COPIED_OPTIONS:
         if o.level == IPPROTO_TCP and sotype != socket.SOCK_STREAM:
@@ -189,18 +192,23 @@ def _defaults(family: int, sotype: int) -> dict[SockOpt, bytes]:
     return _DEFAULTS[key]
 
 
-def copy_options(src: socket.socket, dst: socket.socket) -> None:
-    """The options the application set on `src` (those that differ from a fresh socket's) onto its
-    host socket `dst`, best effort: the same list (core.tables) in every mode."""
+def copy_options(src: socket.socket, dst: socket.socket, mask: int | None = None) -> None:
+    """The options the application set on `src` onto its host socket `dst`, best effort: the same
+    list (core.tables) in every mode. `mask`: bit i for COPIED_OPTIONS[i] set (host/optwatch.py),
+    those are copied; None: not known, those that differ from a fresh socket's are."""
     if src.family not in (socket.AF_INET, socket.AF_INET6) or dst.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    defaults = _defaults(src.family, src.type)
+    if mask == 0:
+        return
+    defaults = _defaults(src.family, src.type) if mask is None else {}
     for o in _applicable(src.family, src.type):
+        if mask is not None and not mask >> _BIT[o] & 1:
+            continue
         if o.level in (IPPROTO_IP, IPPROTO_IPV6) and src.family != dst.family:
             continue
         try:
             value = src.getsockopt(o.level, o.number, o.size)
-            if value != defaults.get(o):
+            if mask is not None or value != defaults.get(o):
                 if o.halved:
                     value = (int.from_bytes(value[:4], "little") // 2).to_bytes(4, "little")
                 dst.setsockopt(o.level, o.number, value)

@@ -198,11 +198,19 @@ def test_views_of_grafted_binds_stay_bounded():
     t = Target(-1, "k", None)
     keep = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     keep.bind(("127.0.0.1", 0))
-    with keep:
+    listening = socket.socket(socket.AF_INET6)
+    listening.bind(("::1", 0))
+    listening.listen()
+    with keep, listening:
         t.bound(os.fstat(keep.fileno()).st_ino, keep.getsockname(), b"kept")
-        for _ in range(3 * VIEWS_MIN):
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        t.bound(os.fstat(listening.fileno()).st_ino, listening.getsockname()[:2], b"listening")
+        for i in range(3 * VIEWS_MIN):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM if i % 2 else socket.SOCK_STREAM) as s:
                 s.bind(("127.0.0.1", 0))
+                if not i % 2:
+                    s.listen()
                 t.bound(os.fstat(s.fileno()).st_ino, s.getsockname(), b"v")
-            assert len(t.views) <= VIEWS_MIN + 1
-        assert t.views[os.fstat(keep.fileno()).st_ino] == b"kept"  # a live socket's view is kept
+            assert len(t.views) <= VIEWS_MIN + 2
+        # the live sockets' views are kept
+        assert t.views[os.fstat(keep.fileno()).st_ino] == b"kept"
+        assert t.views[os.fstat(listening.fileno()).st_ino] == b"listening"

@@ -51,9 +51,10 @@ class Compiled:
 
     __slots__ = ("policy", "table", "rows", "ingress", "decisions", "pools", "pools_said", "checked", "lock")
 
-    def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None):
+    def __init__(self, policy, host_cookie: int, netns_ino: int | None, version: int = 0, lock=None, optmap: int = -1):
         self.policy = policy
-        self.table, (self.rows, self.ingress) = make_table(policy, host_cookie, netns_ino or 0, policy.mark, version)
+        self.table, (self.rows, self.ingress) = make_table(policy, host_cookie, netns_ino or 0, policy.mark, version,
+                                                           optmap)
         self.decisions: dict = {}  # (verb, row, family, type, proto, v6only) -> the engine's Decision
         self.pools = None  # (Pool * nrows) while the kernel guards pooled sockets
         self.pools_said, self.checked = "", -1e9
@@ -114,8 +115,9 @@ class Compiled:
 
 
 class Fast:
-    def __init__(self, lib, kernel, store, audit, stats):
+    def __init__(self, lib, kernel, store, audit, stats, optwatch=None):
         self.lib, self.kernel, self.store, self.audit, self.stats = lib, kernel, store, audit, stats
+        self.optwatch = optwatch  # host/optwatch.Watch: which options each app socket was given (None: read them all)
         self.outs = (Out * BATCH)()
         self.compiled: dict[int, Compiled] = {}  # listener fd -> its compiled table
         self.loop: N.Loop | None = None
@@ -124,15 +126,19 @@ class Fast:
         self.counted = (0, 0, 0, 0)
         self._quiet_buf = Quiet()  # gs_loop_quiet's answer (read at once)
 
+    def optmap(self) -> int:
+        return self.optwatch.current() if self.optwatch is not None else -1
+
     def compile(self, t) -> Compiled:
         policy = self.store.cached_policy(t.key)
         c = self.compiled.get(t.fd)
         if c is None or c.policy is not policy:
             if c is not None:
                 c.close()
-            c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino)
+            c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino, optmap=self.optmap())
             c.fill(lambda: egress.pools_off(self.store, t.key))
             self.stats["fast_tables"] += 1
+        c.table.optmap = self.optmap()  # -1 once the watch is gone (its fd stays open meanwhile)
         return c
 
     # -- the C loop (gs_loop) -----------------------------------------------------------------
@@ -160,7 +166,7 @@ class Fast:
         except Exception as e:
             print(f"graft: seccomp fast path: no table for {t.key}: {type(e).__name__}: {e}", file=sys.stderr)
             return False
-        c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock)
+        c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock, self.optmap())
         c.fill(lambda: egress.pools_off(self.store, t.key))
         self.stats["fast_tables"] += 1
         slot = self.lib.gs_loop_add(self.loop.ctx, t.fd, ctypes.byref(c.table))
@@ -193,7 +199,7 @@ class Fast:
                     with self.loop.lock:
                         c.table.version = version
                 else:
-                    new = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock)
+                    new = Compiled(policy, self.kernel.host_cookie, t.ino, version, self.loop.lock, self.optmap())
                     new.fill(lambda: egress.pools_off(self.store, t.key))
                     q = Quiet()
                     self.lib.gs_loop_set_table(self.loop.ctx, t.slot, ctypes.byref(new.table), q)
@@ -202,6 +208,7 @@ class Fast:
                     c.close()  # the C no longer uses it
                     self.stats["fast_tables"] += 1
                     continue
+            c.table.optmap = self.optmap()  # -1 once the watch is gone (its fd stays open meanwhile)
             c.fill(lambda: egress.pools_off(self.store, t.key))
         self.version = version
         self.refresh_counts()

@@ -44,7 +44,7 @@ class Pool(ctypes.Structure):
 class Table(ctypes.Structure):
     _fields_ = [("host_cookie", ctypes.c_uint64), ("version", ctypes.c_uint64), ("target_netns_ino", ctypes.c_uint64),
                 ("nrows", ctypes.c_uint32), ("mark", ctypes.c_uint32), ("rows", ctypes.POINTER(Row)),
-                ("pools", ctypes.POINTER(Pool)), ("ningress", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("pools", ctypes.POINTER(Pool)), ("ningress", ctypes.c_uint32), ("optmap", ctypes.c_int32),
                 ("ingress", ctypes.POINTER(InRow))]
 
 
@@ -178,12 +178,12 @@ def compile_rows(table) -> tuple[ctypes.Array, list[int]]:
     return rows, len(table.rows)
 
 
-def make_table(policy, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0):
+def make_table(policy, host_cookie: int = 0, netns_ino: int = 0, mark: int = 0, version: int = 0, optmap: int = -1):
     """(Table, the arrays it points to: keep them alive together) for a Policy: its egress and
-    ingress tables."""
+    ingress tables; `optmap`: the option watch's map fd (host/optwatch.py; -1: none)."""
     rows, n = compile_rows(policy.egress_table())
     ins, in_meta = compile_in_rows(policy)  # the fd service's rows (fdservice_fast.h struct fs_in_row)
     ni = len(in_meta)
-    t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None, ni, 0,
+    t = Table(host_cookie, version, netns_ino or 0, n, mark, ctypes.cast(rows, ctypes.POINTER(Row)), None, ni, optmap,
               ctypes.cast(ins, ctypes.POINTER(InRow)))
     return t, (rows, ins)

@@ -47,10 +47,12 @@ def nonblocking(s: socket.socket) -> bool:
 
 
 class Handlers(SideDoors):
-    def __init__(self, store, audit, jobs, park, stats):
+    def __init__(self, store, audit, jobs, park, stats, optwatch=None):
         """`park(call, host, appfd, cloexec, deadline, raw)`: the loop takes over a blocking connect
-        whose host-side connect to `raw` is in progress (and answers when it completes)."""
+        whose host-side connect to `raw` is in progress (and answers when it completes).
+        `optwatch`: host/optwatch.Watch, which options each app socket was given (None: not known)."""
         self.store, self.audit, self.jobs, self.park, self.stats = store, audit, jobs, park, stats
+        self.optwatch = optwatch
         self.table = {
             K.SYS["bind"]: self.on_bind,
             K.SYS["connect"]: self.on_connect,
@@ -97,6 +99,10 @@ class Handlers(SideDoors):
         return Op(verb, s.family, target[0], target[1], s.type, s.proto, bound=bound, grafted=is_host)
 
     # -- the host socket that replaces the app's ---------------------------------------------------
+    def options_set(self, s: socket.socket) -> int | None:
+        """The options the app gave its socket `s` (hostsock.copy_options' mask), None: not known."""
+        return self.optwatch.options_set(s.fileno()) if self.optwatch is not None else None
+
     def replacement(self, call: Call, s: socket.socket, d) -> tuple[socket.socket, int, bool, bool]:
         """The host socket that will replace the app's fd (arg 0), bound as the decision says, the
         app's options copied, with what installing it needs: the fd number, its close-on-exec flag
@@ -109,7 +115,7 @@ class Handlers(SideDoors):
         except OSError as e:
             raise Errno(e.errno or errno.EADDRNOTAVAIL) from None
         try:
-            hostsock.copy_options(s, h)
+            hostsock.copy_options(s, h, self.options_set(s))
         except OSError as e:
             h.close()
             raise Errno(e.errno or errno.EINVAL) from None
@@ -219,7 +225,7 @@ class Handlers(SideDoors):
         def connect(fd: int, dest: bytes) -> int:
             h = socket.socket(fileno=fd)  # a view of open_connecting's socket, detached below
             try:
-                hostsock.copy_options(s, h)
+                hostsock.copy_options(s, h, self.options_set(s))
             finally:
                 h.detach()
             return K.raw_call("connect", fd, dest)

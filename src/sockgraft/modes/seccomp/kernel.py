@@ -197,10 +197,51 @@ def fd_cloexec(tid: int, fd: int) -> bool:
 
 
 def live_socket_inodes() -> set[int]:
-    """The inodes of this netns' TCP and UDP sockets that are bound, listening or connected
-    (/proc/self/net/{tcp,tcp6,udp,udp6}: a socket closed everywhere is in none)."""
+    """The inodes of this netns' listening TCP sockets and bound or connected UDP ones (a grafted
+    bind's host socket is one of them while it lives: a TCP one listens at once). TCP is asked of
+    sock_diag for the LISTEN state only: the kernel then skips the established and TIME_WAIT
+    sockets, which /proc/net/tcp lists one by one (120,000 of them after a churn made a read of it
+    cost ~0.25 s per 1,024 grafted binds). /proc/self/net/udp{,6} for UDP (no TIME_WAIT there)."""
+    try:
+        out = _diag_inodes(socket.IPPROTO_TCP, 1 << _TCP_LISTEN)
+    except OSError:
+        out = _proc_inodes(("tcp", "tcp6"))
+    return out | _proc_inodes(("udp", "udp6"))
+
+
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 4, 20, 2, 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_TCP_LISTEN = 10
+_DIAG_INODE = 68  # struct inet_diag_msg: family, state, timer, retrans, id (48), expires, rqueue, wqueue, uid, inode
+
+
+def _diag_inodes(proto: int, states: int) -> set[int]:
     out: set[int] = set()
-    for name in ("tcp", "tcp6", "udp", "udp6"):
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, _NETLINK_SOCK_DIAG) as nl:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            # struct inet_diag_req_v2: family, protocol, ext, pad, states, id (48 bytes: any)
+            req = struct.pack("=BBBxI48x", family, proto, 0, states)
+            nl.send(struct.pack("=LHHLL", 16 + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0) + req)
+            while True:
+                data, off, done = nl.recv(1 << 16), 0, False
+                while off + 16 <= len(data):
+                    length, kind = struct.unpack_from("=LH", data, off)
+                    if kind == _NLMSG_DONE:
+                        done = True
+                        break
+                    if kind == _NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, off + 16)[0]
+                        raise OSError(err, f"sock_diag: {os.strerror(err)}")
+                    out.add(struct.unpack_from("=I", data, off + 16 + _DIAG_INODE)[0])
+                    off += (length + 3) & ~3
+                if done or not data:
+                    break
+    return out
+
+
+def _proc_inodes(names) -> set[int]:
+    out: set[int] = set()
+    for name in names:
         try:
             with open(f"/proc/self/net/{name}", "rb") as f:
                 next(f, None)  # the header

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter, deque
 
-from sockgraft.host import netns
+from sockgraft.host import netns, optwatch
 from sockgraft.host.audit import Audit
 from sockgraft.host.store import Store
 from sockgraft.modes.seccomp import fast as F
@@ -62,10 +62,12 @@ class Supervisor:
         self._last_sweep = time.monotonic()
         self.stats: Counter = Counter()
         self.jobs = Jobs(workers, self._hold, self._release, self.stats)
-        self.handlers = Handlers(self.store, self.audit, self.jobs, self._park, self.stats)
+        # which options the apps' sockets were given (host/optwatch.py): only with the real kernel calls
+        self.optwatch = optwatch.Watch() if kernel is None else None
+        self.handlers = Handlers(self.store, self.audit, self.jobs, self._park, self.stats, self.optwatch)
         # the native connect path (fast.py): only with the real kernel calls, GRAFT_SECCOMP_FAST != 0
         lib = FL.try_load() if kernel is None else None
-        self.fast = F.Fast(lib, self.kernel, self.store, self.audit, self.stats) if lib is not None else None
+        self.fast = F.Fast(lib, self.kernel, self.store, self.audit, self.stats, self.optwatch) if lib is not None else None
         # the C wait-and-serve loop (fast.Loop): made here (its fds are the supervisor's from the
         # start), its thread started by run(); None: the listeners are epolled here
         self.native_fd = self.fast.open_loop() if self.fast is not None else None
@@ -140,6 +142,8 @@ class Supervisor:
         self._stop_native()  # if run() never ran its finally (no thread)
         if self.fast is not None:
             self.fast.close()  # the C loop's context, every table's pools
+        if self.optwatch is not None:
+            self.optwatch.close()  # after the tables that held its fd
         self.audit.flush(force=True)  # the aggregated grants and locals of the last interval too
         if self._own_audit:
             self.audit.close()
