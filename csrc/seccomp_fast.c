@@ -226,31 +226,40 @@ static int sockopt_int(int fd, int level, int name, int *v)
 
 static __thread struct pidcache *out_pc; /* the loop's cache, while serve() runs (NULL: gs_serve) */
 
+/* The /proc/TID/fdinfo directory of a thread the cache holds a pidfd of, kept open (`reopen`: opened
+ * again, after a lookup in it found nothing: the directory of a task that exited finds nothing,
+ * even if its tid was reused), or -1. */
+static int task_dir(uint32_t tid, struct pidcache *pc, int reopen)
+{
+	if (!pc || pc->tid[tid % GS_PIDS] != tid || pc->fd[tid % GS_PIDS] < 0)
+		return -1;
+	int *info = &pc->fdinfo[tid % GS_PIDS];
+	if (reopen && *info >= 0) {
+		close(*info);
+		*info = -1;
+	}
+	if (*info < 0) {
+		char path[64];
+		snprintf(path, sizeof(path), "/proc/%u/fdinfo", tid);
+		*info = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	}
+	return *info;
+}
+
 /* Close-on-exec of the target's fd, from /proc/TID/fdinfo/FD (a dup cannot show it); with a
- * cache, relative to the thread's fdinfo directory kept open (a directory of a task that exited
- * finds nothing, even if its tid was reused: opened again). Its first lines only ("pos:", "flags:"). */
+ * cache, relative to the thread's fdinfo directory (task_dir). Its first lines only ("pos:", "flags:"). */
 static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 {
 	char path[64], buf[128];
 	int f = -1;
-	if (pc && pc->tid[tid % GS_PIDS] == tid && pc->fd[tid % GS_PIDS] >= 0) {
-		int *info = &pc->fdinfo[tid % GS_PIDS];
-		for (int again = 0; f < 0 && again < 2; again++) {
-			if (*info < 0) {
-				snprintf(path, sizeof(path), "/proc/%u/fdinfo", tid);
-				*info = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-			}
-			if (*info < 0)
-				break;
-			snprintf(path, sizeof(path), "%d", fd);
-			f = openat(*info, path, O_RDONLY | O_CLOEXEC);
-			if (f < 0 && errno != ENOENT)
-				break;
-			if (f < 0) { /* no such fd, or the directory's task is gone: once more, opened again */
-				close(*info);
-				*info = -1;
-			}
-		}
+	snprintf(path, sizeof(path), "%d", fd);
+	for (int again = 0; f < 0 && again < 2; again++) {
+		int dir = task_dir(tid, pc, again);
+		if (dir < 0)
+			break;
+		f = openat(dir, path, O_RDONLY | O_CLOEXEC);
+		if (f < 0 && errno != ENOENT)
+			break;
 	}
 	if (f < 0) {
 		snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
@@ -270,6 +279,22 @@ static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 		}
 	}
 	return 0;
+}
+
+/* The thread's netns (/proc/TID/ns/net), through its cached fdinfo directory (task_dir: no walk
+ * of /proc by pid). 0, or -1 with errno. */
+static int task_netns(uint32_t tid, struct pidcache *pc, struct stat *st)
+{
+	for (int again = 0; again < 2; again++) {
+		int dir = task_dir(tid, pc, again);
+		if (dir < 0)
+			break;
+		if (fstatat(dir, "../ns/net", st, 0) == 0)
+			return 0;
+	}
+	char path[64];
+	snprintf(path, sizeof(path), "/proc/%u/ns/net", tid);
+	return stat(path, st);
 }
 
 /* -- the option copy: hostsock.copy_options in C ------------------------------------------------ */
@@ -509,17 +534,17 @@ static int read_addr(struct gs_out *out)
 }
 
 /* The socket (an IP one of the container's netns: a host socket, grafted already, is the
- * engine's own rule) and the sockaddr of a bind or connect (read_addr). 0, or GS_HANDBACK. */
-static int read_call(const struct gs_table *t, struct gs_out *out, int dup)
+ * engine's own rule) and the sockaddr of a bind or connect (read_addr). `cookie`: its
+ * SO_NETNS_COOKIE if read already (0: not). 0, or GS_HANDBACK. */
+static int read_call(const struct gs_table *t, struct gs_out *out, int dup, uint64_t cookie)
 {
 	int fam = 0, type = 0, proto = 0;
-	uint64_t cookie = 0;
 	socklen_t cl = sizeof(cookie);
 	if (sockopt_int(dup, SOL_SOCKET, SO_DOMAIN, &fam) != 0 || (fam != AF_INET && fam != AF_INET6))
 		return GS_HANDBACK;
 	if (sockopt_int(dup, SOL_SOCKET, SO_TYPE, &type) != 0 || sockopt_int(dup, SOL_SOCKET, SO_PROTOCOL, &proto) != 0)
 		return GS_HANDBACK;
-	if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0 || cookie == t->host_cookie)
+	if ((!cookie && getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0) || cookie == t->host_cookie)
 		return GS_HANDBACK;
 	out->family = fam, out->type = type, out->proto = proto;
 	return read_addr(out);
@@ -527,14 +552,16 @@ static int read_call(const struct gs_table *t, struct gs_out *out, int dup)
 
 static int serve_connect(int listener, const struct gs_table *t, struct gs_out *out, int dup)
 {
+	uint64_t cookie = 0;
 	if (t->pools) {
 		/* Where the kernel guards the container's host sockets: a socket of the container's netns
 		 * (one getsockopt: no family, type or protocol read) connecting where no rule leads, for
 		 * any socket (gs_connect_local), runs its own connect (CONTINUE; see the local branch
 		 * below for what a changed fd or address meets). */
-		uint64_t cookie = 0;
 		socklen_t cl = sizeof(cookie);
-		if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) == 0 && cookie != t->host_cookie &&
+		if (getsockopt(dup, SOL_SOCKET, SO_NETNS_COOKIE, &cookie, &cl) != 0)
+			cookie = 0;
+		else if (cookie != t->host_cookie &&
 		    read_addr(out) == 0 && gs_connect_local(t, out->addr, out->addrlen)) {
 			uint16_t safam;
 			memcpy(&safam, out->addr, 2); /* AF_INET or AF_INET6: gs_connect_local said so */
@@ -547,7 +574,7 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 			return done(out, GS_DONE_LOCAL, 0);
 		}
 	}
-	if (read_call(t, out, dup))
+	if (read_call(t, out, dup, cookie))
 		return GS_HANDBACK;
 	int fam = out->family, type = out->type, proto = out->proto;
 	if (!id_valid(listener, out->id))
@@ -584,10 +611,8 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 		return done(out, GS_DONE_LOCAL, err);
 	}
 	/* a grant, if the task is in the container's netns and the socket has no address yet */
-	char path[64];
 	struct stat st;
-	snprintf(path, sizeof(path), "/proc/%u/ns/net", out->pid);
-	if (stat(path, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
+	if (task_netns(out->pid, out_pc, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
 		return GS_HANDBACK;
 	struct sockaddr_storage me;
 	socklen_t ml = sizeof(me);
@@ -827,7 +852,7 @@ static int grant_bind(int listener, const struct gs_table *t, struct gs_out *out
  * socket not bound yet): grant_bind, on the copied address. Anything else: handed back. */
 static int serve_bind(int listener, const struct gs_table *t, struct gs_out *out, int dup)
 {
-	if (read_call(t, out, dup))
+	if (read_call(t, out, dup, 0))
 		return GS_HANDBACK;
 	int fam = out->family, v6only = 0, row = -1, hfam = 0, dual = 0;
 	uint8_t haddr[16];
@@ -840,10 +865,8 @@ static int serve_bind(int listener, const struct gs_table *t, struct gs_out *out
 		return GS_HANDBACK;
 	out->v6only = v6only;
 	if (verdict == GS_GRANT) {
-		char path[64];
 		struct stat st;
-		snprintf(path, sizeof(path), "/proc/%u/ns/net", out->pid);
-		if (stat(path, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
+		if (task_netns(out->pid, out_pc, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
 			return GS_HANDBACK;
 		struct sockaddr_storage me;
 		socklen_t ml = sizeof(me);
@@ -1007,7 +1030,10 @@ EXPORT struct gs_loop *gs_loop_new(const char *shm_path)
 	struct gs_loop *l = calloc(1, sizeof(*l));
 	if (!l)
 		return NULL;
-	l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC);
+	/* O_NOATIME: gs_version reads it at every notification (the owner may; others open it plainly) */
+	l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC | O_NOATIME);
+	if (l->shmfd < 0 && errno == EPERM)
+		l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC);
 	l->ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	l->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	for (int i = 0; i < GS_SLOTS; i++)
