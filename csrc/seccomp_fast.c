@@ -181,9 +181,24 @@ struct pidcache {
 	uint32_t tid[GS_PIDS];
 	int fd[GS_PIDS];
 	int fdinfo[GS_PIDS]; /* /proc/TID/fdinfo */
+	int ns[GS_PIDS];     /* /proc/TID/ns */
+	int info[GS_PIDS];   /* /proc/TID/fdinfo/N, N = infonum: read again, it shows fd N as it is then */
+	int infonum[GS_PIDS];
 	uint64_t used[GS_PIDS];
 	int open;            /* entries with fd >= 0 */
 };
+
+/* Close what entry i keeps open of its thread's /proc directory (not its pidfd). */
+static void forget_dirs(struct pidcache *pc, int i)
+{
+	if (pc->fdinfo[i] >= 0)
+		close(pc->fdinfo[i]);
+	if (pc->info[i] >= 0)
+		close(pc->info[i]);
+	if (pc->ns[i] >= 0)
+		close(pc->ns[i]);
+	pc->fdinfo[i] = pc->info[i] = pc->ns[i] = -1;
+}
 
 static int getfd(uint32_t tid, int fd, struct pidcache *pc)
 {
@@ -207,10 +222,7 @@ static int getfd(uint32_t tid, int fd, struct pidcache *pc)
 			pc->open++;
 		*slot = pidfd;
 		pc->tid[tid % GS_PIDS] = tid;
-		int *info = &pc->fdinfo[tid % GS_PIDS];
-		if (*info >= 0)
-			close(*info);
-		*info = -1;
+		forget_dirs(pc, tid % GS_PIDS);
 	} else {
 		close(pidfd);
 	}
@@ -226,49 +238,64 @@ static int sockopt_int(int fd, int level, int name, int *v)
 
 static __thread struct pidcache *out_pc; /* the loop's cache, while serve() runs (NULL: gs_serve) */
 
-/* The /proc/TID/fdinfo directory of a thread the cache holds a pidfd of, kept open (`reopen`: opened
- * again, after a lookup in it found nothing: the directory of a task that exited finds nothing,
- * even if its tid was reused), or -1. */
-static int task_dir(uint32_t tid, struct pidcache *pc, int reopen)
+/* A directory of /proc/TID (`name`: "fdinfo" or "ns") of a thread the cache holds a pidfd of, kept
+ * open in `dirs` (`reopen`: opened again, after a lookup in it found nothing: the directory of a
+ * task that exited finds nothing, even if its tid was reused), or -1. */
+static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *name, int reopen)
 {
 	if (!pc || pc->tid[tid % GS_PIDS] != tid || pc->fd[tid % GS_PIDS] < 0)
 		return -1;
-	int *info = &pc->fdinfo[tid % GS_PIDS];
-	if (reopen && *info >= 0) {
-		close(*info);
-		*info = -1;
+	int *dir = &dirs[tid % GS_PIDS];
+	if (reopen && *dir >= 0) {
+		close(*dir);
+		*dir = -1;
 	}
-	if (*info < 0) {
+	if (*dir < 0) {
 		char path[64];
-		snprintf(path, sizeof(path), "/proc/%u/fdinfo", tid);
-		*info = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		snprintf(path, sizeof(path), "/proc/%u/%s", tid, name);
+		*dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	}
-	return *info;
+	return *dir;
 }
 
 /* Close-on-exec of the target's fd, from /proc/TID/fdinfo/FD (a dup cannot show it); with a
- * cache, relative to the thread's fdinfo directory (task_dir). Its first lines only ("pos:", "flags:"). */
+ * cache, the file of the fd number seen last is kept open and read again (one pread: it shows the
+ * fd as it is at each read), else opened in the thread's fdinfo directory (task_dir).
+ * Its first lines only ("pos:", "flags:"). */
 static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 {
 	char path[64], buf[128];
-	int f = -1;
-	snprintf(path, sizeof(path), "%d", fd);
-	for (int again = 0; f < 0 && again < 2; again++) {
-		int dir = task_dir(tid, pc, again);
-		if (dir < 0)
-			break;
-		f = openat(dir, path, O_RDONLY | O_CLOEXEC);
-		if (f < 0 && errno != ENOENT)
-			break;
+	ssize_t n = -1;
+	int i = tid % GS_PIDS;
+	int *kept = pc && pc->tid[i] == tid && pc->fd[i] >= 0 ? &pc->info[i] : NULL;
+	if (kept && *kept >= 0 && pc->infonum[i] == fd)
+		n = pread(*kept, buf, sizeof(buf) - 1, 0);
+	if (n <= 0) {
+		int f = -1;
+		snprintf(path, sizeof(path), "%d", fd);
+		for (int again = 0; f < 0 && again < 2; again++) {
+			int dir = pc ? task_dir(tid, pc, pc->fdinfo, "fdinfo", again) : -1;
+			if (dir < 0)
+				break;
+			f = openat(dir, path, O_RDONLY | O_CLOEXEC);
+			if (f < 0 && errno != ENOENT)
+				break;
+		}
+		if (f < 0) {
+			snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
+			f = open(path, O_RDONLY | O_CLOEXEC);
+		}
+		if (f < 0)
+			return 0;
+		n = pread(f, buf, sizeof(buf) - 1, 0);
+		if (kept) {
+			if (*kept >= 0)
+				close(*kept);
+			*kept = f, pc->infonum[i] = fd;
+		} else {
+			close(f);
+		}
 	}
-	if (f < 0) {
-		snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
-		f = open(path, O_RDONLY | O_CLOEXEC);
-	}
-	if (f < 0)
-		return 0;
-	ssize_t n = read(f, buf, sizeof(buf) - 1);
-	close(f);
 	if (n <= 0)
 		return 0;
 	buf[n] = 0;
@@ -281,20 +308,28 @@ static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 	return 0;
 }
 
-/* The thread's netns (/proc/TID/ns/net), through its cached fdinfo directory (task_dir: no walk
- * of /proc by pid). 0, or -1 with errno. */
-static int task_netns(uint32_t tid, struct pidcache *pc, struct stat *st)
+/* The inode of the thread's netns, read from the link /proc/TID/ns/net ("net:[INODE]": a readlink
+ * costs half a stat, which follows the link into nsfs) in its cached ns directory (task_dir: no
+ * walk of /proc by pid). 0 where it cannot be read. */
+static uint64_t task_netns(uint32_t tid, struct pidcache *pc)
 {
-	for (int again = 0; again < 2; again++) {
-		int dir = task_dir(tid, pc, again);
+	char buf[64];
+	ssize_t n = -1;
+	for (int again = 0; n < 0 && again < 2; again++) {
+		int dir = pc ? task_dir(tid, pc, pc->ns, "ns", again) : -1;
 		if (dir < 0)
 			break;
-		if (fstatat(dir, "../ns/net", st, 0) == 0)
-			return 0;
+		n = readlinkat(dir, "net", buf, sizeof(buf) - 1);
 	}
-	char path[64];
-	snprintf(path, sizeof(path), "/proc/%u/ns/net", tid);
-	return stat(path, st);
+	if (n < 0) {
+		char path[64];
+		snprintf(path, sizeof(path), "/proc/%u/ns/net", tid);
+		n = readlink(path, buf, sizeof(buf) - 1);
+	}
+	if (n < 6 || memcmp(buf, "net:[", 5) != 0)
+		return 0;
+	buf[n] = 0;
+	return strtoull(buf + 5, NULL, 10);
 }
 
 /* -- the option copy: hostsock.copy_options in C ------------------------------------------------ */
@@ -611,8 +646,8 @@ static int serve_connect(int listener, const struct gs_table *t, struct gs_out *
 		return done(out, GS_DONE_LOCAL, err);
 	}
 	/* a grant, if the task is in the container's netns and the socket has no address yet */
-	struct stat st;
-	if (task_netns(out->pid, out_pc, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
+	uint64_t netns = task_netns(out->pid, out_pc);
+	if (!netns || (t->target_netns_ino && netns != t->target_netns_ino))
 		return GS_HANDBACK;
 	struct sockaddr_storage me;
 	socklen_t ml = sizeof(me);
@@ -865,8 +900,8 @@ static int serve_bind(int listener, const struct gs_table *t, struct gs_out *out
 		return GS_HANDBACK;
 	out->v6only = v6only;
 	if (verdict == GS_GRANT) {
-		struct stat st;
-		if (task_netns(out->pid, out_pc, &st) != 0 || (t->target_netns_ino && st.st_ino != t->target_netns_ino))
+		uint64_t netns = task_netns(out->pid, out_pc);
+		if (!netns || (t->target_netns_ino && netns != t->target_netns_ino))
 			return GS_HANDBACK;
 		struct sockaddr_storage me;
 		socklen_t ml = sizeof(me);
@@ -1039,7 +1074,7 @@ EXPORT struct gs_loop *gs_loop_new(const char *shm_path)
 	for (int i = 0; i < GS_SLOTS; i++)
 		l->slots[i].fd = -1;
 	for (int i = 0; i < GS_PIDS; i++)
-		l->pids.fd[i] = l->pids.fdinfo[i] = -1;
+		l->pids.fd[i] = l->pids.fdinfo[i] = l->pids.info[i] = l->pids.ns[i] = -1;
 	pthread_mutex_init(&l->mu, NULL);
 	pthread_mutex_init(&l->rmu, NULL);
 	pthread_cond_init(&l->room, NULL);
@@ -1196,6 +1231,11 @@ EXPORT void gs_loop_quiet(struct gs_loop *l, int slot, struct gs_quiet *q)
 	pthread_mutex_unlock(&l->mu);
 }
 
+EXPORT int gs_pool_size(void)
+{
+	return (int)sizeof(struct gs_pool);
+}
+
 EXPORT int gs_quiet_size(void)
 {
 	return (int)sizeof(struct gs_quiet);
@@ -1295,7 +1335,7 @@ static void serve_slot(struct gs_loop *l, uint32_t i, uint32_t gen, uint32_t eve
 		signal_caller(l);
 }
 
-/* Close the pidfds and fdinfo directories of threads not seen for GS_PIDS_IDLE_NS (a task that
+/* Close the pidfds and /proc files of threads not seen for GS_PIDS_IDLE_NS (a task that
  * exited must not keep them, nor the supervisor hold fds of tasks long gone). Under l->mu. */
 static void age_pids(struct pidcache *pc, uint64_t now)
 {
@@ -1305,9 +1345,7 @@ static void age_pids(struct pidcache *pc, uint64_t now)
 		close(pc->fd[i]);
 		pc->fd[i] = -1;
 		pc->open--;
-		if (pc->fdinfo[i] >= 0)
-			close(pc->fdinfo[i]);
-		pc->fdinfo[i] = -1;
+		forget_dirs(pc, i);
 	}
 }
 
@@ -1390,8 +1428,7 @@ EXPORT void gs_loop_free(struct gs_loop *l)
 	for (int i = 0; i < GS_PIDS; i++) {
 		if (l->pids.fd[i] >= 0)
 			close(l->pids.fd[i]);
-		if (l->pids.fdinfo[i] >= 0)
-			close(l->pids.fdinfo[i]);
+		forget_dirs(&l->pids, i);
 	}
 	if (l->shmfd >= 0)
 		close(l->shmfd);

@@ -24,7 +24,7 @@ struct gs_row {
 /* Host sockets made ahead for one row (issue 11, lever 4): the endpoint's address bound with
  * IP_BIND_ADDRESS_NO_PORT, marked, not connected. The Python loop fills them between calls (only
  * while the kernel guards such sockets: host/bindguard.py, host/egress.py); C takes them. */
-#define GS_POOL 32
+#define GS_POOL 64
 struct gs_pool {
 	int32_t family;   /* of the sockets (0: this row has no pool) */
 	int32_t type;

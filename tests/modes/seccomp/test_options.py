@@ -1,6 +1,6 @@
 """A grafted socket carries the options the program set on its socket before the trapped connect -
-those (host/optwatch.py notes them), not its netns' defaults - in the C loop and in the Python
-handlers alike."""
+those (host/optwatch.py notes them), not its netns' defaults - and its fd's close-on-exec flag,
+in the C loop and in the Python handlers alike."""
 from __future__ import annotations
 
 import socket
@@ -35,6 +35,12 @@ show("fresh", socket.socket())
 t = socket.socket()
 t.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 33)
 show("ttl", t)
+for inherit in (True, False, True, False):  # one fd number, its flag changing: read anew each time
+    s = socket.socket()
+    s.set_inheritable(inherit)
+    s.connect(("127.0.0.1", port))
+    print("inheritable", s.fileno(), s.get_inheritable(), flush=True)
+    s.close()
 """
 
 
@@ -47,7 +53,9 @@ def test_a_grafted_socket_carries_the_options_the_program_set(state_dir, ns, mon
         r = run(ns, ["python3", "-c", PROG, str(lst.getsockname()[1])], **client_egress())
         rcvbuf = probe.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)  # the host's default
         ttl = probe.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-    lines = dict(line.split(maxsplit=1) for line in r.stdout.splitlines())
+    flags = [line.split()[1:] for line in r.stdout.splitlines() if line.startswith("inheritable")]
+    assert len({fd for fd, _ in flags}) == 1 and [v for _, v in flags] == ["True", "False", "True", "False"], r.stdout
+    lines = dict(line.split(maxsplit=1) for line in r.stdout.splitlines() if not line.startswith("inheritable"))
     assert lines["set"].split() == ["1", "1", "77", str(2 * 65536), "32", str(ttl), "0100000005000000"], r.stdout
     assert lines["fresh"].split() == ["0", "0", "7200", str(rcvbuf), "0", str(ttl), "0000000000000000"], r.stdout
     assert lines["ttl"].split()[5] == "33", r.stdout

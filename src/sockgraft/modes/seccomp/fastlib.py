@@ -32,7 +32,7 @@ class Row(ctypes.Structure):
                 ("net", ctypes.c_uint8 * 16), ("epaddr", ctypes.c_uint8 * 16)]
 
 
-POOL = 32  # csrc/seccomp_fast.h GS_POOL (the layout check below holds it)
+POOL = 64  # csrc/seccomp_fast.h GS_POOL (the layout check in load() holds it)
 POOL_LOW = POOL // 2  # a row's pool is filled again once it holds fewer
 
 
@@ -100,10 +100,11 @@ def load(path: str | None = None) -> ctypes.CDLL:
     if lib.gs_abi() != ctypes.sizeof(Table) * 1000000 + ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
         raise OSError(f"{path or library_path()}: struct layout differs from fastlib.py (rebuild: scripts/setup)")
     try:
-        if lib.gs_quiet_size() != ctypes.sizeof(Quiet):
-            raise OSError(f"{path or library_path()}: struct gs_quiet differs from fastlib.py (rebuild: scripts/setup)")
+        for name, struct in (("gs_quiet", Quiet), ("gs_pool", Pool)):
+            if getattr(lib, f"{name}_size")() != ctypes.sizeof(struct):
+                raise OSError(f"{path or library_path()}: struct {name} differs from fastlib.py (rebuild: scripts/setup)")
     except AttributeError:
-        raise OSError(f"{path or library_path()}: no gs_quiet_size (rebuild: scripts/setup)") from None
+        raise OSError(f"{path or library_path()}: no gs_quiet_size or gs_pool_size (rebuild: scripts/setup)") from None
     lib.gs_serve.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out)]
     lib.gs_serve.restype = ctypes.c_int
     lib.gs_serve_batch.argtypes = [ctypes.c_int, ctypes.POINTER(Table), ctypes.POINTER(Out), ctypes.c_int]
