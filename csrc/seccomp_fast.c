@@ -25,6 +25,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -186,6 +187,12 @@ struct pidcache {
 	int infonum[GS_PIDS];
 	uint64_t used[GS_PIDS];
 	int open;            /* entries with fd >= 0 */
+	/* /proc/TID/mem of the threads whose memory was read last (read_addr), apart: a bind is
+	 * judged from its sockaddr before any pidfd is opened (serve_unopened) */
+	uint32_t memtid[GS_PIDS];
+	int mem[GS_PIDS];
+	uint64_t memused[GS_PIDS];
+	int mems;            /* entries with mem >= 0 */
 };
 
 /* Close what entry i keeps open of its thread's /proc directory (not its pidfd). */
@@ -553,6 +560,35 @@ static int graft(int listener, const struct gs_table *t, struct gs_out *out, int
 
 /* The sockaddr of a bind or connect (args[1], args[2]) copied once into out->addr (out->addrlen:
  * its length, 0 until read). 0, or GS_HANDBACK. */
+/* `len` bytes of thread `tid`'s memory at `addr`: with the loop's cache, one pread of its kept
+ * /proc/TID/mem (opened again once where it fails: a thread that exited or exec'd, its tid reused;
+ * a file opened before an exec reads nothing of the new program), else process_vm_readv. */
+static int read_mem(uint32_t tid, uint64_t addr, void *buf, size_t len)
+{
+	struct pidcache *pc = out_pc;
+	if (pc && addr < (1ull << 62)) {
+		int i = tid % GS_PIDS;
+		pc->memused[i] = (uint64_t)t0.tv_sec * 1000000000ull + (uint64_t)t0.tv_nsec;
+		for (int again = 0; again < 2; again++) {
+			if (again || pc->mem[i] < 0 || pc->memtid[i] != tid) {
+				if (pc->mem[i] >= 0)
+					close(pc->mem[i]), pc->mems--;
+				char path[64];
+				snprintf(path, sizeof(path), "/proc/%u/mem", tid);
+				pc->mem[i] = open(path, O_RDONLY | O_CLOEXEC);
+				pc->memtid[i] = tid;
+				if (pc->mem[i] < 0)
+					break;
+				pc->mems++;
+			}
+			if (pread(pc->mem[i], buf, len, (off_t)addr) == (ssize_t)len)
+				return 0;
+		}
+	}
+	struct iovec local = {buf, len}, remote = {(void *)(uintptr_t)addr, len};
+	return syscall(SYS_process_vm_readv, (pid_t)tid, &local, 1UL, &remote, 1UL, 0UL) == (long)len ? 0 : -1;
+}
+
 static int read_addr(struct gs_out *out)
 {
 	if (out->addrlen)
@@ -560,8 +596,7 @@ static int read_addr(struct gs_out *out)
 	uint64_t len = out->args[2] & 0xFFFFFFFFu;
 	if (len < 2 || len > MAX_SOCKADDR || !out->args[1])
 		return GS_HANDBACK;
-	struct iovec local = {out->addr, len}, remote = {(void *)(uintptr_t)out->args[1], len};
-	if (syscall(SYS_process_vm_readv, (pid_t)out->pid, &local, 1UL, &remote, 1UL, 0UL) != (long)len)
+	if (read_mem(out->pid, out->args[1], out->addr, len) != 0)
 		return GS_HANDBACK;
 	out->addrlen = (uint32_t)len;
 	stamp(out, GS_T_READ);
@@ -1026,6 +1061,7 @@ struct gs_slot {
 
 struct gs_loop {
 	int ctlfd, evfd, shmfd;
+	const volatile uint8_t *shm; /* the WAL index's first page, mapped (NULL: read with pread) */
 	volatile int stop;
 	int dirty;           /* the slots changed: the poll set is made again */
 	pthread_mutex_t mu;  /* the slots, their tables and pools, the pidfd cache, one notification served */
@@ -1052,8 +1088,12 @@ static uint64_t now_ns(void)
 EXPORT uint64_t gs_version(struct gs_loop *l)
 {
 	uint8_t h[48];
-	if (!l || l->shmfd < 0 || pread(l->shmfd, h, sizeof(h), 0) != (ssize_t)sizeof(h))
+	if (l && l->shm) {
+		for (size_t i = 0; i < sizeof(h); i++)
+			h[i] = l->shm[i];
+	} else if (!l || l->shmfd < 0 || pread(l->shmfd, h, sizeof(h), 0) != (ssize_t)sizeof(h)) {
 		return ~0ull;
+	}
 	uint64_t x = 1469598103934665603ull;
 	for (size_t i = 0; i < sizeof(h); i++)
 		x = (x ^ h[i]) * 1099511628211ull;
@@ -1069,12 +1109,21 @@ EXPORT struct gs_loop *gs_loop_new(const char *shm_path)
 	l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC | O_NOATIME);
 	if (l->shmfd < 0 && errno == EPERM)
 		l->shmfd = open(shm_path, O_RDONLY | O_CLOEXEC);
+	/* gs_version reads it at every notification: mapped, a read costs no system call. SQLite
+	 * truncates the file only for a first connection, never while another has it open, and the
+	 * caller's own connection to the database stays open while the loop runs (gs_loop_free comes
+	 * first); a file too short for the header is read with pread. */
+	struct stat st;
+	if (l->shmfd >= 0 && fstat(l->shmfd, &st) == 0 && st.st_size >= 48) {
+		void *m = mmap(NULL, 4096, PROT_READ, MAP_SHARED, l->shmfd, 0);
+		l->shm = m == MAP_FAILED ? NULL : m;
+	}
 	l->ctlfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	l->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	for (int i = 0; i < GS_SLOTS; i++)
 		l->slots[i].fd = -1;
 	for (int i = 0; i < GS_PIDS; i++)
-		l->pids.fd[i] = l->pids.fdinfo[i] = l->pids.info[i] = l->pids.ns[i] = -1;
+		l->pids.fd[i] = l->pids.fdinfo[i] = l->pids.info[i] = l->pids.ns[i] = l->pids.mem[i] = -1;
 	pthread_mutex_init(&l->mu, NULL);
 	pthread_mutex_init(&l->rmu, NULL);
 	pthread_cond_init(&l->room, NULL);
@@ -1339,7 +1388,12 @@ static void serve_slot(struct gs_loop *l, uint32_t i, uint32_t gen, uint32_t eve
  * exited must not keep them, nor the supervisor hold fds of tasks long gone). Under l->mu. */
 static void age_pids(struct pidcache *pc, uint64_t now)
 {
-	for (int i = 0; i < GS_PIDS && pc->open; i++) {
+	for (int i = 0; i < GS_PIDS && (pc->open || pc->mems); i++) {
+		if (pc->mem[i] >= 0 && now - pc->memused[i] >= GS_PIDS_IDLE_NS) {
+			close(pc->mem[i]);
+			pc->mem[i] = -1;
+			pc->mems--;
+		}
 		if (pc->fd[i] < 0 || now - pc->used[i] < GS_PIDS_IDLE_NS)
 			continue;
 		close(pc->fd[i]);
@@ -1374,11 +1428,11 @@ EXPORT int gs_loop_run(struct gs_loop *l)
 			l->dirty = 0;
 		}
 		uint64_t now = now_ns();
-		if (l->pids.open && now - l->aged >= GS_PIDS_IDLE_NS / 4) {
+		if ((l->pids.open || l->pids.mems) && now - l->aged >= GS_PIDS_IDLE_NS / 4) {
 			age_pids(&l->pids, now);
 			l->aged = now;
 		}
-		int timeout = l->pids.open ? (int)(GS_PIDS_IDLE_NS / 4000000) : -1;
+		int timeout = l->pids.open || l->pids.mems ? (int)(GS_PIDS_IDLE_NS / 4000000) : -1;
 		pthread_mutex_unlock(&l->mu);
 		int r = poll(pfds, n, timeout);
 		if (r < 0) {
@@ -1428,8 +1482,12 @@ EXPORT void gs_loop_free(struct gs_loop *l)
 	for (int i = 0; i < GS_PIDS; i++) {
 		if (l->pids.fd[i] >= 0)
 			close(l->pids.fd[i]);
+		if (l->pids.mem[i] >= 0)
+			close(l->pids.mem[i]);
 		forget_dirs(&l->pids, i);
 	}
+	if (l->shm)
+		munmap((void *)l->shm, 4096);
 	if (l->shmfd >= 0)
 		close(l->shmfd);
 	if (l->ctlfd >= 0)
