@@ -43,6 +43,15 @@ def fresh_server(topo, servers: Servers, side: str):
         topo.release(srv)
 
 
+def holders(port: int) -> str:
+    """The host's TCP and UDP sockets on `port` and their processes (`ss`), one line."""
+    try:
+        r = subprocess.run(["ss", "-Htuanp", f"sport = :{port}"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"(ss: {e})"
+    return " | ".join(" ".join(line.split()) for line in r.stdout.splitlines()) or "none"
+
+
 def check_closes(out: dict, ok: int) -> None:
     """Every connection the client made (and closed first) reached the server and closed with a FIN."""
     server = out["server"]
@@ -88,8 +97,11 @@ class Control(Workload):
         port = topo.client_port(client_side)
         listener = topo.listen(client_side, port)
         api = ["--graft-endpoint", f"s{port}"] if topo.graft_api else []
-        out = topo.run(client_side, py("pypeer", "ctl-bind", "--bind", listener.bind, "--port", str(port),
-                                       "--seconds", secs, *api), ports=[port], timeout=60)
+        try:
+            out = topo.run(client_side, py("pypeer", "ctl-bind", "--bind", listener.bind, "--port", str(port),
+                                           "--seconds", secs, *api), ports=[port], timeout=60)
+        except TopologyError as e:  # (once, a native bind met EADDRINUSE on a port free_port had found free)
+            raise TopologyError(f"{e}; the host's sockets on port {port}: {holders(port)}") from None
         r = json.loads(out)
         return {"ops": (r["ops_per_s"], "ops/s"), "_ops": (r["ops"], "ops")}
 
