@@ -24,6 +24,7 @@ import ctypes
 import os
 import socket
 import struct
+import threading
 import time
 
 from sockgraft.core.tables import COPIED_OPTIONS
@@ -150,6 +151,7 @@ class Watch:
 
     def __init__(self) -> None:
         self.fd, self.id, self.checked = -1, 0, time.monotonic()
+        self.lock = threading.Lock()  # the supervisor's loop and its handlers' worker threads ask
         self.retired: list[int] = []  # fds no longer handed out (a table may still hold one): closed at close()
         try:
             ensure()
@@ -161,10 +163,12 @@ class Watch:
     def current(self) -> int:
         now = time.monotonic()
         if self.fd >= 0 and now - self.checked >= 1.0:
-            self.checked = now
-            if map_id() != self.id:
-                self.retired.append(self.fd)
-                self.fd = -1
+            with self.lock:
+                if self.fd >= 0 and now - self.checked >= 1.0:
+                    self.checked = now
+                    if map_id() != self.id:
+                        self.retired.append(self.fd)
+                        self.fd = -1
         return self.fd
 
     def options_set(self, sock_fd: int) -> int | None:
@@ -178,10 +182,11 @@ class Watch:
             return None
 
     def close(self) -> None:
-        for fd in [self.fd, *self.retired]:
-            if fd >= 0:
-                os.close(fd)
-        self.fd, self.retired = -1, []
+        with self.lock:
+            for fd in [self.fd, *self.retired]:
+                if fd >= 0:
+                    os.close(fd)
+            self.fd, self.retired = -1, []
 
 
 def options_set(map_fd: int, sock_fd: int) -> int:
