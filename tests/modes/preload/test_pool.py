@@ -152,8 +152,21 @@ def test_binds_draw_on_pools_after_the_first_and_behave_as_the_services(run_prel
     got, err = _serve_binds(run_preload, 40, {})
     binds, pools = requests(err, "bind"), requests(err, "bindpool")
     # `bind`: the first of the 40 (the server's SO_REUSEPORT makes another kind: its first), the
-    # refused second, the first V6ONLY [::] one
-    assert len(binds) == 4 and 3 <= len(pools) <= 6, err
+    # refused second, the first V6ONLY [::] one. A kind may ask `bind` once more, after a `bindpool`
+    # of its own: its first pooled socket met EADDRINUSE because the service had not yet closed its
+    # copy of the socket it bound for that kind's first bind (hooks.c pooled_bind then asks the
+    # service, whose answer comes once its copies are closed; seen once in four suites on 2 vCPUs).
+    kinds, asked = [], []
+    for line in err.splitlines():
+        words = line.split()
+        if line.startswith(("graft: request: bind ", "graft: request: bindpool ")):
+            asked.append((words[2], tuple(words[3:9])))
+    for i, (verb, kind) in enumerate(asked):
+        if verb == "bind" and kind in kinds:
+            assert ("bindpool", kind) in asked[:i] and kinds.count(kind) == 1, err
+        if verb == "bind":
+            kinds.append(kind)
+    assert len(set(kinds)) == 4 and 3 <= len(pools) <= 6, err
     assert err.count("graft: reply (refill): ok ") >= 1, err  # a batch asked ahead was collected
     want = Request("bindpool", family=2, addr="0.0.0.0", port=int(binds[0].split()[5]), type=1,
                    flags=frozenset({"reuseaddr"}), count=MAX_POOL).encode().decode()
