@@ -562,7 +562,11 @@ static int graft(int listener, const struct gs_table *t, struct gs_out *out, int
  * its length, 0 until read). 0, or GS_HANDBACK. */
 /* `len` bytes of thread `tid`'s memory at `addr`: with the loop's cache, one pread of its kept
  * /proc/TID/mem (opened again once where it fails: a thread that exited or exec'd, its tid reused;
- * a file opened before an exec reads nothing of the new program), else process_vm_readv. */
+ * a file opened before an exec reads nothing of the new program), else process_vm_readv. Not
+ * covered: a vfork child trapped while it shares its parent's memory, which then execs and traps
+ * again, is read in its parent's memory while the parent lives (a wrong answer, not a wider grant:
+ * a pooled connect's CONTINUE has the kernel read the address itself, the egress table judges it,
+ * and a bind grant is the container's own endpoint). */
 static int read_mem(uint32_t tid, uint64_t addr, void *buf, size_t len)
 {
 	struct pidcache *pc = out_pc;
