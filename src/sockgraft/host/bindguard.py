@@ -68,10 +68,10 @@ def program(attach_type: int, map_fd: int, tag: int = MARK_TAG, unbound: int = U
         (0x15, 2, 0, "allow", 0),               # no socket: not ours
         (0x61, 3, 2, _MARK, 0),                 # r3 = sk->mark
         (0xBC, 4, 3, 0, 0),                     # w4 = w3
-        (0x54, 4, 0, 0, ebpf.s32(mask)),            # w4 &= mask
-        (0x16, 4, 0, "marked", ebpf.s32(tag)),      # MARK_TAG: judged by its port
-        (0x56, 4, 0, "allow", ebpf.s32(unbound)),   # neither tag: not ours
-        (0x54, 3, 0, 0, ebpf.s32(~mask)),           # UNBOUND_TAG | n: the key's mark is MARK_TAG | n
+        (0x54, 4, 0, 0, ebpf.s32(mask)),        # w4 &= mask
+        (0x16, 4, 0, "marked", ebpf.s32(tag)),  # MARK_TAG: judged by its port
+        (0x56, 4, 0, "allow", ebpf.s32(unbound)),  # neither tag: not ours
+        (0x54, 3, 0, 0, ebpf.s32(~mask)),       # UNBOUND_TAG | n: the key's mark is MARK_TAG | n
         (0x44, 3, 0, 0, ebpf.s32(tag)),
         (0x63, 10, 3, -24, 0),                  # key.mark
         (0x61, 4, 6, _USER_PORT, 0),
@@ -179,22 +179,23 @@ def _map():
 
 def _entries(fd: int) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
-    prev, nxt, value = None, ctypes.create_string_buffer(KEY_SIZE), ctypes.create_string_buffer(VALUE_SIZE)
+    prev, nxt = None, ctypes.create_string_buffer(KEY_SIZE)
     while len(out) <= MAX_GRANTS:
         cur = ctypes.create_string_buffer(prev, KEY_SIZE) if prev is not None else None
         try:
             ebpf.bpf(ebpf.MAP_NEXT_KEY, struct.pack("<IIQQ", fd, 0, ctypes.addressof(cur) if cur is not None else 0,
-                                            ctypes.addressof(nxt)))
+                                                    ctypes.addressof(nxt)))
         except OSError as e:
             if e.errno == 2:  # ENOENT: the last key
                 return out
             raise
         prev = nxt.raw
         try:
-            ebpf.bpf(ebpf.MAP_LOOKUP, struct.pack("<IIQQ", fd, 0, ctypes.addressof(nxt), ctypes.addressof(value)))
+            value = ebpf.lookup(fd, prev, VALUE_SIZE)
         except OSError:
-            continue  # deleted meanwhile
-        out[prev] = value.raw
+            continue
+        if value is not None:  # (None: deleted meanwhile)
+            out[prev] = value
     return out
 
 
@@ -227,11 +228,8 @@ def holds(owner: bytes, keys: set[bytes]) -> bool:
     """Whether the map holds every one of `keys` under `owner`."""
     try:
         with _map() as fd:
-            value = ctypes.create_string_buffer(VALUE_SIZE)
             for k in keys:
-                kb = ctypes.create_string_buffer(k, KEY_SIZE)
-                ebpf.bpf(ebpf.MAP_LOOKUP, struct.pack("<IIQQ", fd, 0, ctypes.addressof(kb), ctypes.addressof(value)))
-                if value.raw != owner:
+                if ebpf.lookup(fd, k, VALUE_SIZE) != owner:
                     return False
     except OSError:
         return False
