@@ -558,8 +558,6 @@ static int graft(int listener, const struct gs_table *t, struct gs_out *out, int
 	return install(listener, out, h, 0, err);
 }
 
-/* The sockaddr of a bind or connect (args[1], args[2]) copied once into out->addr (out->addrlen:
- * its length, 0 until read). 0, or GS_HANDBACK. */
 /* `len` bytes of thread `tid`'s memory at `addr`: with the loop's cache, one pread of its kept
  * /proc/TID/mem (opened again once where it fails: a thread that exited or exec'd, its tid reused;
  * a file opened before an exec reads nothing of the new program), else process_vm_readv. Not
@@ -593,6 +591,8 @@ static int read_mem(uint32_t tid, uint64_t addr, void *buf, size_t len)
 	return syscall(SYS_process_vm_readv, (pid_t)tid, &local, 1UL, &remote, 1UL, 0UL) == (long)len ? 0 : -1;
 }
 
+/* The sockaddr of a bind or connect (args[1], args[2]) copied once into out->addr (out->addrlen:
+ * its length, 0 until read). 0, or GS_HANDBACK. */
 static int read_addr(struct gs_out *out)
 {
 	if (out->addrlen)
