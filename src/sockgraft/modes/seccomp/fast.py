@@ -135,7 +135,7 @@ class Fast:
         if c is None or c.policy is not policy:
             if c is not None:
                 c.close()
-            c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino, optmap=self.optmap())
+            c = self.compiled[t.fd] = Compiled(policy, self.kernel.host_cookie, t.ino)
             c.fill(lambda: egress.pools_off(self.store, t.key))
             self.stats["fast_tables"] += 1
         c.table.optmap = self.optmap()  # -1 once the watch is gone (its fd stays open meanwhile)

@@ -100,8 +100,8 @@ def load(path: str | None = None) -> ctypes.CDLL:
     if lib.gs_abi() != ctypes.sizeof(Table) * 1000000 + ctypes.sizeof(Out) * 1000 + ctypes.sizeof(Row):
         raise OSError(f"{path or library_path()}: struct layout differs from fastlib.py (rebuild: scripts/setup)")
     try:
-        for name, struct in (("gs_quiet", Quiet), ("gs_pool", Pool)):
-            if getattr(lib, f"{name}_size")() != ctypes.sizeof(struct):
+        for name, kind in (("gs_quiet", Quiet), ("gs_pool", Pool)):
+            if getattr(lib, f"{name}_size")() != ctypes.sizeof(kind):
                 raise OSError(f"{path or library_path()}: struct {name} differs from fastlib.py (rebuild: scripts/setup)")
     except AttributeError:
         raise OSError(f"{path or library_path()}: no gs_quiet_size or gs_pool_size (rebuild: scripts/setup)") from None
