@@ -5,6 +5,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import socket
+import struct
 from dataclasses import dataclass
 
 from sockgraft.core.endpoint import SpecError
@@ -192,3 +194,11 @@ def ino_of_pidfd(pidfd: int) -> int:
         return os.fstat(nsfd).st_ino
     finally:
         os.close(nsfd)
+
+
+SO_NETNS_COOKIE = 71
+
+
+def netns_cookie(sock: socket.socket) -> int:
+    """The cookie of the netns a socket lives in: one getsockopt (SIOCGSKNS costs an fd)."""
+    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]

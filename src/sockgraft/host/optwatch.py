@@ -28,7 +28,7 @@ import threading
 import time
 
 from sockgraft.core.tables import COPIED_OPTIONS
-from sockgraft.host import ebpf
+from sockgraft.host import ebpf, netns
 
 NAME = b"graft_optwatch"
 SETSOCKOPT = 22  # BPF_CGROUP_SETSOCKOPT
@@ -37,7 +37,6 @@ _PROG_TYPE_CGROUP_SOCKOPT = 25
 _MAP_TYPE_SK_STORAGE = 24
 _FUNC_SK_STORAGE_GET, _FUNC_GET_NETNS_COOKIE = 107, 122
 _SK_STORAGE_GET_F_CREATE = 1
-_SO_NETNS_COOKIE = 71
 # struct bpf_sockopt: sk at 0, level at 24, optname at 28, optlen at 32
 _SK, _LEVEL, _OPTNAME, _OPTLEN = 0, 24, 28, 32
 _ATOMIC_DW, _ATOMIC_OR = 0xDB, 0x40  # BPF_STX | BPF_ATOMIC | BPF_DW; imm BPF_OR
@@ -100,7 +99,7 @@ def _new_map() -> int:
 
 def host_cookie() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        return struct.unpack("<Q", s.getsockopt(socket.SOL_SOCKET, _SO_NETNS_COOKIE, 8))[0]
+        return netns.netns_cookie(s)
 
 
 def _attached(cg: int) -> list[tuple[int, int]]:

@@ -53,7 +53,6 @@ IFREQ_SET = frozenset((0x8914, 0x8916, 0x8918, 0x891A, 0x891C, 0x891E, 0x8922, 0
 IOCTL_OUT = {0x8904: 4, 0x8905: 4, 0x8906: 16, 0x8907: 16}  # SIOCGPGRP, SIOCATMARK, SIOCGSTAMP(NS)
 IFCONF = struct.Struct("=ixxxxQ")  # int ifc_len; union { char *buf; ... }
 CAP_NET_ADMIN = 12
-SO_NETNS_COOKIE = 71
 
 NOTIF_SIZE = 80
 _NOTIF = struct.Struct("=QIIiIQ6Q")  # id, pid, flags, nr, arch, ip, args[6]
@@ -252,11 +251,6 @@ def _proc_inodes(names) -> set[int]:
         except FileNotFoundError:
             continue  # (no IPv6)
     return out
-
-
-def netns_cookie(sock: socket.socket) -> int:
-    """The cookie of the netns a socket lives in: one getsockopt (SIOCGSKNS costs an fd)."""
-    return struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))[0]
 
 
 def has_cap(tid: int, cap: int) -> bool:

@@ -13,6 +13,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from sockgraft.host import netns
 from sockgraft.modes.seccomp import kernel as K
 
 MAX_SOCKADDR = 128
@@ -64,7 +65,7 @@ class Kernel:
 
     def __init__(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            self.host_cookie = K.netns_cookie(probe)
+            self.host_cookie = netns.netns_cookie(probe)
 
     def recv(self, listener: int) -> K.Notif:
         return K.notif_recv(listener)
@@ -123,7 +124,7 @@ class Kernel:
 
     def is_host(self, s: socket.socket) -> bool:
         """The socket lives in the host netns (it is grafted)."""
-        return K.netns_cookie(s) == self.host_cookie
+        return netns.netns_cookie(s) == self.host_cookie
 
 
 class Call:
