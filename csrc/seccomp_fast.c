@@ -500,7 +500,6 @@ static int handover(int listener, const struct gs_table *t, struct gs_out *out, 
 static int graft(int listener, const struct gs_table *t, struct gs_out *out, int dup, int hfam, const uint8_t *haddr,
 		 uint16_t hport, struct gs_pool *pool)
 {
-	uint32_t mark = t->mark;
 	int type = out->type, appfd = out->appfd;
 	if (pool && pool->n > 0 && pool->family == hfam && pool->type == type && hport == 0)
 		return handover(listener, t, out, dup, pool->fds[--pool->n]);
@@ -524,7 +523,7 @@ static int graft(int listener, const struct gs_table *t, struct gs_out *out, int
 		if (bind(h, (struct sockaddr *)&ss, sl) != 0)
 			err = errno;
 		/* marked once bound: the bind guard (host/bindguard.py) refuses any later bind */
-		else if (mark && setsockopt(h, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) != 0)
+		else if (t->mark && setsockopt(h, SOL_SOCKET, SO_MARK, &t->mark, sizeof(t->mark)) != 0)
 			err = errno;
 	}
 	if (err) {
