@@ -182,7 +182,7 @@ struct pidcache {
 	uint32_t tid[GS_PIDS];
 	int fd[GS_PIDS];
 	int fdinfo[GS_PIDS]; /* /proc/TID/fdinfo */
-	int ns[GS_PIDS];     /* /proc/TID/ns */
+	int ns[GS_PIDS];     /* /proc/TID/ns/net (O_PATH) */
 	int info[GS_PIDS];   /* /proc/TID/fdinfo/N, N = infonum: read again, it shows fd N as it is then */
 	int infonum[GS_PIDS];
 	uint64_t used[GS_PIDS];
@@ -245,9 +245,10 @@ static int sockopt_int(int fd, int level, int name, int *v)
 
 static __thread struct pidcache *out_pc; /* the loop's cache, while serve() runs (NULL: gs_serve) */
 
-/* A directory of /proc/TID (`name`: "fdinfo" or "ns") of a thread the cache holds a pidfd of, kept
- * open in `dirs` (`reopen`: opened again, after a lookup in it found nothing: the directory of a
- * task that exited finds nothing, even if its tid was reused), or -1. */
+/* A file of /proc/TID (`name`: the directory "fdinfo", or the link "ns/net" as an O_PATH fd) of a
+ * thread the cache holds a pidfd of, kept open in `dirs` (`reopen`: opened again, after a lookup
+ * in it found nothing: the files of a task that exited find nothing, even if its tid was reused),
+ * or -1. */
 static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *name, int reopen)
 {
 	if (!pc || pc->tid[tid % GS_PIDS] != tid || pc->fd[tid % GS_PIDS] < 0)
@@ -260,16 +261,18 @@ static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *na
 	if (*dir < 0) {
 		char path[64];
 		snprintf(path, sizeof(path), "/proc/%u/%s", tid, name);
-		*dir = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		*dir = open(path, name[0] == 'n' ? O_PATH | O_NOFOLLOW | O_CLOEXEC : O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	}
 	return *dir;
 }
 
-/* Close-on-exec of the target's fd, from /proc/TID/fdinfo/FD (a dup cannot show it); with a
- * cache, the file of the fd number seen last is kept open and read again (one pread: it shows the
- * fd as it is at each read), else opened in the thread's fdinfo directory (task_dir).
- * Its first lines only ("pos:", "flags:"). */
-static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
+/* The target's fd's flags, from /proc/TID/fdinfo/FD: its file's status flags (O_NONBLOCK, as
+ * F_GETFL of our dup would say) and O_CLOEXEC where the fd has close-on-exec (a dup cannot show
+ * it); with a cache, the file of the fd number seen last is kept open and read again (one pread:
+ * it shows the fd as it is at each read), else opened in the thread's fdinfo directory (task_dir).
+ * Its first lines only ("pos:", "flags:"). Where it cannot be read: F_GETFL of `dup`, no
+ * close-on-exec. */
+static int fd_flags(uint32_t tid, int fd, struct pidcache *pc, int dup)
 {
 	char path[64], buf[128];
 	ssize_t n = -1;
@@ -293,7 +296,7 @@ static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 			f = open(path, O_RDONLY | O_CLOEXEC);
 		}
 		if (f < 0)
-			return 0;
+			return fcntl(dup, F_GETFL) & ~O_CLOEXEC;
 		n = pread(f, buf, sizeof(buf) - 1, 0);
 		if (kept) {
 			if (*kept >= 0)
@@ -303,30 +306,29 @@ static int fd_cloexec(uint32_t tid, int fd, struct pidcache *pc)
 			close(f);
 		}
 	}
-	if (n <= 0)
-		return 0;
-	buf[n] = 0;
-	for (char *p = buf; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
-		if (strncmp(p, "flags:", 6) == 0) {
-			unsigned long fl = strtoul(p + 6, NULL, 8);
-			return (fl & O_CLOEXEC) != 0;
+	if (n > 0) {
+		buf[n] = 0;
+		for (char *p = buf; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+			if (strncmp(p, "flags:", 6) == 0)
+				return (int)strtoul(p + 6, NULL, 8);
 		}
 	}
-	return 0;
+	return fcntl(dup, F_GETFL) & ~O_CLOEXEC;
 }
 
 /* The inode of the thread's netns, read from the link /proc/TID/ns/net ("net:[INODE]": a readlink
- * costs half a stat, which follows the link into nsfs) in its cached ns directory (task_dir: no
- * walk of /proc by pid). 0 where it cannot be read. */
+ * costs half a stat, which follows the link into nsfs), kept open as an O_PATH fd of the link
+ * itself (task_dir: read with an empty path, no lookup; the kernel reads the thread's netns at
+ * each readlink). 0 where it cannot be read. */
 static uint64_t task_netns(uint32_t tid, struct pidcache *pc)
 {
 	char buf[64];
 	ssize_t n = -1;
 	for (int again = 0; n < 0 && again < 2; again++) {
-		int dir = pc ? task_dir(tid, pc, pc->ns, "ns", again) : -1;
-		if (dir < 0)
+		int link = pc ? task_dir(tid, pc, pc->ns, "ns/net", again) : -1;
+		if (link < 0)
 			break;
-		n = readlinkat(dir, "net", buf, sizeof(buf) - 1);
+		n = readlinkat(link, "", buf, sizeof(buf) - 1);
 	}
 	if (n < 0) {
 		char path[64];
@@ -487,10 +489,11 @@ static int install(int listener, struct gs_out *out, int h, int cont, int err)
  * (bind guard). Returns what gs_serve returns. */
 static int handover(int listener, const struct gs_table *t, struct gs_out *out, int dup, int h)
 {
-	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
-	out->cloexec = fd_cloexec(out->pid, out->appfd, out_pc);
+	int flags = fd_flags(out->pid, out->appfd, out_pc, dup);
+	out->cloexec = (flags & O_CLOEXEC) != 0;
 	copy_options(t, dup, h, out->family, out->type, out->family);
-	fcntl(h, F_SETFL, nonblock ? (fcntl(h, F_GETFL) | O_NONBLOCK) : (fcntl(h, F_GETFL) & ~O_NONBLOCK));
+	if (flags & O_NONBLOCK) /* (pooled sockets are made blocking: gs_pool_fill, hostsock.pooled) */
+		fcntl(h, F_SETFL, O_NONBLOCK);
 	stamp(out, GS_T_SOCKET);
 	out->pooled = 1; /* (read for a granted record only) */
 	return install(listener, out, h, 1, 0);
@@ -503,8 +506,8 @@ static int graft(int listener, const struct gs_table *t, struct gs_out *out, int
 	int type = out->type, appfd = out->appfd;
 	if (pool && pool->n > 0 && pool->family == hfam && pool->type == type && hport == 0)
 		return handover(listener, t, out, dup, pool->fds[--pool->n]);
-	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
-	out->cloexec = fd_cloexec(out->pid, appfd, out_pc);
+	int flags = fd_flags(out->pid, appfd, out_pc, dup), nonblock = (flags & O_NONBLOCK) != 0;
+	out->cloexec = (flags & O_CLOEXEC) != 0;
 	int h = socket(hfam, type | SOCK_NONBLOCK | SOCK_CLOEXEC, out->proto);
 	if (h < 0)
 		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
@@ -875,8 +878,8 @@ EXPORT int gs_lookup_bind(const struct gs_table *t, int family, const uint8_t *s
 static int grant_bind(int listener, const struct gs_table *t, struct gs_out *out, int dup, int hfam,
 		      const uint8_t *haddr, uint16_t hport)
 {
-	int nonblock = (fcntl(dup, F_GETFL) & O_NONBLOCK) != 0;
-	out->cloexec = fd_cloexec(out->pid, out->appfd, out_pc);
+	int flags = fd_flags(out->pid, out->appfd, out_pc, dup), nonblock = (flags & O_NONBLOCK) != 0;
+	out->cloexec = (flags & O_CLOEXEC) != 0;
 	int h = socket(hfam, out->type | SOCK_CLOEXEC | (nonblock ? SOCK_NONBLOCK : 0), out->proto);
 	if (h < 0)
 		return failed(listener, out, errno ? errno : EADDRNOTAVAIL);
