@@ -4,8 +4,11 @@
    and from a container through `graft run --mode seccomp` (a dynamic egress endpoint), with the
    native fast path (fast.py), with it but without its C loop (GRAFT_SECCOMP_LOOP=0: the Python
    loop calls gs_serve_batch) and without it (GRAFT_SECCOMP_FAST=0), side by side; p50/p99 of
-   each connect. `--pythonpath DIR` runs graft from another tree (e.g. a `git worktree` of an older
-   commit) for a before/after comparison.
+   each connect. And the floor of any supervisor on this machine (floor.py): the same client
+   under seccomp mode's filter, answered CONTINUE (the trap alone), and with the fewest calls a
+   socket swap needs (pidfd_getfd, ADDFD of a host socket made ahead, CONTINUE, close).
+   `--pythonpath DIR` runs graft from another tree (e.g. a `git worktree` of an older commit) for
+   a before/after comparison.
 2. steps: the same client under a supervisor in this process whose kernel calls and handler steps
    are timed (recv, pidfd_getfd, memory copy, decision, audit, socket+bind, connect, addfd, send);
    median µs per grafted connect; for the fast path, the C step (gs_serve) and the whole
@@ -30,12 +33,14 @@ CLIENT = r"""
 import socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
 out = []
+t0 = time.perf_counter()
 for _ in range(n):
     s = socket.socket()
     t = time.perf_counter(); s.connect(("127.0.0.1", port)); out.append(time.perf_counter() - t)
     s.close()
+rate = n / (time.perf_counter() - t0)
 if len(sys.argv) < 4:
-    print(" ".join(f"{x * 1e6:.1f}" for x in out))
+    print(f"{rate:.0f}", " ".join(f"{x * 1e6:.1f}" for x in out))
 """
 ENDPOINT = "out type ipv4 addr 127.0.0.1 port dynamic"
 EGRESS = "127.0.0.1/32=out"
@@ -58,20 +63,31 @@ def _listener() -> socket.socket:
     return srv
 
 
-def _pcts(us: list[float]) -> dict:
-    us = sorted(us)
-    return {"p50": round(us[len(us) // 2], 1), "p99": round(us[int(len(us) * 0.99)], 1), "n": len(us)}
+def _pcts(printed: str) -> dict:
+    """The client's output (its rate of socket+connect+close per second, then each connect's µs)."""
+    rate, *us = (float(x) for x in printed.split())
+    us.sort()
+    return {"p50": round(us[len(us) // 2], 1), "p99": round(us[int(len(us) * 0.99)], 1), "n": len(us),
+            "rate": round(rate)}
 
 
 def latency(n: int, ns: str, pythonpath: str | None) -> dict:
-    """p50/p99 natively, through seccomp with the fast path, and through seccomp in Python."""
+    """p50/p99 natively, under the floor, through seccomp with the fast path, and through seccomp in Python."""
+    from sockgraft.modes.seccomp import floor
+
     srv = _listener()
     out = {}
     try:
         port = str(srv.getsockname()[1])
         native = subprocess.run([sys.executable, "-c", CLIENT, port, str(n)], capture_output=True, text=True,
                                 check=True, timeout=300).stdout
-        out["native"] = _pcts([float(x) for x in native.split()])
+        out["native"] = _pcts(native)
+        with tempfile.TemporaryDirectory(prefix="sgfloor-") as tmp:
+            program = floor.write_filter(os.path.join(tmp, "filter"))
+            for how in floor.HOW:
+                got = subprocess.run(floor.argv(how, "127.0.0.1", program, [sys.executable, "-c", CLIENT, port, str(n)]),
+                                     capture_output=True, text=True, check=True, timeout=300).stdout
+                out[f"floor: {how}"] = _pcts(got)
         for name, fast, loop in (("seccomp fast", "1", "1"), ("fast, no C loop", "1", "0"),
                                  ("seccomp python", "0", "1")):
             env = dict(os.environ, GRAFT_STATE_DIR=tempfile.mkdtemp(prefix="sgcost-"), GRAFT_SECCOMP_FAST=fast,
@@ -85,7 +101,7 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
                                          capture_output=True, text=True, check=True, timeout=300, env=env).stdout
             finally:
                 shutil.rmtree(env["GRAFT_STATE_DIR"], ignore_errors=True)
-            out[name] = _pcts([float(x) for x in grafted.split()])
+            out[name] = _pcts(grafted)
     finally:
         srv.close()
     return out
@@ -227,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         lat = latency(args.connects, name, args.pythonpath)
         print(f"blocking connect µs (n={args.connects})")
         for which, p in lat.items():
-            print(f"  {which:<16} p50 {p['p50']:>7}  p99 {p['p99']:>7}")
+            print(f"  {which:<16} p50 {p['p50']:>7}  p99 {p['p99']:>7}  ops/s {p['rate']:>6}")
         if not args.latency_only:
             for fast in (True, False):
                 print("steps, fast path" if fast else "steps, Python path (GRAFT_SECCOMP_FAST=0)")
