@@ -48,5 +48,17 @@ def test_unmeasured_goals_are_left_out_and_table_counts():
     assert goals.table([]) == ""
     recs = [rec("native", "control", "ops", 1000, {"op": "bind"}), rec("graft-api", "control", "ops", 300, {"op": "bind"})]
     out = goals.table(recs)
-    assert "| socket+bind+close to an endpoint (control) | api | 0.30x | >= 0.25x | yes |" in out
-    assert out.rstrip().endswith("1 of 1 met.")
+    assert "| socket+bind+close to an endpoint (control) | api | 0.30x |  | >= 0.25x | yes |" in out
+    assert "\n1 of 1 met." in out
+
+
+def test_seccomp_rows_show_the_floor_figure_beside_theirs():
+    ctl = {"op": "connect"}
+    recs = [rec("native", "control", "ops", 30_000, ctl), rec("graft-seccomp", "control", "ops", 10_500, ctl),
+            rec("seccomp-floor", "control", "ops", 12_000, ctl), rec("graft-preload", "control", "ops", 25_500, ctl),
+            rec("native", "control", "connect-p50", 20.0, ctl), rec("graft-seccomp", "control", "connect-p50", 70.0, ctl)]
+    r = rows(recs, "socket+connect+close (control)")
+    assert (r["graft-seccomp"]["shown"], r["graft-seccomp"]["floor"], r["graft-seccomp"]["met"]) == ("0.35x", "0.40x", False)
+    assert r["graft-preload"]["floor"] == ""  # the floor is seccomp's only
+    assert rows(recs, "added latency per connect, p50 (µs)")["graft-seccomp"]["floor"] == ""  # not measured
+    assert "| socket+connect+close (control) | seccomp | 0.35x | 0.40x | >= 0.6x | **no** |" in goals.table(recs)

@@ -112,14 +112,37 @@ def test_base_topology_is_abstract():
     with pytest.raises(TypeError):
         T.Topology()
     assert [t.name for t in T.all_topologies(None)] == ["native", "nat", "nat-mtu65520", "graft-api", "graft-preload",
-                                                        "graft-seccomp", "docker", "rootless-slirp4netns",
-                                                        "rootless-pasta", "rootless-graft", "rootless-graft-seccomp"]
+                                                        "graft-seccomp", "seccomp-floor", "docker",
+                                                        "rootless-slirp4netns", "rootless-pasta", "rootless-graft",
+                                                        "rootless-graft-seccomp"]
     # the rootless ones are measured only when named
     from sockgraft.bench.runner import select_topologies
 
     assert [t.name for t in select_topologies(None, "/nonexistent")] == ["native", "nat", "nat-mtu65520", "graft-api",
-                                                                         "graft-preload", "graft-seccomp", "docker"]
+                                                                         "graft-preload", "graft-seccomp",
+                                                                         "seccomp-floor", "docker"]
     assert [t.name for t in select_topologies(["rootless-pasta"], "/nonexistent")] == ["rootless-pasta"]
+
+
+def test_seccomp_floor_runs_the_container_side_under_the_floor_and_cleans_up():
+    from sockgraft.modes.seccomp.floor import FLOOR
+
+    t = T.SeccompFloor()
+    assert t.unavailable() is None
+    t.setup()
+    try:
+        d = t.dir
+        assert os.path.getsize(os.path.join(d, "filter")) > 0
+        assert t.command("host", ["true"], []) == ["true"]
+        assert t.command("c1", ["true"], [])[0] == FLOOR
+        # under the floor, a program's connect runs on a host socket put in its place
+        probe = ("import os, socket; l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(1); s = socket.socket(); "
+                 "i = os.fstat(s.fileno()).st_ino; s.connect(l.getsockname()); print(os.fstat(s.fileno()).st_ino != i)")
+        assert t.run("c1", [sys.executable, "-c", probe]).strip() == "True"
+        assert t.run("host", [sys.executable, "-c", probe]).strip() == "False"
+    finally:
+        t.teardown()
+    assert not os.path.exists(d) and t.dir is None
 
 
 def test_graft_servers_and_agents_stop(tmp_path):

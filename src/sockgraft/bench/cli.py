@@ -25,7 +25,7 @@ def _split(values: tuple[str, ...]) -> list[str] | None:
 @click.option("--workloads", "workloads", multiple=True, metavar="LIST",
               help="iperf3,sockperf,http,zmq,python,control,churn (default: all).")
 @click.option("--topologies", "topologies", multiple=True, metavar="LIST",
-              help="native,nat,nat-mtu65520,graft-api,graft-preload,graft-seccomp,docker (default: these; "
+              help="native,nat,nat-mtu65520,graft-api,graft-preload,graft-seccomp,seccomp-floor,docker (default: these; "
                    "--quick leaves out nat-mtu65520) and, only when named, rootless-slirp4netns,rootless-pasta,"
                    "rootless-graft,rootless-graft-seccomp (the container side as a user made for the run).")
 @click.option("--runs", type=click.IntRange(1, 100), help="Measured runs per cell (a warm-up run comes on top).")

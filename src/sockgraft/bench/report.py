@@ -7,7 +7,7 @@ from sockgraft.bench import goals, paper
 from sockgraft.bench.stats import group_key, lower_is_better, ratios
 from sockgraft.bench.workloads import WORKLOADS
 
-TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "docker",
+TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "seccomp-floor", "docker",
                   "rootless-slirp4netns", "rootless-pasta", "rootless-graft", "rootless-graft-seccomp")
 ROOTLESS_NETS = ("rootless-slirp4netns", "rootless-pasta")  # rootless Podman's user-mode networks
 DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": "container→container"}
@@ -53,12 +53,12 @@ def is_grafted(topology: str) -> bool:
 
 def baselines(topology: str) -> tuple[str, ...]:
     """What a topology's ratio columns compare it with: grafted rootful with native and nat, grafted
-    rootless with native and the user-mode networks, those with native."""
+    rootless with native and the user-mode networks, those and seccomp's floor with native."""
     if topology.startswith("graft-"):
         return ("native", "nat")
     if topology.startswith("rootless-graft"):
         return ("native", *ROOTLESS_NETS)
-    if topology in ROOTLESS_NETS:
+    if topology in ROOTLESS_NETS or topology == "seccomp-floor":
         return ("native",)
     return ()
 
@@ -276,7 +276,7 @@ def plots(result, out_dir: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     colors = {"native": "#4c72b0", "nat": "#dd8452", "nat-mtu65520": "#f2c45f", "graft-api": "#55a868",
-              "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "docker": "#c44e52",
+              "graft-preload": "#2f7d4a", "graft-seccomp": "#8fd19e", "seccomp-floor": "#bdbdbd", "docker": "#c44e52",
               "rootless-slirp4netns": "#8172b3", "rootless-pasta": "#b39ddb", "rootless-graft": "#1b5e20",
               "rootless-graft-seccomp": "#66bb6a"}
     figs: dict[tuple, dict] = {}
