@@ -122,6 +122,8 @@ def test_base_topology_is_abstract():
                                                                          "graft-preload", "graft-seccomp",
                                                                          "seccomp-floor", "docker"]
     assert [t.name for t in select_topologies(["rootless-pasta"], "/nonexistent")] == ["rootless-pasta"]
+    assert [t.name for t in select_topologies(None, "/nonexistent", quick=True)] == [
+        "native", "nat", "graft-api", "graft-preload", "graft-seccomp", "seccomp-floor", "docker"]
 
 
 def test_seccomp_floor_runs_the_container_side_under_the_floor_and_cleans_up():

@@ -53,8 +53,6 @@ def bench(quick, json_file, out_dir, workloads, topologies, runs, seconds, no_pl
     if seconds:
         profile = dataclasses.replace(profile, seconds=seconds, py_seconds=seconds / 2)
     topo_list = _split(topologies)
-    if topo_list is None and quick:
-        topo_list = ["native", "nat", "graft-api", "graft-preload", "graft-seccomp", "docker"]
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out_dir = out_dir or f"graft-bench-{stamp}"
     console = Console(stderr=True)

@@ -81,10 +81,11 @@ def _machine() -> dict:
             "loadavg_start": os.getloadavg()}
 
 
-def select_topologies(names: list[str] | None, state_dir: str) -> list[Topology]:
+def select_topologies(names: list[str] | None, state_dir: str, quick: bool = False) -> list[Topology]:
+    """The named topologies; none named: the default ones (of the quick profile's, with `quick`)."""
     topos = all_topologies(state_dir)
     if not names:
-        return [t for t in topos if t.default]
+        return [t for t in topos if t.default and (t.quick or not quick)]
     known = {t.name: t for t in topos}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -104,7 +105,7 @@ def run_bench(profile: Profile, topologies: list[str] | None = None, workloads: 
                    "pinning": PINNING, **_machine()}
     sweep()
     state_dir = tempfile.mkdtemp(prefix=f"{tag()}-state-")
-    topos = select_topologies(topologies, state_dir)
+    topos = select_topologies(topologies, state_dir, quick=profile.name == "quick")
     active: list[Topology] = []
     with _signals_raise():
         try:

@@ -68,6 +68,7 @@ class Topology(abc.ABC):
     binaries = True  # unmodified binaries can run here
     mtu: int | None = None  # MTU on the data path
     default = True  # measured when `graft bench` is given no --topologies
+    quick = True  # ... and by `graft bench --quick` then too
 
     def __init__(self, state_dir: str | None = None):
         self.procs: list[subprocess.Popen] = []

@@ -29,6 +29,7 @@ class Nat(Topology):
         self.mtu = mtu
         self.name = name or ("nat" if mtu == 1500 else f"nat-mtu{mtu}")
         self.suffix = "n" if mtu == 1500 else "m"
+        self.quick = mtu == 1500  # the MTU variant: not in --quick
         self.tag = tag() + self.suffix
         self.bridge = f"{self.tag}br"
         self.table = self.tag
