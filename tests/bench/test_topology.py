@@ -108,6 +108,13 @@ def test_native_refuses_non_loopback():
     T.Native().check_route("c1", "127.0.0.1")
 
 
+def test_a_tool_that_times_out_is_stopped_and_says_what_it_printed_last():
+    from sockgraft.bench.system import ToolTimeout
+
+    with pytest.raises(ToolTimeout, match=r"timed out after 1s in native/host; last output: hello"):
+        T.Native().run("host", ["sh", "-c", "echo hello >&2; exec sleep 30"], timeout=1)
+
+
 def test_base_topology_is_abstract():
     with pytest.raises(TypeError):
         T.Topology()

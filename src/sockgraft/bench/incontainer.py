@@ -4,6 +4,7 @@ environment, seccomp filter, fd-service socket).
 
 Protocol on stdin/stdout, one JSON object per line:
     {"cmd": [...], "timeout": SECONDS}  ->  {"rc": N, "out": "...", "err": "..."}
+(a command that timed out: rc -9, what it printed, and "timeout": true)
 EOF at stdin ends the agent.
 """
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+
+
+def _text(data) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
 
 
 def main() -> int:
@@ -21,7 +26,7 @@ def main() -> int:
                                stdin=subprocess.DEVNULL)
             reply = {"rc": p.returncode, "out": p.stdout, "err": p.stderr}
         except subprocess.TimeoutExpired as e:
-            reply = {"rc": -9, "out": "", "err": f"timed out after {e.timeout}s"}
+            reply = {"rc": -9, "out": _text(e.stdout), "err": _text(e.stderr), "timeout": True}
         except OSError as e:
             reply = {"rc": 127, "out": "", "err": str(e)}
         sys.stdout.write(json.dumps(reply) + "\n")

@@ -16,6 +16,10 @@ class TopologyError(Exception):
     """A topology cannot be built or used safely."""
 
 
+class ToolTimeout(TopologyError):
+    """A tool did not finish in its time (its last output in the message)."""
+
+
 def sh(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     p = subprocess.run(list(args), capture_output=True, text=True, input=input)
     if check and p.returncode != 0:

@@ -9,12 +9,14 @@ import json
 import os
 import socket
 import subprocess
+import sys
 
 from sockgraft.bench.base import (KIB, MIB, Workload, py as _py, size_label, tail as _tail, target as _target,
                                   tool_seconds, wait_listening)
 from sockgraft.bench.connsetup import Churn, Control
 from sockgraft.bench.parsers import new_connections, parse_siege, parse_sockperf, parse_stub_status, parse_wrk
 from sockgraft.bench.ports import free_port
+from sockgraft.bench.system import ToolTimeout
 from sockgraft.bench.topologies import TopologyError
 
 
@@ -162,8 +164,12 @@ class Http(Workload):
         with open(rc, "w") as f:
             f.write(f"connection = {'keep-alive' if params['conn'] == 'keepalive' else 'close'}\nprotocol = HTTP/1.1\n"
                     "logging = false\nshow-logfile = false\nparser = false\nfailures = 1000000\n")
-        out = topo.run(client_side, ["siege", "-R", rc, "-b", "-c", str(params["c"]), "-t", f"{secs}S", url], timeout=60,
-                       stderr=True)  # siege prints its statistics on stderr
+        cmd = ["siege", "-R", rc, "-b", "-c", str(params["c"]), "-t", f"{secs}S", url]
+        try:  # siege prints its statistics on stderr
+            out = topo.run(client_side, cmd, timeout=secs + 30, stderr=True)
+        except ToolTimeout as e:  # siege now and then never exits after its time (JoeDog/siege#4, #66)
+            print(f"graft bench: {e}: siege once more", file=sys.stderr)
+            out = topo.run(client_side, cmd, timeout=secs + 30, stderr=True)
         return parse_siege(out)
 
 

@@ -17,7 +17,7 @@ import subprocess
 from dataclasses import dataclass
 
 from sockgraft.bench.debris import OWNER_ENV
-from sockgraft.bench.system import TopologyError
+from sockgraft.bench.system import ToolTimeout, TopologyError
 
 SIDES = ("host", "c1", "c2")
 
@@ -42,6 +42,12 @@ def stop(proc: subprocess.Popen, timeout: float = 5.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
+
+
+def last_output(out: str | None, err: str | None) -> str:
+    """What a tool that timed out printed last (stderr first), for the error: "; last output: ..."."""
+    lines = ((err or "").strip() or (out or "").strip()).splitlines()
+    return f"; last output: {' | '.join(lines[-2:])}" if lines else "; no output"
 
 
 def loopback_only(addr: str, topology: str) -> None:
@@ -146,7 +152,8 @@ class Topology(abc.ABC):
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(p)
-            raise TopologyError(f"{shlex.join(cmd)} timed out after {timeout}s in {self.name}/{side}")
+            out, err = p.communicate()
+            raise ToolTimeout(f"{shlex.join(cmd)} timed out after {timeout}s in {self.name}/{side}{last_output(out, err)}")
         finally:
             with contextlib.suppress(ValueError):
                 self.procs.remove(p)
