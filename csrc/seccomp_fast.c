@@ -245,11 +245,11 @@ static int sockopt_int(int fd, int level, int name, int *v)
 
 static __thread struct pidcache *out_pc; /* the loop's cache, while serve() runs (NULL: gs_serve) */
 
-/* A file of /proc/TID (`name`: the directory "fdinfo", or the link "ns/net" as an O_PATH fd) of a
- * thread the cache holds a pidfd of, kept open in `dirs` (`reopen`: opened again, after a lookup
- * in it found nothing: the files of a task that exited find nothing, even if its tid was reused),
- * or -1. */
-static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *name, int reopen)
+/* A file of /proc/TID (`name`, opened with `flags`: the directory "fdinfo", or the link "ns/net" as
+ * an O_PATH fd) of a thread the cache holds a pidfd of, kept open in `dirs` (`reopen`: opened
+ * again, after a lookup in it found nothing: the files of a task that exited find nothing, even if
+ * its tid was reused), or -1. */
+static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *name, int flags, int reopen)
 {
 	if (!pc || pc->tid[tid % GS_PIDS] != tid || pc->fd[tid % GS_PIDS] < 0)
 		return -1;
@@ -261,7 +261,7 @@ static int task_dir(uint32_t tid, struct pidcache *pc, int *dirs, const char *na
 	if (*dir < 0) {
 		char path[64];
 		snprintf(path, sizeof(path), "/proc/%u/%s", tid, name);
-		*dir = open(path, name[0] == 'n' ? O_PATH | O_NOFOLLOW | O_CLOEXEC : O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		*dir = open(path, flags | O_CLOEXEC);
 	}
 	return *dir;
 }
@@ -284,7 +284,7 @@ static int fd_flags(uint32_t tid, int fd, struct pidcache *pc, int dup)
 		int f = -1;
 		snprintf(path, sizeof(path), "%d", fd);
 		for (int again = 0; f < 0 && again < 2; again++) {
-			int dir = pc ? task_dir(tid, pc, pc->fdinfo, "fdinfo", again) : -1;
+			int dir = pc ? task_dir(tid, pc, pc->fdinfo, "fdinfo", O_RDONLY | O_DIRECTORY, again) : -1;
 			if (dir < 0)
 				break;
 			f = openat(dir, path, O_RDONLY | O_CLOEXEC);
@@ -295,15 +295,15 @@ static int fd_flags(uint32_t tid, int fd, struct pidcache *pc, int dup)
 			snprintf(path, sizeof(path), "/proc/%u/fdinfo/%d", tid, fd);
 			f = open(path, O_RDONLY | O_CLOEXEC);
 		}
-		if (f < 0)
-			return fcntl(dup, F_GETFL) & ~O_CLOEXEC;
-		n = pread(f, buf, sizeof(buf) - 1, 0);
-		if (kept) {
-			if (*kept >= 0)
-				close(*kept);
-			*kept = f, pc->infonum[i] = fd;
-		} else {
-			close(f);
+		if (f >= 0) {
+			n = pread(f, buf, sizeof(buf) - 1, 0);
+			if (kept) {
+				if (*kept >= 0)
+					close(*kept);
+				*kept = f, pc->infonum[i] = fd;
+			} else {
+				close(f);
+			}
 		}
 	}
 	if (n > 0) {
@@ -325,7 +325,7 @@ static uint64_t task_netns(uint32_t tid, struct pidcache *pc)
 	char buf[64];
 	ssize_t n = -1;
 	for (int again = 0; n < 0 && again < 2; again++) {
-		int link = pc ? task_dir(tid, pc, pc->ns, "ns/net", again) : -1;
+		int link = pc ? task_dir(tid, pc, pc->ns, "ns/net", O_PATH | O_NOFOLLOW, again) : -1;
 		if (link < 0)
 			break;
 		n = readlinkat(link, "", buf, sizeof(buf) - 1);
