@@ -9,7 +9,7 @@
 
 #define FS_MAX_MESSAGE 4096 /* core/protocol.py MAX_MESSAGE */
 #define FS_ABI 4 /* fs_abi(): modes/api/fast.py refuses a library of another interface (4: `bindpool`, `namedpool`) */
-#define FS_MAX_POOL 16 /* core/protocol.py MAX_POOL */
+#define FS_MAX_POOL 32 /* core/protocol.py MAX_POOL */
 #define FS_POOLS 1 /* fs_serve flags: the container's sockets may be handed over unconnected (egress.pools_off says "") */
 #define FS_UNBOUND_POOLS 2 /* ... and unbound (egress.pools_off(unbound=True) says "") */
 #define FS_UNBOUND_TAG 0x5CA10000 /* core/tables.py UNBOUND_TAG: an unbound pooled socket's mark is this | (mark & FS_MARK_MAX) */

@@ -39,10 +39,12 @@
 #include <time.h>
 #include <unistd.h>
 
-#define POOL_BATCH 16    /* sockgraft.core.protocol.MAX_POOL */
-#define POOL_SLOTS 32    /* pooled sockets a process holds at most */
+#define POOL_BATCH 32    /* sockgraft.core.protocol.MAX_POOL: a batch asked for ahead */
+#define POOL_FIRST (POOL_BATCH / 2) /* protocol.FIRST_POOL: the batch a connect or bind that finds no socket
+				     * waits for (a program that connects once pays for no more sockets than that) */
+#define POOL_SLOTS 64    /* pooled sockets a process holds at most */
 #define POOL_OFF_NS 1000000000LL
-#define POOL_LOW 8       /* sockets of a key left after a connect at or below which the next batch is asked for */
+#define POOL_LOW (POOL_FIRST / 2) /* sockets of a key left after a connect at or below which the next batch is asked for */
 #define REFILL_WAIT_MS 5000 /* a connect waiting for the batch in flight gives up after this (then asks itself) */
 #define BIND_KEYS 8      /* bind operations (address, port, type, protocol, flags) a process pools at once */
 #define SPEC_STREAK 4    /* pooled connects of one kind and row in a row after which socket() speculates */
@@ -377,10 +379,10 @@ int pool_get(int family, const char *addr, int port, int type, int proto, ino_t 
 		return fd;
 	}
 	pthread_mutex_unlock(&lock);
-	if (wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) < 0)
+	if (wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_FIRST) < 0)
 		return POOL_OFF;
 
-	switch (decide_fds(head, &g_tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", fds, POOL_BATCH, &n, NULL, 0)) {
+	switch (decide_fds(head, &g_tail_connect, "GRAFT_EGRESS/GRAFT_BBCONN", fds, POOL_FIRST, &n, NULL, 0)) {
 	case D_LOCAL:
 		return POOL_LOCAL;
 	case D_GRANT:
@@ -517,10 +519,10 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 		return fd;
 	}
 	pthread_mutex_unlock(&lock);
-	if (wire_bindpool(head, sizeof(head), family, addr, port, type, proto, flags, POOL_BATCH) < 0)
+	if (wire_bindpool(head, sizeof(head), family, addr, port, type, proto, flags, POOL_FIRST) < 0)
 		return POOL_OFF;
 
-	switch (decide_fds(head, &g_tail_bind, "GRAFT_CONV_PAIRS", fds, POOL_BATCH, &n, reply, sizeof(reply))) {
+	switch (decide_fds(head, &g_tail_bind, "GRAFT_CONV_PAIRS", fds, POOL_FIRST, &n, reply, sizeof(reply))) {
 	case D_LOCAL:
 		return POOL_LOCAL;
 	case D_GRANT:

@@ -3,7 +3,7 @@ import socket
 import pytest
 from hypothesis import given, strategies as st
 
-from sockgraft.core.protocol import ProtocolError, Reply, Request, parse_reply, parse_request
+from sockgraft.core.protocol import MAX_POOL, ProtocolError, Reply, Request, parse_reply, parse_request
 
 REQUESTS = [
     Request("named", name="ep-http", family=0, type=1, proto=0, flags=frozenset({"reuseaddr"})),
@@ -27,7 +27,7 @@ def test_request_round_trip(req):
     b"named ep 0 1 0 hack", b"bind 2 1.2.3 80 1 0 -", b"bind 2 ::1 80 1 0 -", b"bind 1 x 80 1 0 -",
     b"connect 2 127.0.0.1 70000 1 0", b"named \xff 0 1 0 -", b"resolve " + b"x" * 16, b"x" * 5000,
     b"named ep -1 1 0 -", b"show  ",
-    b"namedpool ep 0 1 0 0", b"namedpool ep 0 1 0 17", b"namedpool ep 0 1 0", b"namedpool ep 0 1 0 4 in:0.0.0.0:80=ep",
+    b"namedpool ep 0 1 0 0", b"namedpool ep 0 1 0 %d" % (MAX_POOL + 1), b"namedpool ep 0 1 0", b"namedpool ep 0 1 0 4 in:0.0.0.0:80=ep",
     b"namedpool ep 3 1 0 4", b"bindpool 2 0.0.0.0 80 1 0 - 0", b"bindpool 2 0.0.0.0 80 1 0 -", b"bindpool 2 0.0.0.0 80 1 0 - 2 out:0.0.0.0/0=ep",
 ])
 def test_bad_requests(data):

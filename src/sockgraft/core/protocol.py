@@ -73,7 +73,9 @@ FAMILIES = {0, socket.AF_UNIX, socket.AF_INET, socket.AF_INET6}
 _ARITY = {"named": 5, "dial": 3, "bind": 6, "connect": 5, "sendto": 5, "pool": 6, "bindpool": 7, "namedpool": 5,
           "prefilter": 0,
           "resolve": 1, "show": 0}
-MAX_POOL = 16  # host sockets one `pool`, `bindpool` or `namedpool` request may ask for (csrc/pool.c POOL_BATCH)
+MAX_POOL = 32  # host sockets one `pool`, `bindpool` or `namedpool` request may ask for (csrc/pool.c POOL_BATCH)
+FIRST_POOL = MAX_POOL // 2  # what a client whose pool of a kind is empty asks for and waits (csrc/pool.c POOL_FIRST):
+# a program that connects once pays for no more sockets than that; the batches asked for ahead are MAX_POOL
 _RULE_PREFIXES = {"bind": ("in",), "bindpool": ("in",), "connect": ("out", "bbconn"), "sendto": ("out", "bbconn"), "pool": ("out", "bbconn"),
                   "prefilter": ("in", "out", "bbconn")}
 

@@ -15,6 +15,7 @@ import textwrap
 import pytest
 
 from sockgraft.core.endpoint import parse_endpoint
+from sockgraft.core.protocol import MAX_POOL
 from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.host import netns
 from sockgraft.host.audit import Audit
@@ -25,12 +26,13 @@ from sockgraft.modes.api.fdservice import FdService
 # the reply's text and, for a socket, where it is bound and where it leads once connected.
 CLIENT = textwrap.dedent("""
     import json, select, socket, sys
+    from sockgraft.core.protocol import MAX_POOL
     path, requests = sys.argv[1], json.loads(sys.argv[2])
     c = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     c.connect(path)
     for r in requests:
         c.send(r.encode("latin-1"))
-        msg, fds, _, _ = socket.recv_fds(c, 8192, 16)
+        msg, fds, _, _ = socket.recv_fds(c, 8192, MAX_POOL)
         sock = None
         for extra in fds[1:]:
             socket.socket(fileno=extra).close()
@@ -75,13 +77,13 @@ def requests(port: int, closed: int) -> list[str]:
         f"connect 2 127.0.0.1 {port} 1 0 out:127.0.0.0/8=nope",
         f"connect 2 127.0.0.01 {port} 1 0",                           # malformed
         f"pool 2 127.0.0.1 {port} 1 0 3",                             # pool: 3 sockets, not connected
-        f"pool 10 ::ffff:127.0.0.1 {port} 1 0 16",
+        f"pool 10 ::ffff:127.0.0.1 {port} 1 0 {MAX_POOL}",
         f"pool 2 10.9.9.9 {port} 1 0 2",                              # local
         f"pool 2 127.0.0.3 {port} 1 0 2",                             # fail (not audited, as Python)
         f"pool 2 127.0.0.4 {port} 2 0 1",                             # ask: a unix endpoint
         f"pool 2 127.0.0.1 {port} 1 0 2 out:127.0.0.0/8=ep-out2",     # caller rules compiled for connect
         f"pool 2 127.0.0.1 {port} 1 0 2 out:127.0.0.0/8=ep-out2",
-        f"pool 2 127.0.0.1 {port} 1 0 17",                            # malformed: more than MAX_POOL
+        f"pool 2 127.0.0.1 {port} 1 0 {MAX_POOL + 1}",                 # malformed: more than MAX_POOL
         f"pool 2 127.0.0.5 {port} 1 0 1",                             # a fixed-port endpoint: never pooled
         "bind 2 127.0.0.1 7001 1 0 -",                                # bind by a pair: endpoint 127.0.0.1:0
         "bind 2 127.0.0.1 7001 2 0 reuseaddr,reuseport",
@@ -119,7 +121,7 @@ def requests(port: int, closed: int) -> list[str]:
         "bindpool 2 127.0.0.1 7005 1 0 - 2 in:127.0.0.1:7005=ep-out2",  # with them taught them)
         "bindpool 2 127.0.0.1 7006 1 0 - 1 in:127.0.0.1:7006=ep-out2",  # new caller pairs: handed back,
         "bindpool 2 127.0.0.1 7006 1 0 - 1 in:127.0.0.1:7006=ep-out2",  # then compiled
-        "bindpool 2 127.0.0.1 7001 1 0 - 17",                         # malformed: more than MAX_POOL
+        f"bindpool 2 127.0.0.1 7001 1 0 - {MAX_POOL + 1}",              # malformed: more than MAX_POOL
         "namedpool ep-out 0 1 0 4",                                   # the endpoint's family
         "namedpool ep-out 10 1 0 2",                                  # an IPv6 socket: v4-mapped
         "namedpool ep-fixed 2 1 6 1",                                 # a fixed port
@@ -206,7 +208,7 @@ def test_fast_and_python_answer_alike(tmp_path, ns, listener, monkeypatch):
     pools = [r for r in reqs if r.startswith("pool ")]
     p = by_req[pools[0]]  # pools are on (root: the bind guard and the kernel's egress table are there)
     assert p["reply"] == "ok 2 127.0.0.1 0" and p["sock"]["n"] == 3 and p["sock"]["peer"] is None
-    assert p["sock"]["mark"] != 0 and by_req[pools[1]]["sock"]["n"] == 16
+    assert p["sock"]["mark"] != 0 and by_req[pools[1]]["sock"]["n"] == MAX_POOL
     assert by_req[pools[2]]["reply"] == "local" and by_req[pools[3]]["reply"].startswith("err 99 ep-gone: ")
     assert by_req[pools[6]]["sock"]["addr"] == "127.0.0.2" and by_req[pools[7]]["reply"].startswith("err 22 ")
     assert by_req[pools[8]]["reply"].startswith("err 95 ")  # EOPNOTSUPP: a fixed port is not pooled

@@ -19,7 +19,7 @@ import pytest
 from sockgraft.core import tables
 from sockgraft.core.endpoint import parse_endpoint
 from sockgraft.core.engine import GRANT, LOCAL, Op, Policy
-from sockgraft.core.protocol import ProtocolError, parse_request
+from sockgraft.core.protocol import MAX_POOL, ProtocolError, parse_request
 from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.modes.api import fast
 
@@ -88,6 +88,7 @@ HAND_PICKED = [
     b"connect ", b"", b"Connect 2 1.2.3.4 80 1 0", b"connect 2 1.2.3.4 80 1 0" + b" " * 4090,
     b"connect 2 \xd9\xa1.2.3.4 80 1 0", b"connect 2 1.2.3.4 \xd9\xa1 1 0",
     b"pool 2 127.0.0.1 80 1 0 16", b"pool 2 127.0.0.1 80 1 0 1", b"pool 2 127.0.0.1 80 1 0 0", b"pool 2 127.0.0.1 80 1 0 17",
+    b"pool 2 127.0.0.1 80 1 0 %d" % MAX_POOL, b"pool 2 127.0.0.1 80 1 0 %d" % (MAX_POOL + 1),
     b"pool 2 127.0.0.1 80 1 0 016", b"pool 2 127.0.0.1 80 1 0", b"pool 2 127.0.0.1 80 1 0 4 ", b"pool 10 ::1 80 2 17 3",
     b"pool 2 127.0.0.1 80 1 0 4 out:127.0.0.0/8=ep-out", b"pool 2 127.0.0.1 80 1 0 out:127.0.0.0/8=ep-out",
     b"pool  2 127.0.0.1 80 1 0 4", b"Pool 2 127.0.0.1 80 1 0 4", b"pool", b"pool ", b"poo 2 127.0.0.1 80 1 0 4",
@@ -101,6 +102,7 @@ HAND_PICKED = [
     b"pool 2 127.0.0.1 80 1 0 3 in:127.0.0.1:80=ep-out", b"bind 2 127.0.0.1 80 1 0 - in:0.0.0.0:1-9=ep-out in:[::]:80=ep6",
     b"bind 2 127.0.0.1 80 1 0 v6only\xff",
     b"bindpool 2 127.0.0.1 80 1 0 - 16", b"bindpool 10 :: 80 1 0 v6only 1", b"bindpool 2 127.0.0.1 80 1 0 - 17",
+    b"bindpool 2 127.0.0.1 80 1 0 - %d" % MAX_POOL, b"bindpool 2 127.0.0.1 80 1 0 - %d" % (MAX_POOL + 1),
     b"bindpool 2 127.0.0.1 80 1 0 - 0", b"bindpool 2 127.0.0.1 80 1 0 -", b"bindpool 2 127.0.0.1 80 1 0 4",
     b"bindpool 2 127.0.0.1 80 1 0 - 4 in:127.0.0.1:80=ep-out", b"bindpool 2 127.0.0.1 80 1 0 - 4 out:127.0.0.0/8=ep-out",
     b"bindpool 2 127.0.0.1 80 1 0 reuseaddr, 4", b"bindpool 2 127.0.0.1 80 1 0 - 4 ", b"bindpool  2 127.0.0.1 80 1 0 - 4",
@@ -145,11 +147,11 @@ def valid_request(rng: random.Random) -> list[str]:
     words = ["connect", family, addr, str(rng.randint(0, 65535)), str(rng.randint(0, 15)), str(rng.choice([0, 6, 17]))]
     k = rng.random()
     if k < 0.3:
-        words = ["pool", *words[1:], str(rng.randint(1, 16))]
+        words = ["pool", *words[1:], str(rng.randint(1, MAX_POOL + 1))]
     elif k < 0.6:
         words = ["bind", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only", "reuseaddr,reuseport,v6only"])]
     elif k < 0.75:
-        words = ["bindpool", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only"]), str(rng.randint(1, 16))]
+        words = ["bindpool", *words[1:], rng.choice(["-", "reuseaddr", "v6only", "reuseport,v6only"]), str(rng.randint(1, MAX_POOL + 1))]
     return words
 
 

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from sockgraft.core.protocol import MAX_POOL, Request
+from sockgraft.core.protocol import FIRST_POOL, MAX_POOL, Request
 from sockgraft.core.tables import MARK_MASK, MARK_TAG
 from tests.helpers import free_port, graft_cmd
 from tests.modes.preload.conftest import ep
@@ -43,13 +43,15 @@ def test_connects_draw_on_pools_fetched_in_batches(run_preload, acceptor):
     assert len(got["marks"]) == 1 and got["marks"][0] & MARK_MASK == MARK_TAG  # the container's mark
     assert got["sources"] == ["127.0.0.2"]  # the endpoint's address
     pools = requests(err, "pool")
-    # the first connect waits for a batch of 16; the next is asked for ahead, without waiting, when a
-    # connect leaves POOL_LOW (8) of them: after the 8th (20 connects: 32 sockets, 12 left)
+    # the first connect waits for a batch of FIRST_POOL (16); the next, of MAX_POOL, is asked for ahead,
+    # without waiting, when a connect leaves POOL_LOW (8) of them: after the 8th (20 connects: 48
+    # sockets, 28 left)
     assert len(pools) == 2 and not requests(err, "connect"), err
     assert err.count("graft: reply (refill): ok ") >= 1, err  # a batch asked ahead was collected
-    # the request is the protocol's, byte for byte (the library asks for MAX_POOL: POOL_BATCH equals it)
-    want = Request("pool", family=2, addr="127.0.0.1", port=acceptor, type=1, count=MAX_POOL).encode().decode()
-    assert pools[0] == f"graft: request: {want} out:127.0.0.1/32=ep-out"
+    # the requests are the protocol's, byte for byte (POOL_FIRST and POOL_BATCH equal FIRST_POOL and MAX_POOL)
+    for line, count in zip(pools, (FIRST_POOL, MAX_POOL)):
+        want = Request("pool", family=2, addr="127.0.0.1", port=acceptor, type=1, count=count).encode().decode()
+        assert line == f"graft: request: {want} out:127.0.0.1/32=ep-out"
 
 
 def test_without_pools_the_service_connects(run_preload, acceptor):
@@ -169,7 +171,7 @@ def test_binds_draw_on_pools_after_the_first_and_behave_as_the_services(run_prel
     assert len(set(kinds)) == 4 and 3 <= len(pools) <= 6, err
     assert err.count("graft: reply (refill): ok ") >= 1, err  # a batch asked ahead was collected
     want = Request("bindpool", family=2, addr="0.0.0.0", port=int(binds[0].split()[5]), type=1,
-                   flags=frozenset({"reuseaddr"}), count=MAX_POOL).encode().decode()
+                   flags=frozenset({"reuseaddr"}), count=FIRST_POOL).encode().decode()
     assert pools[0].startswith(f"graft: request: {want} in:"), pools[0]
 
 

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from sockgraft.core.protocol import MAX_POOL, Request
+from sockgraft.core.protocol import FIRST_POOL, Request
 from sockgraft.core.rules import parse_egress, parse_ingress
 from sockgraft.modes.seccomp import kernel
 from tests.helpers import free_port
@@ -149,9 +149,9 @@ def test_prefilter_request_and_no_request_where_no_rule_can_apply(run_preload, c
                               ingress=INGRESS).encode().decode()]
     assert got[3] == [Request("bind", family=AF_INET, addr="0.0.0.0", port=8000, type=STREAM,
                               ingress=INGRESS).encode().decode()]
-    # a connect asks for a pool of host sockets; where the service has none to give, `connect` follows
+    # a connect asks for a first batch of host sockets; where the service has none to give, `connect` follows
     pool = Request("pool", family=AF_INET, addr="127.0.0.1", port=dst, type=STREAM, egress=OUT, bbconn=(BBCONN,),
-                   count=MAX_POOL).encode().decode()
+                   count=FIRST_POOL).encode().decode()
     connect = Request("connect", family=AF_INET, addr="127.0.0.1", port=dst, type=STREAM, egress=OUT,
                       bbconn=(BBCONN,)).encode().decode()
     assert got[4] in ([pool], [pool, connect]), got[4]

@@ -46,12 +46,12 @@ import socket
 import threading
 import time
 
-from sockgraft.core.protocol import MAX_POOL, ProtocolError, Request, parse_reply
+from sockgraft.core.protocol import FIRST_POOL, MAX_POOL, ProtocolError, Request, parse_reply
 from sockgraft.core.rules import EgressRule, parse_egress
 from sockgraft.modes.api import client
 
-MAX_HELD = 32  # pooled sockets one process holds (or has asked for) at most: csrc/pool.c POOL_SLOTS
-LOW = MAX_HELD - MAX_POOL - 1  # a key left with this many or fewer is refilled ahead
+MAX_HELD = 64  # pooled sockets one process holds (or has asked for) at most: csrc/pool.c POOL_SLOTS
+LOW = FIRST_POOL // 2  # a key left with this many or fewer is refilled ahead (csrc/pool.c POOL_LOW)
 PICK_UP = 8  # a take looks for the replies that arrived when its key has this many or fewer left
 RETRY_OFF = 1.0  # seconds a key stays unpooled after the service refused a pool
 VERSION_EVERY = 1.0  # seconds between two looks at the policy's digest
@@ -261,7 +261,7 @@ def _ask_pool(key: tuple, address: tuple | None) -> bool:
         for other in [k for k in _s.pools if k != key]:  # bounded: room for the key in use
             _drop_key(other)
         room = MAX_HELD - _s.held - sum(_s.asked.values())
-    count = min(MAX_POOL, room)
+    count = min(MAX_POOL if _s.pools.get(key) else FIRST_POOL, room)
     if count < 1:
         return False
     if kind == "bind":
