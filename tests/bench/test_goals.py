@@ -62,3 +62,9 @@ def test_seccomp_rows_show_the_floor_figure_beside_theirs():
     assert r["graft-preload"]["floor"] == ""  # the floor is seccomp's only
     assert rows(recs, "added latency per connect, p50 (µs)")["graft-seccomp"]["floor"] == ""  # not measured
     assert "| socket+connect+close (control) | seccomp | 0.35x | 0.40x | >= 0.6x | **no** |" in goals.table(recs)
+
+
+def test_the_floor_goals_name_is_the_topologys():
+    from sockgraft.bench.topologies import Graft, SeccompFloor
+
+    assert goals.FLOOR == (Graft("seccomp").name, SeccompFloor.name)

@@ -1,20 +1,29 @@
 """The Markdown report, the ratio tables and the PNG plots of a bench result."""
 from __future__ import annotations
 
+import functools
 import os
 
 from sockgraft.bench import goals, paper
+from sockgraft.bench.topologies.floor import SeccompFloor
 from sockgraft.bench.stats import group_key, lower_is_better, ratios
 from sockgraft.bench.workloads import WORKLOADS
 
-TOPOLOGY_ORDER = ("native", "nat", "nat-mtu65520", "graft-api", "graft-preload", "graft-seccomp", "seccomp-floor", "docker",
-                  "rootless-slirp4netns", "rootless-pasta", "rootless-graft", "rootless-graft-seccomp")
 ROOTLESS_NETS = ("rootless-slirp4netns", "rootless-pasta")  # rootless Podman's user-mode networks
 DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": "container→container"}
 
 
+@functools.cache
+def topology_order() -> tuple[str, ...]:
+    """The topologies' names in report order: topologies.all_topologies's."""
+    from sockgraft.bench.topologies import all_topologies
+
+    return tuple(t.name for t in all_topologies(None))
+
+
 def _order(names) -> list[str]:
-    return sorted(names, key=lambda n: (TOPOLOGY_ORDER.index(n) if n in TOPOLOGY_ORDER else 99, n))
+    order = topology_order()
+    return sorted(names, key=lambda n: (order.index(n) if n in order else 99, n))
 
 
 def fmt(v: float | None) -> str:
@@ -58,7 +67,7 @@ def baselines(topology: str) -> tuple[str, ...]:
         return ("native", "nat")
     if topology.startswith("rootless-graft"):
         return ("native", *ROOTLESS_NETS)
-    if topology in ROOTLESS_NETS or topology == "seccomp-floor":
+    if topology in ROOTLESS_NETS or topology == SeccompFloor.name:
         return ("native",)
     return ()
 
