@@ -430,3 +430,20 @@ def test_named_binds(tmp_path, state_dir, ns):
     grants = {(r["endpoint"], r.get("count")) for r in audit if r["event"] == "grant" and r["op"] in ("named", "namedpool")}
     assert {"ep-dyn", "ep-fixed"} <= {e for e, _ in grants}
     assert any(r["event"] == "deny" and r["op"] == "named" and r["errno"] == 99 for r in audit)
+
+
+def test_a_pooled_socket_object_is_the_one_the_constructor_makes():
+    """GraftSocket._pooled skips the Python __init__ chain: what it makes must not differ from
+    `GraftSocket(family, type, proto, fileno=fd)` with its endpoint set (a Python that adds an
+    attribute to socket.socket.__init__ fails here)."""
+    from sockgraft.modes.api.graftsocket import GraftSocket
+
+    for family in (socket.AF_INET, socket.AF_INET6):
+        made = GraftSocket(family, socket.SOCK_STREAM, 0, fileno=socket.socket(family).detach())
+        made.endpoint = "out"
+        pooled = GraftSocket._pooled(socket.socket(family).detach(), family, socket.SOCK_STREAM, 0, "out")
+        with made, pooled:
+            assert vars(pooled) == vars(made)
+            assert (pooled.family, pooled.type, pooled.proto, pooled.gettimeout()) == \
+                (made.family, made.type, made.proto, made.gettimeout())
+            assert pooled.fileno() >= 0 and not pooled.get_inheritable()
