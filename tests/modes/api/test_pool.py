@@ -357,7 +357,7 @@ def test_fds_the_program_closed_are_not_used(state_dir, ns, cases, acceptor):
 def test_threads_share_the_pool(state_dir, ns, cases, acceptor):
     got = run(ns, cases, "threads", acceptor, 4, 25)
     assert got["errors"] == [] and got["made"] == 100 and got["distinct"] == 100  # never one socket twice
-    assert got["taken"] == 100 and got["held"] <= 32
+    assert got["taken"] == 100 and got["held"] <= pool.MAX_HELD
 
 
 def test_the_pool_closes_what_it_holds(state_dir, ns, cases, acceptor):
