@@ -197,13 +197,13 @@ def _take(key: tuple, address: tuple | None) -> tuple[int, int, tuple] | None:
         got = _pop(key)
         if got is None:
             if key not in _s.asked:
-                _ask_pool(key, address)
+                _ask_pool(key, address, FIRST_POOL)  # waited for: a program that connects once pays for no more
             if key in _s.asked:
                 stats["waited"] += 1
                 _receive(path, key)
                 got = _pop(key)
         if got is not None and len(_s.pools.get(key, ())) <= LOW and key not in _s.asked:
-            if _ask_pool(key, address):
+            if _ask_pool(key, address, MAX_POOL):
                 stats["ahead"] += 1
         return got
 
@@ -254,14 +254,14 @@ def _ask(path: str, job: tuple, req: Request) -> bool:
     return True
 
 
-def _ask_pool(key: tuple, address: tuple | None) -> bool:
+def _ask_pool(key: tuple, address: tuple | None, want: int) -> bool:
     path, kind, name, family, sotype, proto = key
     room = MAX_HELD - _s.held - sum(_s.asked.values())
-    if room < MAX_POOL and not _s.pools.get(key) and key not in _s.asked:
+    if room < want and not _s.pools.get(key) and key not in _s.asked:
         for other in [k for k in _s.pools if k != key]:  # bounded: room for the key in use
             _drop_key(other)
         room = MAX_HELD - _s.held - sum(_s.asked.values())
-    count = min(MAX_POOL if _s.pools.get(key) else FIRST_POOL, room)
+    count = min(want, room)
     if count < 1:
         return False
     if kind == "bind":
