@@ -148,18 +148,26 @@ class Topology(abc.ABC):
     def run(self, side: str, cmd: list[str], ports: list[int] = (), timeout: float = 120, stderr: bool = False) -> str:
         """Run a client to completion; its stdout (and stderr after it, with stderr=True); raises on failure."""
         p = self.popen(side, cmd, ports, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        timed_out = False
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             stop(p)
             out, err = p.communicate()
-            raise ToolTimeout(f"{shlex.join(cmd)} timed out after {timeout}s in {self.name}/{side}{last_output(out, err)}")
+            timed_out = True
         finally:
             with contextlib.suppress(ValueError):
                 self.procs.remove(p)
-        if p.returncode != 0:
+        return self.settle(side, cmd, timeout, timed_out, p.returncode, out, err, stderr)
+
+    def settle(self, side: str, cmd: list[str], timeout: float, timed_out: bool, rc: int, out: str, err: str,
+               stderr: bool) -> str:
+        """What `run` returns for a client that ended so (wherever it ran), or the error it raises."""
+        if timed_out:
+            raise ToolTimeout(f"{shlex.join(cmd)} timed out after {timeout}s in {self.name}/{side}{last_output(out, err)}")
+        if rc != 0:
             last = (err or out).strip().splitlines()[-3:]
-            raise TopologyError(f"{os.path.basename(cmd[0])} exited {p.returncode} in {self.name}/{side}: {' | '.join(last)}")
+            raise TopologyError(f"{os.path.basename(cmd[0])} exited {rc} in {self.name}/{side}: {' | '.join(last)}")
         return out + err if stderr else out
 
     def release(self, proc: subprocess.Popen) -> None:

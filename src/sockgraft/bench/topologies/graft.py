@@ -6,16 +6,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 
 from sockgraft.bench.debris import tag
-from sockgraft.bench.system import ToolTimeout, TopologyError, alarm
-from sockgraft.bench.topologies.base import Listener, Topology, last_output, loopback_only
+from sockgraft.bench.system import TopologyError, alarm
+from sockgraft.bench.topologies.base import Listener, Topology, loopback_only
 
 _NETNS_SERIAL = itertools.count(1)
 
@@ -66,13 +64,8 @@ class Graft(Topology):
         if not line:
             raise TopologyError(f"the {self.name} client agent in {side} died (exit {agent.wait()})")
         reply = json.loads(line)
-        if reply.get("timeout"):
-            raise ToolTimeout(f"{shlex.join(cmd)} timed out after {timeout}s in {self.name}/{side}"
-                              f"{last_output(reply['out'], reply['err'])}")
-        if reply["rc"] != 0:
-            last = (reply["err"] or reply["out"]).strip().splitlines()[-3:]
-            raise TopologyError(f"{os.path.basename(cmd[0])} exited {reply['rc']} in {self.name}/{side}: {' | '.join(last)}")
-        return reply["out"] + reply["err"] if stderr else reply["out"]
+        return self.settle(side, cmd, timeout, bool(reply.get("timeout")), reply["rc"], reply["out"], reply["err"],
+                           stderr)
 
     def teardown(self) -> None:
         for agent, _port in self.agents.values():
