@@ -5,8 +5,8 @@ import functools
 import os
 
 from sockgraft.bench import goals, paper
-from sockgraft.bench.topologies.floor import SeccompFloor
 from sockgraft.bench.stats import group_key, lower_is_better, ratios
+from sockgraft.bench.topologies import SeccompFloor, all_topologies
 from sockgraft.bench.workloads import WORKLOADS
 
 ROOTLESS_NETS = ("rootless-slirp4netns", "rootless-pasta")  # rootless Podman's user-mode networks
@@ -16,8 +16,6 @@ DIRECTION_NAMES = {"c2h": "container→host", "h2c": "host→container", "c2c": 
 @functools.cache
 def topology_order() -> tuple[str, ...]:
     """The topologies' names in report order: topologies.all_topologies's."""
-    from sockgraft.bench.topologies import all_topologies
-
     return tuple(t.name for t in all_topologies(None))
 
 
