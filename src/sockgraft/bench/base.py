@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 from sockgraft.bench.ports import free_port
 from sockgraft.bench.topologies import Listener, Topology, TopologyError
+from sockgraft.host.children import python
 
 DIRECTIONS = {"c2h": ("c1", "host"), "h2c": ("host", "c1"), "c2c": ("c2", "c1"), "in-c1": ("c1", "c1")}
 KIB = 1024
@@ -179,4 +179,4 @@ def target(topo: Topology, client_side: str, listener: Listener, proto: str = "t
 
 def py(module: str, *args: str) -> list[str]:
     """A Python peer of the bench (sockgraft.bench.MODULE) run by this interpreter."""
-    return [sys.executable, "-m", f"sockgraft.bench.{module}", *args]
+    return python("-m", f"sockgraft.bench.{module}", *args)

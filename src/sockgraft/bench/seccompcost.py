@@ -27,6 +27,7 @@ import tempfile
 from sockgraft.bench.debris import tag
 from sockgraft.bench.ports import free_port
 from sockgraft.bench.topologies.graft import graft_cmd
+from sockgraft.host.children import python
 
 LOOP = r"""
 import socket, sys, time
@@ -123,18 +124,18 @@ class Bench:
         out = {}
         for what in ("getsockname", "bind"):
             for pin_name, pin in (("same_cpu", "0"), ("unpinned", None)):
-                native = float(self.native([sys.executable, "-c", LOOP, str(n), what], pin))
-                grafted = float(self.grafted([sys.executable, "-c", LOOP, str(n), what], pin))
+                native = float(self.native(python("-c", LOOP, str(n), what), pin))
+                grafted = float(self.grafted(python("-c", LOOP, str(n), what), pin))
                 out[f"{what}_{pin_name}"] = {"native_us": round(native, 2), "seccomp_us": round(grafted, 2),
                                              "cost_us": round(grafted - native, 2)}
         return out
 
     def connection_rate(self, seconds: float) -> dict:
-        srv = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+        srv = subprocess.Popen(python("-c", SERVER), stdout=subprocess.PIPE, text=True)
         try:
             port = srv.stdout.readline().strip()
-            native = float(self.native([sys.executable, "-c", CLIENT, port, str(seconds)]))
-            grafted = float(self.grafted([sys.executable, "-c", CLIENT, port, str(seconds)], **self.EGRESS))
+            native = float(self.native(python("-c", CLIENT, port, str(seconds))))
+            grafted = float(self.grafted(python("-c", CLIENT, port, str(seconds)), **self.EGRESS))
         finally:
             srv.kill()
             srv.wait()

@@ -5,9 +5,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 STOPPING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+
+
+def python(*args: str) -> list[str]:
+    """The command line of this interpreter running `args` (`-m MODULE ...`, `-c CODE ...`) with
+    nothing of the directory it starts in on sys.path (`-P`): a json.py or numbers.py there is never
+    imported, least of all by a daemon of root's started from someone's directory."""
+    return [sys.executable, "-P", *args]
 
 
 def exit_status(returncode: int) -> int:

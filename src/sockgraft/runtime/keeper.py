@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 
+from sockgraft.host.children import python
 from sockgraft.host.paths import write_json
 
 SOCKET_NAME = "keeper.sock"
@@ -356,7 +357,7 @@ class Client:
     def spawn(cls, runtime_dir: str, state_dir: str | None = None, timeout: float = 10.0) -> "Client":
         """Start a keeper in its own session (stdio on /dev/null: it must hold no pipe of graftd's)
         and connect to it. Returns the Popen too, as `.proc`, for graftd to reap."""
-        cmd = [sys.executable, "-m", "sockgraft.runtime.keeper", "--runtime-dir", runtime_dir]
+        cmd = python("-m", "sockgraft.runtime.keeper", "--runtime-dir", runtime_dir)
         if state_dir:
             cmd += ["--state-dir", state_dir]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -8,19 +8,19 @@ import itertools
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 
 from sockgraft.bench.debris import tag
 from sockgraft.bench.system import TopologyError, alarm
 from sockgraft.bench.topologies.base import Listener, Topology, loopback_only
+from sockgraft.host.children import python
 
 _NETNS_SERIAL = itertools.count(1)
 
 
 def graft_cmd() -> list[str]:
     exe = shutil.which("graft")
-    return [exe] if exe else [sys.executable, "-m", "sockgraft"]
+    return [exe] if exe else python("-m", "sockgraft")
 
 
 
@@ -48,7 +48,7 @@ class Graft(Topology):
             from sockgraft.bench.ports import free_port
 
             port = free_port()
-            p = self.popen(side, [sys.executable, "-m", "sockgraft.bench.incontainer"], [port],
+            p = self.popen(side, python("-m", "sockgraft.bench.incontainer"), [port],
                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             self.agents[side] = (p, port)
         return self.agents[side]

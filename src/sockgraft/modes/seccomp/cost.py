@@ -29,6 +29,8 @@ import threading
 import time
 from collections import defaultdict
 
+from sockgraft.host.children import python
+
 CLIENT = r"""
 import socket, sys, time
 port, n = int(sys.argv[1]), int(sys.argv[2])
@@ -79,13 +81,13 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
     out = {}
     try:
         port = str(srv.getsockname()[1])
-        native = subprocess.run([sys.executable, "-c", CLIENT, port, str(n)], capture_output=True, text=True,
+        native = subprocess.run(python("-c", CLIENT, port, str(n)), capture_output=True, text=True,
                                 check=True, timeout=300).stdout
         out["native"] = _pcts(native)
         with tempfile.TemporaryDirectory(prefix="sgfloor-") as tmp:
             program = floor.write_filter(os.path.join(tmp, "filter"))
             for how in floor.HOW:
-                got = subprocess.run(floor.argv(how, "127.0.0.1", program, [sys.executable, "-c", CLIENT, port, str(n)]),
+                got = subprocess.run(floor.argv(how, "127.0.0.1", program, python("-c", CLIENT, port, str(n))),
                                      capture_output=True, text=True, check=True, timeout=300).stdout
                 out[f"floor: {how}"] = _pcts(got)
         for name, fast, loop in (("seccomp fast", "1", "1"), ("fast, no C loop", "1", "0"),
@@ -95,9 +97,9 @@ def latency(n: int, ns: str, pythonpath: str | None) -> dict:
             if pythonpath:
                 env["PYTHONPATH"] = pythonpath
             try:
-                grafted = subprocess.run([sys.executable, "-m", "sockgraft", "run", "-n", ns, "--mode", "seccomp",
+                grafted = subprocess.run([*python("-m", "sockgraft"), "run", "-n", ns, "--mode", "seccomp",
                                           "--endpoint", ENDPOINT, "--egress", EGRESS, "--",
-                                          sys.executable, "-c", CLIENT, port, str(n)],
+                                          *python("-c", CLIENT, port, str(n))],
                                          capture_output=True, text=True, check=True, timeout=300, env=env).stdout
             finally:
                 shutil.rmtree(env["GRAFT_STATE_DIR"], ignore_errors=True)
@@ -170,7 +172,7 @@ def steps(n: int, ns: str, fast: bool = False) -> dict:
     store = Store(state)
     store.install(container.key, container.ino, "seccomp", spec.endpoints, [], spec.egress, fresh=True)
     srv = _listener()
-    spec.cmd = [sys.executable, "-c", CLIENT, str(srv.getsockname()[1]), str(n), "quiet"]
+    spec.cmd = python("-c", CLIENT, str(srv.getsockname()[1]), str(n), "quiet")
     attach = SeccompAttach(RunContext(spec, container, "", state, dict(os.environ)))
     saved = (hostsock.open_connecting, H.K.raw_call)
     env_saved = os.environ.get("GRAFT_SECCOMP_FAST")
