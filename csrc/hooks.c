@@ -176,8 +176,8 @@ static int speculate(struct gs *st, int type)
 	return fd;
 }
 
-/* A speculative socket about to be used otherwise than for a connect through its row: swapped for
- * a socket of the container's first. 0, or -1 (errno). */
+/* A speculative socket about to be used otherwise than for a connect (or bind) through its row:
+ * swapped for a socket of the container's first. 0, or -1 (errno). */
 static int settle(int fd, struct gs *st)
 {
 	if (!st->spec)
@@ -193,8 +193,8 @@ static int spec_connect(int fd, struct gs *st, const struct sockaddr *sa, sockle
 	char addr[INET6_ADDRSTRLEN];
 	int fam, port;
 	unsigned gen;
-	if (inet_words(sa, len, &fam, addr, &port) == 0 && fam == st->family && might_graft(PF_CONNECT, fam, addr, port, 0) &&
-	    egress_row(addr, &gen) == st->spec_row && gen == st->spec_gen) {
+	if (st->spec_row >= 0 && inet_words(sa, len, &fam, addr, &port) == 0 && fam == st->family &&
+	    might_graft(PF_CONNECT, fam, addr, port, 0) && egress_row(addr, &gen) == st->spec_row && gen == st->spec_gen) {
 		st_mark_decided(fd);
 		pool_spec_used(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
 		return 1;
@@ -209,6 +209,61 @@ static int v6only(int fd)
 	return getsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v, &l) == 0 && v;
 }
 
+/* Host socket h bound to *host, an endpoint's address, with the bind flags as the service sets them
+ * on a socket it binds (hostsock.open_bound). 0, or -1 (errno). */
+static int bind_host(int h, unsigned flags, const struct sockaddr_storage *host, socklen_t hostlen)
+{
+	int one = 1, v6only = (flags & FL_V6ONLY) && !IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)host)->sin6_addr);
+	if (((flags & FL_REUSEADDR) && real_setsockopt(h, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) ||
+	    ((flags & FL_REUSEPORT) && real_setsockopt(h, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
+	    (host->ss_family == AF_INET6 && real_setsockopt(h, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0))
+		return -1;
+	return real_bind(h, (const struct sockaddr *)host, hostlen);
+}
+
+static void note_bound(struct gs *st, const struct sockaddr *sa, socklen_t len)
+{
+	st->bound_len = len < (socklen_t)sizeof(st->bound) ? len : (socklen_t)sizeof(st->bound);
+	memcpy(&st->bound, sa, st->bound_len);
+}
+
+/* bind() on a speculative socket (socket() gave a pooled unbound host socket of bind row
+ * st->spec_row): 0 or -1 (errno) as bind() when the bind is that row's (the socket bound where its
+ * pooled sockets are, as pooled_bind binds one: no socket of the container's made and swapped out);
+ * 1 otherwise, or where the kernel refused as pooled_bind says (settle it, then decide as for any). */
+static int spec_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen_t len)
+{
+	char addr[INET6_ADDRSTRLEN];
+	int fam, port;
+	struct sockaddr_storage host;
+	socklen_t hostlen;
+	if (st->spec_row >= 0 || inet_words(sa, len, &fam, addr, &port) != 0 || fam != st->family)
+		return 1;
+	unsigned flags = socket_flags(fd, fam);
+	if (!might_graft(PF_BIND, fam, addr, port, fam == AF_INET6 && strcmp(addr, "::") == 0 && (flags & FL_V6ONLY)) ||
+	    pool_bind_spec(fam, addr, port, st->type, st->proto, flags, st->spec_row, st->spec_gen, &host, &hostlen) != 0)
+		return 1;
+	if (bind_host(fd, flags, &host, hostlen) != 0)
+		return errno == EPERM || errno == EADDRINUSE ? 1 : -1;
+	st->spec = 0;
+	st->decided = 1;
+	note_bound(st, sa, len);
+	st_put(fd, st);
+	pool_spec_used(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
+	return 0;
+}
+
+/* A bind the container's own socket makes (no pair takes it): the streak of pooled operations of
+ * this kind ends (pool.c: socket() speculates only for a process whose last ones were all pooled). */
+static int local_bind(int fd, const struct gs *st, const struct sockaddr *sa, socklen_t len)
+{
+	pool_spec_reset(st->family, st->type, st->proto);
+	int r = real_bind(fd, sa, len);
+	if (r == 0)
+		st_mark_decided(fd);
+	return r;
+}
+
 /* A bind grafted on a pooled unbound host socket (pool_bind): the program's options set on it,
  * bound to the endpoint's address, installed. 0 or -1 (errno) as bind(); 1 to ask the service
  * (no pool; or the kernel refused with EPERM, the table changed since the batch came, or with
@@ -220,24 +275,17 @@ static int pooled_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen
 	struct sockaddr_storage host;
 	socklen_t hostlen;
 	ino_t pino;
-	int pooled = pool_bind(fam, addr, port, st->type, st->proto, flags, &host, &hostlen, &pino);
-	if (pooled == POOL_LOCAL) {
-		int r = real_bind(fd, sa, len);
-		if (r == 0)
-			st_mark_decided(fd);
-		return r;
-	}
+	int row;
+	unsigned gen;
+	int pooled = pool_bind(fam, addr, port, st->type, st->proto, flags, &host, &hostlen, &pino, &row, &gen);
+	if (pooled == POOL_LOCAL)
+		return local_bind(fd, st, sa, len);
 	if (pooled == POOL_ERR)
 		return -1;
 	if (pooled < 0)
 		return 1;
 	copy_options(fd, pooled, st);
-	/* the bind flags, as the service sets them on a socket it binds (hostsock.open_bound) */
-	int one = 1, v6only = (flags & FL_V6ONLY) && !IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)&host)->sin6_addr);
-	if (((flags & FL_REUSEADDR) && setsockopt(pooled, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) ||
-	    ((flags & FL_REUSEPORT) && setsockopt(pooled, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
-	    (host.ss_family == AF_INET6 && setsockopt(pooled, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0) ||
-	    real_bind(pooled, (struct sockaddr *)&host, hostlen) != 0) {
+	if (bind_host(pooled, flags, &host, hostlen) != 0) {
 		int e = errno;
 		real_close(pooled);
 		if (e == EPERM || e == EADDRINUSE)
@@ -245,9 +293,12 @@ static int pooled_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen
 		errno = e;
 		return -1;
 	}
-	st->bound_len = len < (socklen_t)sizeof(st->bound) ? len : (socklen_t)sizeof(st->bound);
-	memcpy(&st->bound, sa, st->bound_len);
-	return st_install_ino(fd, pooled, pino, st);
+	note_bound(st, sa, len);
+	if (st_install_ino(fd, pooled, pino, st) != 0)
+		return -1;
+	if (row != -1)
+		pool_spec_used(st->family, st->type, st->proto, row, gen);
+	return 0;
 }
 
 EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
@@ -256,9 +307,11 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	struct gs st;
 	if (!sa || len < (socklen_t)sizeof(sa_family_t) || !st_fresh(fd, &st))
 		return real_bind(fd, sa, len);
-	if (settle(fd, &st) < 0)
-		return -1;
-	pool_spec_reset(st.family, st.type, st.proto); /* a process that binds sockets of this kind: no speculation */
+	if (st.spec) {
+		int r = spec_bind(fd, &st, sa, len);
+		if (r != 1 || settle(fd, &st) < 0)
+			return r == 1 ? -1 : r;
+	}
 	char head[200], addr[INET6_ADDRSTRLEN];
 	int fam, port, newfd, r;
 	if (sa->sa_family == AF_GRAFT && st.family == AF_GRAFT) {
@@ -280,30 +333,23 @@ EXPORT int bind(int fd, const struct sockaddr *sa, socklen_t len)
 	}
 	if (inet_words(sa, len, &fam, addr, &port) != 0 || (st.family != AF_GRAFT && st.family != fam))
 		return real_bind(fd, sa, len);
-	if (!might_graft(PF_BIND, fam, addr, port, fam == AF_INET6 && strcmp(addr, "::") == 0 && v6only(fd))) {
-		r = real_bind(fd, sa, len); /* no pair can match: no round trip */
-		if (r == 0)
-			st_mark_decided(fd);
-		return r;
-	}
+	if (!might_graft(PF_BIND, fam, addr, port, fam == AF_INET6 && strcmp(addr, "::") == 0 && v6only(fd)))
+		return local_bind(fd, &st, sa, len); /* no pair can match: no round trip */
 	/* flags include v6only: a dual-stack [::] bind is matched by IPv4 pairs, a V6ONLY one is not */
 	unsigned flags = socket_flags(fd, fam);
 	r = pooled_bind(fd, &st, sa, len, fam, addr, port, flags);
 	if (r != 1)
 		return r;
+	pool_spec_reset(st.family, st.type, st.proto); /* asked of the service: not pooled */
 	if (wire_bind(head, sizeof(head), fam, addr, port, st.type, st.proto, flags) < 0) {
 		errno = EINVAL;
 		return -1;
 	}
 	switch (decide(head, &g_tail_bind, "GRAFT_CONV_PAIRS", &newfd)) {
 	case D_LOCAL:
-		r = real_bind(fd, sa, len);
-		if (r == 0)
-			st_mark_decided(fd);
-		return r;
+		return local_bind(fd, &st, sa, len);
 	case D_GRANT:
-		st.bound_len = len < (socklen_t)sizeof(st.bound) ? len : (socklen_t)sizeof(st.bound);
-		memcpy(&st.bound, sa, st.bound_len);
+		note_bound(&st, sa, len);
 		return st_install(fd, newfd, &st);
 	default:
 		return -1;

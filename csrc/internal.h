@@ -138,18 +138,24 @@ enum { POOL_LOCAL = -1, POOL_OFF = -2, POOL_ERR = -3 };
  * the real call), POOL_OFF (no pool: ask `connect`), POOL_ERR (denied, errno set); *ino: its inode */
 int pool_get(int family, const char *addr, int port, int type, int proto, ino_t *ino);
 /* a pooled host socket, NOT bound, for a bind of (family, addr, port) with flags (>= 0: bind it to
- * *host, then install it), or POOL_LOCAL, POOL_OFF (ask `bind`), POOL_ERR as pool_get */
+ * *host, then install it; *row, *gen: its bind key's row, for pool_spec_used; *row -1: none), or
+ * POOL_LOCAL, POOL_OFF (ask `bind`), POOL_ERR as pool_get */
 int pool_bind(int family, const char *addr, int port, int type, int proto, unsigned flags,
-	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino);
-/* socket(): a pooled host socket for the connect this process most likely makes next (its last
- * SPEC_STREAK connects of this kind all took pooled sockets of one egress row), or -1 (make a socket
- * of the container's); *row, *gen: that row; *ino: the socket's inode. Never waits, makes no fd:
- * the application's fd number is taken first, then pool_spec_refill collects and asks ahead (as a
- * pooled connect does; its fds would otherwise take the number socket() is to return). */
+	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino, int *row, unsigned *gen);
+/* A bind of (family, addr, port) with flags on a speculative socket of bind row `row` (generation
+ * gen): 0 and where to bind it (*host) when it is that row's bind, -1 otherwise (settle it). */
+int pool_bind_spec(int family, const char *addr, int port, int type, int proto, unsigned flags, int row, unsigned gen,
+		   struct sockaddr_storage *host, socklen_t *hostlen);
+/* socket(): a pooled host socket for the connect or bind this process most likely makes next (its
+ * last SPEC_STREAK connects, or binds, of this kind all took pooled sockets of one egress row, or of
+ * one bind key: BIND_ROW, negative), or -1 (make a socket of the container's); *row, *gen: that row;
+ * *ino: the socket's inode. Never waits, makes no fd: the application's fd number is taken first,
+ * then pool_spec_refill collects and asks ahead (as a pooled connect does; its fds would otherwise
+ * take the number socket() is to return). */
 int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino_t *ino);
 void pool_spec_refill(int family, int type, int proto, int row, unsigned gen);
-/* a connect of this kind took a pooled socket of row/gen (a speculative one included): the streak
- * grows; pool_spec_reset: it did not (a connect or bind of the container's), the streak ends */
+/* a connect (or bind) of this kind took a pooled socket of row/gen (a speculative one included): the
+ * streak grows; pool_spec_reset: it did not (a connect or bind of the container's), the streak ends */
 void pool_spec_used(int family, int type, int proto, int row, unsigned gen);
 void pool_spec_reset(int family, int type, int proto);
 void pool_lock(void);

@@ -25,7 +25,12 @@
  * `bind`) answers a batch of host sockets NOT bound, marked so that the kernel lets them bind only to
  * the container's endpoints (host/bindguard.py) and refuses what they would send or serve before
  * (host/egress.py), with the address to bind them to; the hook binds one there itself. Batches are
- * asked for ahead on the refill connection, as for connects (one round trip per POOL_BATCH binds). */
+ * asked for ahead on the refill connection, as for connects (one round trip per POOL_BATCH binds).
+ *
+ * Speculation: once a process's last SPEC_STREAK connects (or binds) of a kind all took pooled
+ * sockets of one row (an egress row, or a bind key's BIND_ROW), socket() hands out the next socket
+ * of that row (pool_speculate); hooks.c settles it (a socket of the container's swapped in) before
+ * any other use. */
 #include "internal.h"
 #include "prefilter.h"
 
@@ -232,8 +237,9 @@ static int take(int family, int type, int proto, int row, unsigned gen, int *lef
 static struct bkey bkeys[BIND_KEYS];
 static int bkey_next;
 
-/* Speculation: the kind (family, type, protocol) of this process's last connects, the egress row
- * they all went through and how many in a row; a destination of that row for the next batch. */
+/* Speculation: the kind (family, type, protocol) of this process's last pooled connects or binds,
+ * the row they all went through (an egress row; BIND_ROW(i): bind key i) and how many in a row; a
+ * destination of an egress row for its next batch (a bind key holds its own). */
 static struct {
 	int family, type, proto, row, port, streak;
 	unsigned gen;
@@ -273,6 +279,16 @@ static void ahead(int left, int family, const char *addr, int port, int type, in
 	char head[200];
 	if (left <= POOL_LOW && wire_pool(head, sizeof(head), family, addr, port, type, proto, POOL_BATCH) >= 0)
 		refill_ask(head, &g_tail_connect, family, type, proto, row, gen);
+}
+
+/* Under lock: with `left` sockets of bind key BIND_ROW(i) = row, its next batch asked for ahead if due. */
+static void bind_ahead(int left, int row, int type, int proto)
+{
+	char head[200];
+	const struct bkey *k = &bkeys[-2 - row];
+	if (left <= POOL_LOW &&
+	    wire_bindpool(head, sizeof(head), k->family, k->addr, k->port, type, proto, k->flags, POOL_BATCH) >= 0)
+		refill_ask(head, &g_tail_bind, k->host_family, type, proto, row, k->gen);
 }
 
 /* Under lock: a connect of this kind took a pooled socket of row/gen; addr, port: its destination
@@ -315,7 +331,21 @@ int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino
 	own(g_pid);
 	int fd = -1;
 	if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
-	    now_ns() >= off_until) {
+	    spec.row < 0) {
+		int i = -2 - spec.row, left;
+		unsigned r = spec.gen, g;
+		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
+		int known = table_gen(&g) == 0;
+		pthread_mutex_lock(&lock);
+		const struct bkey *k = &bkeys[i];
+		if (!known || g != r || spec.row != BIND_ROW(i) || spec.gen != r) {
+			spec.streak = 0; /* the table changed (or another thread's bind moved the streak) */
+		} else if (now_ns() >= bind_off_until && k->used && k->gen == g && k->hostlen && k->host_family == family) {
+			fd = take(family, type, proto, BIND_ROW(i), g, &left, ino);
+			*row = BIND_ROW(i), *gen = g;
+		}
+	} else if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
+		   now_ns() >= off_until) {
 		char addr[INET6_ADDRSTRLEN]; /* read under our lock: another thread's connect may write it */
 		memcpy(addr, spec.addr, sizeof(addr));
 		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
@@ -343,8 +373,10 @@ void pool_spec_refill(int family, int type, int proto, int row, unsigned gen)
 		for (int i = 0; i < nslots; i++)
 			left += slots[i].row == row && slots[i].gen == gen && slots[i].family == family && slots[i].type == type &&
 				slots[i].proto == proto;
-		if (spec.row == row && spec.gen == gen)
+		if (spec.row == row && spec.gen == gen && row >= 0)
 			ahead(left, family, spec.addr, spec.port, type, proto, row, gen);
+		else if (spec.row == row && spec.gen == gen)
+			bind_ahead(left, row, type, proto);
 	}
 	pthread_mutex_unlock(&lock);
 }
@@ -481,13 +513,15 @@ static int bind_batch_host(const char *reply, int row, unsigned gen, int *family
 }
 
 int pool_bind(int family, const char *addr, int port, int type, int proto, unsigned flags,
-	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino)
+	      struct sockaddr_storage *host, socklen_t *hostlen, ino_t *ino, int *row, unsigned *rgen)
 {
 	unsigned gen;
+	*row = -1;
 	if (table_gen(&gen) < 0 || (type != SOCK_STREAM && type != SOCK_DGRAM))
 		return POOL_OFF;
 	pid_t pid = g_pid;
 	*ino = 0;
+	*rgen = gen;
 	pthread_mutex_lock(&lock);
 	own(pid);
 	if (now_ns() < bind_off_until) {
@@ -512,9 +546,8 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 	if (fd >= 0) {
 		*host = k->host;
 		*hostlen = k->hostlen;
-		if (left <= POOL_LOW &&
-		    wire_bindpool(head, sizeof(head), family, addr, port, type, proto, flags, POOL_BATCH) >= 0)
-			refill_ask(head, &g_tail_bind, k->host_family, type, proto, BIND_ROW(i), gen);
+		*row = BIND_ROW(i);
+		bind_ahead(left, BIND_ROW(i), type, proto);
 		pthread_mutex_unlock(&lock);
 		return fd;
 	}
@@ -541,6 +574,7 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 		k->host = *host;
 		k->hostlen = *hostlen;
 		k->host_family = hfam;
+		*row = BIND_ROW(i);
 	}
 	for (int j = 1; j < n; j++) {
 		if (!same || nslots == POOL_SLOTS) {
@@ -551,4 +585,21 @@ int pool_bind(int family, const char *addr, int port, int type, int proto, unsig
 	}
 	pthread_mutex_unlock(&lock);
 	return fds[0];
+}
+
+int pool_bind_spec(int family, const char *addr, int port, int type, int proto, unsigned flags, int row, unsigned gen,
+		   struct sockaddr_storage *host, socklen_t *hostlen)
+{
+	unsigned g;
+	if (row > BIND_ROW(0) || row < BIND_ROW(BIND_KEYS - 1) || table_gen(&g) < 0 || g != gen)
+		return -1;
+	pthread_mutex_lock(&lock);
+	const struct bkey *k = &bkeys[-2 - row];
+	int ok = owner == g_pid && k->hostlen && bkey_is(k, family, addr, port, type, proto, flags, gen);
+	if (ok) {
+		*host = k->host;
+		*hostlen = k->hostlen;
+	}
+	pthread_mutex_unlock(&lock);
+	return ok ? 0 : -1;
 }

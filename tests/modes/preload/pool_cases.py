@@ -9,6 +9,7 @@
     python3 pool_cases.py binds PORT N         N binds of 0.0.0.0:PORT (an ingress pair), then a server there
     python3 pool_cases.py steal PORT OTHER     2 binds of 0.0.0.0:PORT, then the pooled unbound sockets misused
     python3 pool_cases.py speculate PORT       after a streak of connects, sockets from socket() used every way
+    python3 pool_cases.py bindspec PORT        after a streak of binds of 0.0.0.0:PORT, sockets from socket() used every way
 
 Prints one JSON object."""
 from __future__ import annotations
@@ -150,6 +151,8 @@ def main(case: str, port: int, n: int = 0) -> dict:
         return got
     if case == "speculate":
         return speculate(port)
+    if case == "bindspec":
+        return bindspec(port)
     if case == "table":
         before = once(port)
         print(json.dumps({"ready": True}), flush=True)
@@ -243,6 +246,89 @@ def speculate(port: int) -> dict:
     c = socket.create_connection(("127.0.0.5", s.getsockname()[1]), timeout=5)  # inside the container
     got["listen"] = [spec, mark(s), s.getsockname()[0], mark(c)]
     c.close(), s.close()
+    return got
+
+
+
+def bindspec(port: int) -> dict:
+    """After SPEC_STREAK (4) pooled binds of one pair (0.0.0.0:PORT), socket() gives a pooled unbound
+    host socket: any use but a bind of that pair - another bind, a listen, a connect - first swaps
+    a socket of the container's in, with the options and bind flags set meanwhile; a bind of that
+    pair binds it where it stands (last, a server there, which the test reaches from the host once
+    "ready" is printed)."""
+    import ctypes
+    import fcntl
+
+    def streak():
+        for _ in range(6):
+            s = socket.socket()
+            s.bind(("0.0.0.0", port))
+            s.close()
+
+    def tag(s):  # 0: the container's socket; 0x5CA1: unbound, pooled; 0x5CA0: bound to an endpoint
+        return s.getsockopt(socket.SOL_SOCKET, socket.SO_MARK) >> 16
+
+    def speculative(kind=socket.SOCK_STREAM):
+        """A socket from socket() after a streak: a speculative one, unless no pooled socket was
+        ready every time (a batch still on its way: socket() then makes the container's)."""
+        for _ in range(10):
+            streak()
+            s = socket.socket(socket.AF_INET, kind)
+            if tag(s) == 0x5CA1:
+                return s, True
+            s.close()
+        return socket.socket(socket.AF_INET, kind), False
+
+    local = socket.socket()  # a listener of the container's: no pair takes 127.0.0.5
+    local.bind(("127.0.0.5", 0))
+    local.listen(8)
+    got = {"first": tag(socket.socket())}  # no streak yet: a socket of the container's
+    s, spec = speculative()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.bind(("127.0.0.5", 0))  # no pair takes it: the container's socket
+    got["local bind"] = [spec, tag(s), s.getsockname()[0], s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR),
+                         s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+    s.close()
+    after = socket.socket()
+    got["after local"] = tag(after)  # the streak ended
+    after.close()
+
+    s, spec = speculative()
+    s.listen()  # no bind: a port of the container's
+    c = socket.create_connection(("127.0.0.5", s.getsockname()[1]), timeout=5)
+    got["listen"] = [spec, tag(s), tag(c)]
+    c.close(), s.close()
+
+    s, spec = speculative()
+    s.connect(local.getsockname())
+    local.accept()[0].close()
+    got["connect"] = [spec, tag(s), s.getpeername() == local.getsockname()]
+    s.close()
+
+    s, spec = speculative(socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    got["nonblocking"] = [spec, bool(fcntl.fcntl(s, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+                          bool(fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK)]
+    s.bind(("0.0.0.0", port))
+    got["nonblocking"] += [tag(s), bool(fcntl.fcntl(s, fcntl.F_GETFL) & os.O_NONBLOCK)]
+    s.close()
+
+    s, spec = speculative()
+    got["before"] = [spec, list(s.getsockname())]
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    libc = ctypes.CDLL(None, use_errno=True)  # the kernel's bind, past the library: the bind guard
+    sin = (ctypes.c_ubyte * 16)(2, 0, 0x1f, 0x90, 127, 0, 0, 1)  # 127.0.0.1:8080, no endpoint of the container's
+    got["raw elsewhere"] = errno.errorcode.get(ctypes.get_errno(), "0") if libc.syscall(49, s.fileno(), sin, 16) < 0 else "0"
+    ino = os.fstat(s.fileno()).st_ino
+    s.bind(("0.0.0.0", port))
+    got["bound"] = [tag(s), list(s.getsockname()), s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    os.fstat(s.fileno()).st_ino == ino]  # bound where it stands: the same socket
+    s.listen()
+    print(json.dumps({"ready": True}), flush=True)
+    conn, _ = s.accept()
+    conn.sendall(conn.recv(10))
+    conn.close(), s.close()  # last: its TIME_WAIT holds the port
+
     return got
 
 

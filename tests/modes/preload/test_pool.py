@@ -203,3 +203,40 @@ def test_socket_speculates_after_a_streak_of_pooled_connects(run_preload, accept
 def test_without_speculation_socket_makes_the_containers(run_preload, acceptor):
     got, _ = run(run_preload, "speculate", acceptor, env={"GRAFT_SPECULATE": "0"})
     assert got["speculative"] is False and got["grafted"][:2] == [True, "127.0.0.2"] and got["raw rebind"] == "0"
+
+
+def _bindspec(run_preload, env: dict) -> tuple[dict, str]:
+    port, host_port = free_port(), free_port()
+    p = run_preload([*ep("ep-web", host_port), "--ingress", f"0.0.0.0:{port}=ep-web"],
+                    [PY, CASES, "bindspec", str(port)], env={"GRAFT_TRACE": "1", **env})
+    assert json.loads(p.stdout.readline()) == {"ready": True}
+    with socket.create_connection(("127.0.0.1", host_port), timeout=10) as c:  # the speculative server
+        c.sendall(b"hello")
+        assert c.recv(10) == b"hello"
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    return json.loads(out), err
+
+
+def test_socket_speculates_after_a_streak_of_pooled_binds(run_preload):
+    """After 4 binds of one pair that all took pooled unbound sockets, socket() hands out the next one
+    itself: a bind of that pair binds it where it stands (no socket of the container's made and
+    swapped out), and the server it makes answers the host. Until then it looks like a fresh socket;
+    a bind elsewhere, a listen or a connect first swaps a socket of the container's in, with the
+    options and bind flags set meanwhile, and ends the streak. A raw bind() past the library to an
+    address that is no endpoint of the container's is EPERM (the bind guard)."""
+    got, err = _bindspec(run_preload, {})
+    tag = MARK_TAG >> 16
+    assert got == {"first": 0, "before": [True, ["0.0.0.0", 0]], "raw elsewhere": "EPERM",
+                   "bound": [tag, ["0.0.0.0", got["bound"][1][1]], 1, True],
+                   "local bind": [True, 0, "127.0.0.5", 1, 1], "after local": 0,
+                   "listen": [True, 0, 0], "connect": [True, 0, True],
+                   "nonblocking": [True, True, True, tag, True]}, got
+    # each speculative bind was made without asking: no `bind` beyond the pair's first (and, once
+    # in a while, the one a pooled socket's EADDRINUSE sends to the service: see the test above)
+    assert len(requests(err, "bind")) <= 2, err
+
+
+def test_without_speculation_binds_take_the_container_socket_first(run_preload):
+    got, _ = _bindspec(run_preload, {"GRAFT_SPECULATE": "0"})
+    assert got["before"][0] is False and got["bound"][0] == MARK_TAG >> 16 and got["raw elsewhere"] == "0"
