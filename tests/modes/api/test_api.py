@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import sockgraft
 from tests.helpers import children, free_port, graft, graft_cmd, stop, wait_for
 
 
@@ -447,3 +448,38 @@ def test_a_pooled_socket_object_is_the_one_the_constructor_makes():
             assert (pooled.family, pooled.type, pooled.proto, pooled.gettimeout()) == \
                 (made.family, made.type, made.proto, made.gettimeout())
             assert pooled.fileno() >= 0 and not pooled.get_inheritable()
+
+
+def test_socket_af_graft_makes_its_placeholder_only_when_a_call_needs_it():
+    """sockgraft.socket(AF_GRAFT) makes no socket until a call needs one: a bind by name takes the
+    host socket in directly (tests/modes/api/test_pool.py, "in place"); any other call makes the
+    placeholder GraftSocket(AF_GRAFT) makes and answers as on it, and the object is then that
+    GraftSocket. Every call but bind and close is in _OPENING."""
+    from sockgraft.modes.api import graftsocket as G
+
+    calls = {n for n in dir(G.GraftSocket) if not n.startswith("_") and callable(getattr(G.GraftSocket, n))}
+    assert calls - {"bind", "close"} == set(G._OPENING) & calls, calls ^ set(G._OPENING)
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        made = G.GraftSocket(G.AF_GRAFT, kind)
+        lazy = sockgraft.socket(G.AF_GRAFT, kind)
+        assert type(lazy) is G._Unopened
+        assert (lazy.family, lazy.type, lazy.proto) == (made.family, made.type, made.proto)
+        lazy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        made.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        assert type(lazy) is G.GraftSocket and vars(lazy) == vars(made)
+        assert (lazy.family, lazy.type, lazy.proto, lazy.gettimeout()) == (made.family, made.type, made.proto,
+                                                                           made.gettimeout())
+        assert lazy.fileno() >= 0 and lazy.getsockname() == made.getsockname() == ("0.0.0.0", 0)
+        lazy.close(), made.close()
+    fds = len(os.listdir("/proc/self/fd"))
+    for call in (lambda s: s.fileno(), lambda s: s.bind(("127.0.0.1", 0)), lambda s: s.settimeout(3), repr,
+                 lambda s: s.connect_ex(("127.0.0.1", free_port()))):
+        lazy = sockgraft.socket()
+        call(lazy)
+        assert type(lazy) is G.GraftSocket and lazy.fileno() >= 0
+        lazy.close()
+    closed = sockgraft.socket()
+    closed.close()  # never opened: nothing to close, and nothing is made after
+    with pytest.raises(OSError):
+        closed.getsockname()
+    assert closed.fileno() == -1 and len(os.listdir("/proc/self/fd")) == fds

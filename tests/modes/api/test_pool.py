@@ -227,6 +227,13 @@ elif case == "bind":
         s.bind("ep-web")
         s.close()
     out["pooled"] = pool.stats["taken"] - taken
+    take_unbound, given = pool.take_unbound, []
+    pool.take_unbound = lambda *a: given.append(take_unbound(*a)) or given[-1]
+    s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
+    s.bind("ep-web")  # no placeholder made: the pooled socket itself, under its own number
+    out["in place"] = [s.fileno() == given[-1][0], type(s).__name__, s.endpoint]
+    pool.take_unbound = take_unbound
+    s.close()
     s = sockgraft.socket(sockgraft.AF_GRAFT, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind("ep-web")
@@ -434,6 +441,7 @@ def test_binds_by_name_are_pooled_and_behave_as_the_services(state_dir, ns, case
     finally:
         stop(p)
     assert got["pooled"] == 39, got  # the first bind is the service's (a server binds once); then pooled
+    assert got["in place"] == [True, "GraftSocket", "ep-web"], got
     assert got["name"] == ["127.0.0.1", port] and got["reuseaddr"] == 1 and got["mark"] & MARK_MASK == MARK_TAG
     assert got["second"] == "EADDRINUSE" and got["second is a placeholder"], got
     assert got["v4-mapped"] == ["::ffff:127.0.0.1", port], got
