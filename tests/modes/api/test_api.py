@@ -483,3 +483,16 @@ def test_socket_af_graft_makes_its_placeholder_only_when_a_call_needs_it():
     with pytest.raises(OSError):
         closed.getsockname()
     assert closed.fileno() == -1 and len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_create_connection_resolves_names_and_takes_ip_literals_as_they_are():
+    from sockgraft.modes.api import graftsocket as G
+
+    for _ in range(2):  # the second time from what the first noted
+        assert G._addresses("127.0.0.1", 80) == [("127.0.0.1", 80)]
+        assert G._addresses("::1", 80) == [("::1", 80)]
+        assert ("127.0.0.1", 80) in G._addresses("localhost", 80)
+    assert G._LITERALS["127.0.0.1"] and G._LITERALS["::1"] and not G._LITERALS["localhost"]
+    G._LITERALS.update({f"10.0.{i // 256}.{i % 256}": True for i in range(300)})
+    G._addresses("127.0.0.2", 80)
+    assert len(G._LITERALS) <= 256  # bounded
