@@ -105,6 +105,7 @@ void st_copy(int from, int to)
 	table_lock();
 	struct gs **f = slot(from, 0);
 	if (f && *f) {
+		(*f)->duped = 1;
 		struct gs copy = **f;
 		put_locked(to, &copy);
 	} else {
@@ -143,6 +144,18 @@ void st_note_option(int fd, int level, int name)
 	struct gs **s = slot(fd, 0);
 	if (s && *s && (!(*s)->grafted || (*s)->spec)) /* a speculative socket may be swapped back */
 		(*s)->optset |= 1ULL << i;
+	table_unlock();
+}
+
+void st_put_same(int fd, const struct gs *in)
+{
+	table_lock();
+	put_locked(fd, in);
+	for (size_t i = 0; in->duped && i < tab_cap; i++) {
+		struct gs *e = tab[i];
+		if (e && (int)i != fd && e->ino == in->ino && fd_ino((int)i) == in->ino)
+			*e = *in;
+	}
 	table_unlock();
 }
 

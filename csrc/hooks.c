@@ -195,7 +195,8 @@ static int spec_connect(int fd, struct gs *st, const struct sockaddr *sa, sockle
 	unsigned gen;
 	if (st->spec_row >= 0 && inet_words(sa, len, &fam, addr, &port) == 0 && fam == st->family &&
 	    might_graft(PF_CONNECT, fam, addr, port, 0) && egress_row(addr, &gen) == st->spec_row && gen == st->spec_gen) {
-		st_mark_decided(fd);
+		st->decided = 1;
+		st_put_same(fd, st); /* (its duplicates too: they are this socket) */
 		pool_spec_used(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
 		return 1;
 	}
@@ -248,7 +249,7 @@ static int spec_bind(int fd, struct gs *st, const struct sockaddr *sa, socklen_t
 	st->spec = 0;
 	st->decided = 1;
 	note_bound(st, sa, len);
-	st_put(fd, st);
+	st_put_same(fd, st); /* (its duplicates too: they are this socket) */
 	pool_spec_used(st->family, st->type, st->proto, st->spec_row, st->spec_gen);
 	return 0;
 }

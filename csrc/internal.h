@@ -79,6 +79,7 @@ struct gs {
 			    * anything else first swaps a socket of the container's in (st_unspeculate) */
 	int spec_row;
 	unsigned spec_gen;
+	int duped;         /* dup()ed once: other entries may describe this socket (st_put_same) */
 };
 
 extern int g_have_table; /* an entry was ever made: close/dup must keep the table in step */
@@ -89,6 +90,8 @@ void st_del(int fd);
 void st_copy(int from, int to);
 void st_forget_range(unsigned int first, unsigned int last);
 int st_fresh(int fd, struct gs *st);
+/* fd's state, and its duplicates' (the entries of the same socket): a speculative socket used as it is */
+void st_put_same(int fd, const struct gs *in);
 void st_mark_decided(int fd);
 int st_install(int fd, int newfd, struct gs *st);
 /* the same, for a newfd whose inode the caller knows (a pooled socket) */

@@ -286,7 +286,7 @@ static void bind_ahead(int left, int row, int type, int proto)
 {
 	char head[200];
 	const struct bkey *k = &bkeys[-2 - row];
-	if (left <= POOL_LOW &&
+	if (k->used && left <= POOL_LOW &&
 	    wire_bindpool(head, sizeof(head), k->family, k->addr, k->port, type, proto, k->flags, POOL_BATCH) >= 0)
 		refill_ask(head, &g_tail_bind, k->host_family, type, proto, row, k->gen);
 }

@@ -213,9 +213,11 @@ def speculate(port: int) -> dict:
     libc = ctypes.CDLL(None, use_errno=True)  # the kernel's bind, past the library: the bind guard
     sin = (ctypes.c_ubyte * 16)(2, 0, 0x1f, 0x90, 127, 0, 0, 1)  # 127.0.0.1:8080
     got["raw rebind"] = errno.errorcode.get(ctypes.get_errno(), "0") if libc.syscall(49, s.fileno(), sin, 16) < 0 else "0"
+    d = s.dup()  # a duplicate is the same socket: connected with it, not swapped by its next use
     s.connect(("127.0.0.1", port))
     got["grafted"] = [mark(s), s.getsockname()[0], s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                      s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)]
+                      s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY), outcome(d.listen), mark(d)]
+    d.close()
     s.close()
 
     s, spec = speculative()  # a connect no rule names: the container's socket, with the options set before
@@ -320,9 +322,11 @@ def bindspec(port: int) -> dict:
     sin = (ctypes.c_ubyte * 16)(2, 0, 0x1f, 0x90, 127, 0, 0, 1)  # 127.0.0.1:8080, no endpoint of the container's
     got["raw elsewhere"] = errno.errorcode.get(ctypes.get_errno(), "0") if libc.syscall(49, s.fileno(), sin, 16) < 0 else "0"
     ino = os.fstat(s.fileno()).st_ino
+    d = s.dup()  # a duplicate is the same socket: bound with it, not swapped by its next use
     s.bind(("0.0.0.0", port))
     got["bound"] = [tag(s), list(s.getsockname()), s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                    os.fstat(s.fileno()).st_ino == ino]  # bound where it stands: the same socket
+                    os.fstat(s.fileno()).st_ino == ino, list(d.getsockname()), tag(d)]  # bound where it stands
+    d.close()
     s.listen()
     print(json.dumps({"ready": True}), flush=True)
     conn, _ = s.accept()

@@ -190,7 +190,7 @@ def test_socket_speculates_after_a_streak_of_pooled_connects(run_preload, accept
     got, _ = run(run_preload, "speculate", acceptor)
     assert got.pop("first") is False and got.pop("after local") is False
     assert got == {"not lowest": [], "mostly speculative": True, "speculative": True, "name before": ["0.0.0.0", 0], "raw rebind": "EPERM",
-                   "grafted": [True, "127.0.0.2", 1, 1],
+                   "grafted": [True, "127.0.0.2", 1, 1, "EINVAL", True],
                    "local": [True, False, False, ["127.0.0.5", got["local"][3][1]], 1, got["local"][5]],
                    "nonblocking": [True, True, True, "EINPROGRESS", 0],
                    "bind": [True, False, "127.0.0.5"], "listen": [True, False, "0.0.0.0", False]}, got
@@ -228,7 +228,7 @@ def test_socket_speculates_after_a_streak_of_pooled_binds(run_preload):
     got, err = _bindspec(run_preload, {})
     tag = MARK_TAG >> 16
     assert got == {"first": 0, "before": [True, ["0.0.0.0", 0]], "raw elsewhere": "EPERM",
-                   "bound": [tag, ["0.0.0.0", got["bound"][1][1]], 1, True],
+                   "bound": [tag, ["0.0.0.0", got["bound"][1][1]], 1, True, ["0.0.0.0", got["bound"][1][1]], tag],
                    "local bind": [True, 0, "127.0.0.5", 1, 1], "after local": 0,
                    "listen": [True, 0, 0], "connect": [True, 0, True],
                    "nonblocking": [True, True, True, tag, True]}, got
