@@ -1,4 +1,5 @@
 """Attach mode `api`: programs written for the graft API, in a fresh netns with only `lo`."""
+import errno
 import json
 import os
 import signal
@@ -459,6 +460,7 @@ def test_socket_af_graft_makes_its_placeholder_only_when_a_call_needs_it():
 
     calls = {n for n in dir(G.GraftSocket) if not n.startswith("_") and callable(getattr(G.GraftSocket, n))}
     assert calls - {"bind", "close"} == set(G._OPENING) & calls, calls ^ set(G._OPENING)
+    assert G._Unopened.close is not G.GraftSocket.close
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
         made = G.GraftSocket(G.AF_GRAFT, kind)
         lazy = sockgraft.socket(G.AF_GRAFT, kind)
@@ -479,9 +481,11 @@ def test_socket_af_graft_makes_its_placeholder_only_when_a_call_needs_it():
         assert type(lazy) is G.GraftSocket and lazy.fileno() >= 0
         lazy.close()
     closed = sockgraft.socket()
-    closed.close()  # never opened: nothing to close, and nothing is made after
-    with pytest.raises(OSError):
-        closed.getsockname()
+    closed.close()  # unused: then a closed GraftSocket, whose calls fail as a closed socket's
+    for call in (lambda: closed.getsockname(), lambda: closed.bind(("127.0.0.1", 0))):
+        with pytest.raises(OSError) as e:
+            call()
+        assert e.value.errno == errno.EBADF
     assert closed.fileno() == -1 and len(os.listdir("/proc/self/fd")) == fds
 
 

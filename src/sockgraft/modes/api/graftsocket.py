@@ -169,7 +169,7 @@ class _Unopened(GraftSocket):
     not made yet. A bind by name takes its host socket in at once - a pooled unbound one bound
     where it stands, or the service's answer - with no socket of the container's made, replaced
     and freed (~8 µs of a pooled bind's ~30). Any other call (_OPENING: a setsockopt, fileno, a bind
-    to an address, a connect...) first makes the placeholder as GraftSocket(AF_GRAFT) does, so it
+    to an address, a connect..., and a close) first makes the placeholder as GraftSocket(AF_GRAFT) does, so it
     answers as it always did; either way the object then becomes a GraftSocket (its class is
     switched), and a socket in use pays nothing for having been one of these."""
 
@@ -187,12 +187,14 @@ class _Unopened(GraftSocket):
     timeout = property(lambda self: self._opened().timeout)
 
     def _opened(self) -> GraftSocket:
-        """The placeholder made (not once closed: a closed socket's calls fail as they do), the
-        object a GraftSocket from now on."""
-        if not self._closed:
-            _csocket.socket.__init__(self, _socket.AF_INET, *self._kind)
-            self._became(None)
+        """The placeholder made, the object a GraftSocket from now on."""
+        _csocket.socket.__init__(self, _socket.AF_INET, *self._kind)
+        self._became(None)
         return self
+
+    def close(self) -> None:
+        """Closed unused: made and closed, so that it is then what a closed GraftSocket is."""
+        GraftSocket.close(self._opened())
 
     def __repr__(self) -> str:
         return GraftSocket.__repr__(self._opened())
@@ -203,7 +205,7 @@ class _Unopened(GraftSocket):
         self.endpoint = name
 
     def bind(self, address) -> None:
-        if not isinstance(address, str) or self._closed:
+        if not isinstance(address, str):
             return GraftSocket.bind(self._opened(), address)
         type, proto = self._kind
         got = pool.take_unbound(address, 0, type, proto)
@@ -223,8 +225,8 @@ class _Unopened(GraftSocket):
         self._became(address)
 
 
-# every call of a GraftSocket but bind and close (which need no fd) makes an _Unopened's placeholder
-# first (test_api holds this list equal to GraftSocket's callables)
+# every call of a GraftSocket but bind (and close, above) makes an _Unopened's placeholder first
+# (test_api holds this list equal to GraftSocket's callables)
 _OPENING = ("accept", "connect", "connect_ex", "connect_from", "detach", "dup", "fileno", "get_inheritable",
             "getblocking", "getpeername", "getsockname", "getsockopt", "gettimeout", "listen", "makefile", "recv",
             "recv_into", "recvfrom", "recvfrom_into", "recvmsg", "recvmsg_into", "send", "sendall", "sendfile",
