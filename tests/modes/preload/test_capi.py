@@ -6,6 +6,7 @@ import socket
 import subprocess
 import threading
 
+from sockgraft.core.tables import UNBOUND_TAG
 from tests.helpers import free_port
 from tests.modes.preload.conftest import ep
 
@@ -78,7 +79,7 @@ def test_threads_forks_dups_thousands_of_sockets(cc, run_preload):
     exe = cc("stress")
     host_ino = os.stat("/proc/self/ns/net").st_ino
     p = run_preload([*ep("ep-dyn", None), "--ingress", "0.0.0.0:40000-40099=ep-dyn"],
-                    [exe, "8", "400", "40000", "40099", str(host_ino)])
+                    [exe, "8", "400", "40000", "40099", str(host_ino), str(UNBOUND_TAG)])
     out, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
     checked = int(out.split()[1])
@@ -92,7 +93,7 @@ def test_stress_program_sees_a_missing_graft(cc, ns, state_dir, procs):
     from tests.helpers import graft_cmd
 
     p = subprocess.run([*graft_cmd(), "run", "-n", ns, *ep("ep-dyn", None), "--ingress", "0.0.0.0:40000-40099=ep-dyn",
-                        "--", exe, "1", "5", "40000", "40099", str(host_ino)], capture_output=True, text=True, timeout=60)
+                        "--", exe, "1", "5", "40000", "40099", str(host_ino), str(UNBOUND_TAG)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "expected" in p.stderr, p.stderr
 
 
