@@ -193,14 +193,7 @@ int st_unspeculate(int fd, struct gs *st)
 		return -1;
 	/* the bind flags the program set on the speculative socket, which copy_options leaves to a
 	 * grant's request flags: a bind of the container's socket has them too */
-	unsigned flags = socket_flags(fd, st->family);
-	int one = 1;
-	if (flags & FL_REUSEADDR)
-		real_setsockopt(c, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (flags & FL_REUSEPORT)
-		real_setsockopt(c, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one));
-	if (flags & FL_V6ONLY)
-		real_setsockopt(c, IPPROTO_IPV6, IPV6_V6ONLY, &one, sizeof(one));
+	set_socket_flags(c, st->family, socket_flags(fd, st->family));
 	st->grafted = 0;
 	st->decided = 0;
 	st->spec = 0;

@@ -214,10 +214,9 @@ static int v6only(int fd)
  * on a socket it binds (hostsock.open_bound). 0, or -1 (errno). */
 static int bind_host(int h, unsigned flags, const struct sockaddr_storage *host, socklen_t hostlen)
 {
-	int one = 1, v6only = (flags & FL_V6ONLY) && !IN6_IS_ADDR_V4MAPPED(&((struct sockaddr_in6 *)host)->sin6_addr);
-	if (((flags & FL_REUSEADDR) && real_setsockopt(h, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) ||
-	    ((flags & FL_REUSEPORT) && real_setsockopt(h, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
-	    (host->ss_family == AF_INET6 && real_setsockopt(h, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0))
+	if (host->ss_family == AF_INET6 && IN6_IS_ADDR_V4MAPPED(&((const struct sockaddr_in6 *)host)->sin6_addr))
+		flags &= ~FL_V6ONLY; /* a v4-mapped address: dual-stack */
+	if (set_socket_flags(h, host->ss_family, flags) != 0)
 		return -1;
 	return real_bind(h, (const struct sockaddr *)host, hostlen);
 }

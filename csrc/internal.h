@@ -108,6 +108,7 @@ void copy_options(int from, int to, const struct gs *st);
 int option_index(int level, int name);
 enum { FL_REUSEADDR = 1, FL_REUSEPORT = 2, FL_V6ONLY = 4 };
 unsigned socket_flags(int fd, int family);
+int set_socket_flags(int fd, int family, unsigned flags);
 
 /* -- service.c -------------------------------------------------------------------------------- */
 enum { D_LOCAL, D_GRANT, D_ERR };

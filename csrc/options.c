@@ -67,6 +67,18 @@ void copy_options(int from, int to, const struct gs *st)
 	}
 }
 
+/* The bind flags set on fd, as socket_flags reads them (V6ONLY, of an IPv6 socket, set either way).
+ * 0, or -1 (errno). */
+int set_socket_flags(int fd, int family, unsigned flags)
+{
+	int one = 1, v6only = (flags & FL_V6ONLY) != 0;
+	if (((flags & FL_REUSEADDR) && real_setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0) ||
+	    ((flags & FL_REUSEPORT) && real_setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one)) != 0) ||
+	    (family == AF_INET6 && real_setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &v6only, sizeof(v6only)) != 0))
+		return -1;
+	return 0;
+}
+
 unsigned socket_flags(int fd, int family)
 {
 	unsigned f = 0;

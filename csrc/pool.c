@@ -330,8 +330,8 @@ int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino
 	pthread_mutex_lock(&lock);
 	own(g_pid);
 	int fd = -1;
-	if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
-	    spec.row < 0) {
+	int streak = spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto;
+	if (streak && spec.row < 0) {
 		int i = -2 - spec.row, left;
 		unsigned r = spec.gen, g;
 		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
@@ -344,8 +344,7 @@ int pool_speculate(int family, int type, int proto, int *row, unsigned *gen, ino
 			fd = take(family, type, proto, BIND_ROW(i), g, &left, ino);
 			*row = BIND_ROW(i), *gen = g;
 		}
-	} else if (spec.streak >= SPEC_STREAK && spec.family == family && spec.type == type && spec.proto == proto &&
-		   now_ns() >= off_until) {
+	} else if (streak && now_ns() >= off_until) {
 		char addr[INET6_ADDRSTRLEN]; /* read under our lock: another thread's connect may write it */
 		memcpy(addr, spec.addr, sizeof(addr));
 		pthread_mutex_unlock(&lock); /* the prefilter has its own lock: not under ours */
